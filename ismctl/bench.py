@@ -1,0 +1,547 @@
+"""`ismctl bench` / `make bench`: where the time of an iSM training step goes -> bench.json.
+
+SPEC 5 is the budget. A flow-matching (FM) step costs 3 forward equivalents per sample
+(forward + backward); iSM adds no-grad passes of the target EMA, 2 rows per consistency
+sample and 2 per guidance sample, so with 1/4 + 1/4 of the batch about 4: an iSM step should
+cost ~1.33x an FM step on the same backbone and batch (goal here: <= 1.40), and the wavelet
+loss, the twin EMA and sOT should each add at most a few percent (goal: <= 3% each).
+
+What is measured, all in one process so that every ratio compares numbers taken under the
+same load (the machine may be shared):
+
+- ``steps``: the FM step (d = 0, w = 0, MSE, one EMA), the full iSM step (ism objective,
+  wavelet loss, twin EMA) and the SM baseline step (sm objective, MSE, one EMA), run
+  interleaved on the same model and batch; the median of several warm iterations, split into
+  online forward, target passes, loss, backward, optimiser (incl. gradient clipping), EMA
+  update and the rest of the objective (sampling t, d, w; building inputs). The sections are
+  timed by wrapping the networks and the loss the real ``shortcut_loss`` calls; on a GPU the
+  split comes from separate synchronised iterations so that the totals stay unperturbed.
+- ``components``: each iSM piece alone as a fraction of the iSM step: wavelet vs MSE loss
+  (forward + backward), twin-EMA update vs none, intrinsic-guidance target passes (ism vs sm
+  objective), and sOT K = 32 as seen by the step: the mean wait for the next batch from a
+  ``TrainLoader`` with workers prefetching, K = 32 vs K = 0. The step is emulated by a sleep
+  (as on an accelerator, the CPU is free for the workers); the emulated step is shorter than
+  the real one, so the fraction is an upper bound.
+- ``loader``: latents/s of ``TrainLoader`` (pairing included) at K = 0, 1, 8, 32.
+- ``sampling``: img/s at 1, 4 and 128 steps (intrinsic guidance: one pass per step).
+- ``gpu``: on CUDA the same step code runs in bf16 for B/2 and XL/2 and reports img/s and
+  MFU = img/s x forward FLOPs x (3 + target rows per sample) / peak bf16 FLOP/s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+import ismctl
+from ismctl.distributed import resolve_device
+from ismctl.ema import TwinEMA
+from ismctl.errors import UserError
+from ismctl.fileio import atomic_write_text
+from ismctl.losses import build_loss
+from ismctl.model import build_model, forward_flops, parse_preset
+from ismctl.objective import shortcut_loss
+from ismctl.progress import progress_bar
+from ismctl.recipe import GuidanceCfg, LossCfg, ObjectiveCfg
+from ismctl.trainer import PEAK_BF16_FLOPS
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Network = Callable[..., Tensor]
+
+NUM_CLASSES = 1000
+CHANNELS = 4
+# Per-step batch per preset size: a real CPU training batch, and a real per-GPU batch that
+# fits an 80 GB card in bf16 without activation checkpointing.
+BATCH = {"cpu": {"tiny": 32, "S": 32, "B": 16, "L": 8, "XL": 8},
+         "cuda": {"tiny": 256, "S": 256, "B": 256, "L": 128, "XL": 64}}
+# (warm-up, timed) iterations per step kind: big CPU models take ~10-30 s per step.
+ITERS = {"cpu": {"tiny": (2, 8), "S": (1, 4), "B": (1, 3), "L": (1, 3), "XL": (1, 3)},
+         "cuda": {"tiny": (5, 20), "S": (5, 20), "B": (5, 20), "L": (3, 10), "XL": (3, 10)}}
+RATIO_GOAL, COMPONENT_GOAL = 1.40, 0.03
+LOADER_POOLS = (0, 1, 8, 32)
+SAMPLING_STEPS = (1, 4, 128)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+class Sections:
+    """Wall time per named section of one step; disabled, it times nothing and adds no sync."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.device, self.enabled = device, enabled
+        self.times: dict[str, float] = {}
+        self.rows: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        _sync(self.device)
+        start = time.perf_counter()
+        yield
+        _sync(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+    def wrap(self, fn: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
+        """``fn`` timed under ``name``, counting the rows (samples) of every call."""
+
+        def timed_call(*args: Tensor) -> Tensor:
+            self.rows[name] = self.rows.get(name, 0) + args[0].shape[0]
+            with self.timed(name):
+                return fn(*args)
+
+        return timed_call
+
+
+def flow_matching_loss(model: Network, x0: Tensor, x1: Tensor, y: Tensor, loss_fn: LossFn,
+                       num_classes: int, class_dropout: float,
+                       generator: torch.Generator | None) -> dict[str, Tensor]:
+    """Plain flow matching (the reference step of SPEC 5): d = 0, w = 0, labels dropped with
+    ``class_dropout``, target x1 - x0; one online forward, no target network."""
+    batch, device = x0.shape[0], x0.device
+    gen_device = generator.device if generator is not None else device
+    t = torch.rand(batch, generator=generator, device=gen_device).to(device)
+    drop = torch.rand(batch, generator=generator, device=gen_device).to(device) < class_dropout
+    labels = torch.where(drop, torch.full_like(y, num_classes), y)
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (1 - tt) * x0 + tt * x1
+    zeros = torch.zeros(batch, device=device)
+    pred = model(x_t, t, zeros, labels, zeros)
+    return {"loss": loss_fn(pred, x1 - x0).mean()}
+
+
+class StepRig:
+    """One model, optimiser and batch; runs FM, iSM and SM training steps like the trainer
+    (loss -> backward -> clip -> AdamW -> EMA) and returns their timings."""
+
+    KINDS = ("fm", "ism", "sm")
+
+    def __init__(self, preset: str, batch: int, size: int, device: torch.device,
+                 seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.device, self.batch = device, batch
+        self.model = build_model(preset, size, CHANNELS, NUM_CLASSES).to(device).train()
+        cuda = device.type == "cuda"
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=cuda)
+        self.twin = TwinEMA(self.model, target_decay=0.95, inference_decay=0.9999)
+        # FM and the SM baseline keep one EMA, which is also SM's target network.
+        self.single = TwinEMA(self.model, target_decay=0.9999, inference_enabled=False)
+        self.losses = {"wavelet": build_loss(LossCfg(), size),
+                       "mse": build_loss(LossCfg(name="mse"), size)}
+        self.objectives = {"ism": ObjectiveCfg(), "sm": ObjectiveCfg(mode="sm")}
+        self.guidance = GuidanceCfg()
+        gen = torch.Generator().manual_seed(seed)
+        shape = (batch, CHANNELS, size, size)
+        self.x0 = torch.randn(shape, generator=gen).to(device)
+        self.x1 = torch.randn(shape, generator=gen).to(device)
+        self.y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda
+                         else contextlib.nullcontext())
+        self.calls = 0
+
+    def step(self, kind: str, detail: bool) -> dict[str, float]:
+        """One training step of ``kind``; "total" always, the sections when ``detail``."""
+        s = Sections(self.device, detail)
+        ema = self.twin if kind == "ism" else self.single
+        loss_fn = s.wrap(self.losses["wavelet" if kind == "ism" else "mse"], "loss")
+        online = s.wrap(self.model, "online_forward")
+        gen = torch.Generator(self.device).manual_seed(self.calls)
+        self.calls += 1
+        _sync(self.device)
+        start = time.perf_counter()
+        with self.autocast:
+            if kind == "fm":
+                parts = flow_matching_loss(online, self.x0, self.x1, self.y, loss_fn,
+                                           NUM_CLASSES, 0.1, gen)
+            else:
+                parts = shortcut_loss(online, s.wrap(ema.target, "target_passes"), self.x0,
+                                      self.x1, self.y, self.objectives[kind], self.guidance,
+                                      loss_fn, NUM_CLASSES, gen)
+        with s.timed("backward"):
+            parts["loss"].backward()
+        with s.timed("optimizer"):
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        with s.timed("ema_update"):
+            ema.update(self.model)
+        _sync(self.device)
+        total = time.perf_counter() - start
+        out = {"total": total}
+        if detail:
+            out.update(s.times)
+            out["objective_other"] = max(0.0, total - sum(s.times.values()))
+            out["target_rows"] = float(s.rows.get("target_passes", 0))
+        return out
+
+
+def time_steps(rig: StepRig, warmup: int, iters: int) -> dict[str, list[dict[str, float]]]:
+    """Interleaved iterations (fm, ism, sm, fm, ...) so slow drifts of a shared machine hit
+    every kind alike. On CPU the sections come from the same iterations (no sync needed);
+    on CUDA from extra synchronised ones."""
+    split_here = rig.device.type != "cuda"
+    for _ in range(warmup):
+        for kind in rig.KINDS:
+            rig.step(kind, detail=False)
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in rig.KINDS}
+    for _ in range(iters):
+        for kind in rig.KINDS:
+            runs[kind].append(rig.step(kind, detail=split_here))
+    if not split_here:
+        for kind in rig.KINDS:
+            for i, sections in enumerate(rig.step(kind, detail=True) for _ in range(3)):
+                runs[kind][i] = {**sections, "total": runs[kind][i]["total"]}
+    return runs
+
+
+def _summary(runs: list[dict[str, float]], batch: int) -> dict[str, Any]:
+    keys = sorted({k for r in runs for k in r} - {"total", "target_rows"})
+    total = median([r["total"] for r in runs])
+    sections = {k: median([r[k] for r in runs if k in r]) for k in keys}
+    rows = [r["target_rows"] for r in runs if "target_rows" in r]
+    return {"total_s": total, "img_s": batch / total, "all_s": [r["total"] for r in runs],
+            "sections_s": sections,
+            "sections_fraction": {k: v / total for k, v in sections.items()},
+            "target_rows_per_sample": (rows[0] / batch) if rows else 0.0}
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def bench_steps(preset: str, batch: int, size: int, device: torch.device, warmup: int,
+                iters: int) -> tuple[dict[str, Any], StepRig]:
+    rig = StepRig(preset, batch, size, device)
+    runs = time_steps(rig, warmup, iters)
+    kinds = {k: _summary(v, batch) for k, v in runs.items()}
+    paired = [i["total"] / f["total"] for i, f in zip(runs["ism"], runs["fm"], strict=True)]
+    flops = forward_flops(rig.model)
+    peak = _peak_flops(device)
+    for summary in kinds.values():
+        rows = 3.0 + summary["target_rows_per_sample"]
+        summary["forward_equivalents_per_sample"] = rows
+        summary["achieved_tflop_s"] = summary["img_s"] * flops * rows / 1e12
+        summary["mfu"] = summary["img_s"] * flops * rows / peak if peak else None
+    return {
+        "batch": batch, "warmup": warmup, "iters": iters,
+        "params_m": sum(p.numel() for p in rig.model.parameters()) / 1e6,
+        "forward_gflop_per_sample": flops / 1e9,
+        **kinds,
+        "ratio_ism_over_fm": median(paired),
+        "ratio_ism_over_fm_of_medians": kinds["ism"]["total_s"] / kinds["fm"]["total_s"],
+        "ratio_sm_over_fm": kinds["sm"]["total_s"] / kinds["fm"]["total_s"],
+        "expected_ratio_forward_equivalents": kinds["ism"]["forward_equivalents_per_sample"] / 3,
+    }, rig
+
+
+def _time_call(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
+    fn()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def loss_cost(rig: StepRig, iters: int) -> dict[str, float]:
+    """Forward + backward of each loss on the step's (B, C, H, W) prediction and target."""
+    pred = torch.randn_like(rig.x0).requires_grad_(True)
+    target = torch.randn_like(rig.x0)
+
+    def run(loss_fn: LossFn) -> Callable[[], None]:
+        def call() -> None:
+            pred.grad = None
+            with rig.autocast:
+                loss = loss_fn(pred, target).mean()
+            loss.backward()
+        return call
+
+    return {name: _time_call(run(fn), rig.device, iters) for name, fn in rig.losses.items()}
+
+
+def ema_cost(rig: StepRig, iters: int) -> dict[str, float]:
+    return {"twin": _time_call(lambda: rig.twin.update(rig.model), rig.device, iters),
+            "single": _time_call(lambda: rig.single.update(rig.model), rig.device, iters)}
+
+
+def loader_wait(path: Path, batch: int, pool_batches: int, workers: int, step_s: float,
+                num_batches: int) -> dict[str, float]:
+    """Mean and max wait of the training step for its next batch, the step emulated by a
+    sleep of ``step_s``; measured after every worker has delivered its first pool."""
+    from ismctl.data.loader import TrainLoader
+
+    loader = TrainLoader(path, batch_size=batch, pool_batches=pool_batches, seed=0,
+                         num_workers=workers, shuffle_buffer=1000, flip=False)
+    it = iter(loader)
+    for _ in range(max(1, pool_batches) * max(1, workers)):
+        next(it)
+    waits = []
+    for _ in range(num_batches):
+        time.sleep(step_s)
+        start = time.perf_counter()
+        next(it)
+        waits.append(time.perf_counter() - start)
+    del it, loader
+    return {"mean_wait_s": statistics.fmean(waits), "max_wait_s": max(waits),
+            "batches": float(num_batches)}
+
+
+def sampling_throughput(preset: str, size: int, batch: int, device: torch.device,
+                        steps_list: tuple[int, ...]) -> dict[str, Any]:
+    from ismctl.sampler import sample
+
+    torch.manual_seed(0)
+    model = build_model(preset, size, CHANNELS, NUM_CLASSES).to(device).eval()
+    noise = torch.randn(batch, CHANNELS, size, size, device=device)
+    labels = torch.arange(batch, device=device) % NUM_CLASSES
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    img_s = {}
+    for steps in steps_list:
+        seconds = _time_call(lambda s=steps: sample(model, noise, labels, s, guidance=1.0,
+                                                    autocast_dtype=dtype), device, 1)
+        img_s[str(steps)] = batch / seconds
+    return {"preset": preset, "batch": batch, "latent": [CHANNELS, size, size],
+            "mode": "intrinsic (one pass per step)", "img_s": img_s}
+
+
+def _components(step: dict[str, Any], rig: StepRig, quick: bool) -> dict[str, Any]:
+    ism_total = step["ism"]["total_s"]
+    losses = loss_cost(rig, 5 if quick else 20)
+    emas = ema_cost(rig, 3 if quick else 5)
+    target = {k: step[k]["sections_s"].get("target_passes", 0.0) for k in ("ism", "sm")}
+    return {
+        "wavelet": {"wavelet_s": losses["wavelet"], "mse_s": losses["mse"],
+                    "fraction_of_step": (losses["wavelet"] - losses["mse"]) / ism_total},
+        "twin_ema": {"twin_s": emas["twin"], "single_s": emas["single"],
+                     "fraction_of_step": emas["twin"] / ism_total,
+                     "fraction_vs_single_ema": (emas["twin"] - emas["single"]) / ism_total},
+        "intrinsic_guidance": {
+            "target_passes_ism_s": target["ism"], "target_passes_sm_s": target["sm"],
+            "target_rows_per_sample_ism": step["ism"]["target_rows_per_sample"],
+            "target_rows_per_sample_sm": step["sm"]["target_rows_per_sample"],
+            "fraction_of_step": (target["ism"] - target["sm"]) / ism_total,
+            "step_ism_over_sm": ism_total / step["sm"]["total_s"]},
+    }
+
+
+def _sot(path: Path, batch: int, pool: int, workers: int, step_s: float, batches: int,
+         ism_totals: dict[str, float]) -> dict[str, Any]:
+    waits = {str(k): loader_wait(path, batch, k, workers, step_s, batches) for k in (0, pool)}
+    extra = waits[str(pool)]["mean_wait_s"] - waits["0"]["mean_wait_s"]
+    return {"batch": batch, "pool_batches": pool, "num_workers": workers,
+            "emulated_step_s": step_s, "wait": waits, "extra_wait_s": extra,
+            "fraction_of_emulated_step": max(0.0, extra) / step_s,
+            "fraction_of_step": {p: max(0.0, extra) / t for p, t in ism_totals.items()}}
+
+
+def _goals(steps: dict[str, Any], components: dict[str, Any],
+           sot: dict[str, Any]) -> list[dict[str, Any]]:
+    goals = []
+    for preset, step in steps.items():
+        comp = components[preset]
+        goals.append({"name": f"{preset} iSM step / FM step", "value": step["ratio_ism_over_fm"],
+                      "limit": RATIO_GOAL})
+        for name in ("wavelet", "twin_ema"):
+            goals.append({"name": f"{preset} {name} share of the iSM step",
+                          "value": comp[name]["fraction_of_step"], "limit": COMPONENT_GOAL})
+        goals.append({"name": f"{preset} sOT K={sot['pool_batches']} share of the iSM step "
+                              "(upper bound)",
+                      "value": sot["fraction_of_emulated_step"], "limit": COMPONENT_GOAL})
+    for goal in goals:
+        goal["met"] = bool(goal["value"] <= goal["limit"])
+    return goals
+
+
+def _print(report: dict[str, Any], console: Console) -> None:
+    steps = Table(title=f"training step, median s ({report['device']['name']}, "
+                        f"{report['device']['threads']} threads)")
+    for col in ("preset", "batch", "FM", "iSM", "SM", "iSM/FM", "rows/sample"):
+        steps.add_column(col, justify="right")
+    shares = Table(title="share of the iSM step")
+    for col in ("preset", "wavelet", "twin EMA", "sOT (bound)", "guidance targets"):
+        shares.add_column(col, justify="right")
+    for preset, step in report["steps"].items():
+        comp = report["components"][preset]
+        steps.add_row(preset, str(step["batch"]), f"{step['fm']['total_s']:.3f}",
+                      f"{step['ism']['total_s']:.3f}", f"{step['sm']['total_s']:.3f}",
+                      f"{step['ratio_ism_over_fm']:.3f}",
+                      f"{step['ism']['target_rows_per_sample']:.2f}")
+        shares.add_row(preset, *(f"{comp[k]['fraction_of_step']:.1%}" for k in
+                                 ("wavelet", "twin_ema", "sot", "intrinsic_guidance")))
+    console.print(steps)
+    console.print(shares)
+    split = Table(title="iSM step split, median s")
+    split.add_column("section")
+    for preset in report["steps"]:
+        split.add_column(preset, justify="right")
+    names = sorted({k for s in report["steps"].values() for k in s["ism"]["sections_s"]})
+    for name in names:
+        split.add_row(name, *(f"{s['ism']['sections_s'].get(name, 0.0):.3f}"
+                              for s in report["steps"].values()))
+    console.print(split)
+    sot = report["sot"]
+    console.print(f"sOT K={sot['pool_batches']}: extra wait {sot['extra_wait_s'] * 1e3:.2f} ms "
+                  f"per batch ({sot['fraction_of_emulated_step']:.1%} of an emulated "
+                  f"{sot['emulated_step_s']:g} s step)")
+    loader = ", ".join(f"K={k}: {v['latents_per_s']:.0f}/s"
+                       for k, v in report["loader"]["results"].items())
+    console.print(f"loader, batch {report['loader']['batch']}, "
+                  f"{report['loader']['num_workers']} worker(s): {loader}")
+    samp = report["sampling"]
+    console.print(f"sampling {samp['preset']}, batch {samp['batch']}: " + ", ".join(
+        f"{k} step(s) {v:.1f} img/s" for k, v in samp["img_s"].items()))
+    for goal in report["goals"]:
+        mark = "[green]met[/]" if goal["met"] else "[red]missed[/]"
+        console.print(f"goal {goal['name']}: {goal['value']:.3f} <= {goal['limit']:g} {mark}")
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def _check_presets(presets: list[str]) -> None:
+    for preset in presets:
+        parse_preset(preset)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
+              quick: bool = False, device: str = "auto", progress: bool = True) -> dict:
+    """Run the benchmarks, print them as tables, write ``out`` (JSON) and return the dict.
+
+    ``quick``: the tiny preset on 16x16 latents with few iterations and small loader pools
+    (well under a minute on a CPU), for tests. ``presets`` default: tiny/2 and B/2 on CPU,
+    B/2 and XL/2 on CUDA.
+    """
+    from ismctl.data.bench import benchmark_loader, make_synthetic_latents
+
+    dev = resolve_device(device)
+    kind = "cuda" if dev.type == "cuda" else "cpu"
+    if presets is None:
+        presets = ["tiny/2"] if quick else (["B/2", "XL/2"] if kind == "cuda"
+                                             else ["tiny/2", "B/2"])
+    if not presets:
+        raise UserError("bench: --presets is empty")
+    _check_presets(presets)
+    size = 16 if quick else 32
+    notes: list[str] = []
+    stages = len(presets) + 4
+    steps: dict[str, Any] = {}
+    components: dict[str, Any] = {}
+    console = Console()
+    with progress_bar("bench", total=stages, enabled=progress) as bar, \
+            tempfile.TemporaryDirectory(prefix="ismctl-bench-") as tmp:
+        for preset in presets:
+            bar.update(f"training steps {preset}")
+            name = parse_preset(preset)[0]
+            batch = 8 if quick else BATCH[kind][name]
+            warmup, iters = (1, 2) if quick else ITERS[kind][name]
+            steps[preset], rig = bench_steps(preset, batch, size, dev, warmup, iters)
+            components[preset] = _components(steps[preset], rig, quick)
+            del rig
+            bar.advance()
+
+        bar.update("sOT as seen by the step")
+        sot_batch = 8 if quick else max(s["batch"] for s in steps.values()) if kind == "cpu" \
+            else 256
+        pool = 8 if quick else 32
+        workers = 1 if quick else 2
+        sot_data = Path(tmp) / "sot"
+        make_synthetic_latents(sot_data, count=sot_batch * pool * workers * 2,
+                               num_classes=NUM_CLASSES, flip=False)
+        emulated = 0.02 if quick else 0.1
+        sot = _sot(sot_data, sot_batch, pool, workers, emulated,
+                   pool * workers if quick else 2 * pool * workers,
+                   {p: s["ism"]["total_s"] for p, s in steps.items()})
+        for preset in presets:
+            components[preset]["sot"] = {"fraction_of_step": sot["fraction_of_step"][preset],
+                                         "fraction_of_emulated_step":
+                                             sot["fraction_of_emulated_step"]}
+        bar.advance()
+
+        bar.update("loader throughput")
+        loader_batch = 32 if quick else 256
+        loader_workers = 0 if quick else 1
+        loader_data = Path(tmp) / "loader"
+        make_synthetic_latents(loader_data, count=loader_batch * (32 if quick else 32),
+                               num_classes=NUM_CLASSES, flip=False)
+        loader = {"batch": loader_batch, "num_workers": loader_workers,
+                  "latent": [CHANNELS, 32, 32], "results": {}}
+        for k in LOADER_POOLS:
+            loader["results"][str(k)] = benchmark_loader(
+                loader_data, batch_size=loader_batch, pool_batches=k,
+                num_batches=max(8, k) if quick else 32, num_workers=loader_workers)
+        bar.advance()
+
+        bar.update("sampling throughput")
+        samp_preset = "B/2" if kind == "cuda" and not quick else "tiny/2"
+        samp_batch = 8 if quick else (256 if kind == "cuda" else 32)
+        sampling = sampling_throughput(samp_preset, size, samp_batch, dev, SAMPLING_STEPS)
+        bar.advance()
+
+    if kind == "cuda":
+        gpu = {"name": torch.cuda.get_device_name(dev), "peak_bf16_flops": _peak_flops(dev),
+               "precision": "bf16 autocast",
+               "img_s": {p: {k: s[k]["img_s"] for k in StepRig.KINDS} for p, s in steps.items()},
+               "mfu": {p: {k: s[k]["mfu"] for k in StepRig.KINDS} for p, s in steps.items()}}
+        if gpu["peak_bf16_flops"] is None:
+            notes.append(f"{gpu['name']}: not in trainer.PEAK_BF16_FLOPS, MFU not computed")
+    else:
+        gpu = {"skipped": "no CUDA device: img/s and MFU for B/2 and XL/2 in bf16 need a GPU "
+                          "(run the same command there)"}
+        notes.append("MFU skipped on CPU (no bf16 peak to compare with); see gpu.skipped")
+    notes.append(f"sOT: the step is emulated by a {sot['emulated_step_s']:g} s sleep, shorter "
+                 "than the real step, so its share is an upper bound")
+    report = {
+        "ismctl_version": ismctl.__version__, "torch": torch.__version__,
+        "python": platform.python_version(), "quick": quick,
+        "device": {"type": dev.type, "threads": torch.get_num_threads(),
+                   "name": torch.cuda.get_device_name(dev) if kind == "cuda"
+                   else platform.processor() or platform.machine()},
+        "latent": [CHANNELS, size, size], "num_classes": NUM_CLASSES,
+        "method": "median of warm iterations, FM/iSM/SM steps interleaved in one process; "
+                  "ratio_ism_over_fm = median of per-iteration ratios",
+        "steps": steps, "components": components, "sot": sot, "loader": loader,
+        "sampling": sampling, "gpu": gpu,
+    }
+    report["goals"] = _goals(steps, components, sot)
+    report["notes"] = notes
+    report = _finite(report)
+    atomic_write_text(out, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    _print(report, console)
+    console.print(f"[green]wrote[/] {out}")
+    return report

@@ -1,0 +1,161 @@
+"""Checkpoints: weights as safetensors, training state as a torch file, written atomically.
+
+Layout of a run directory::
+
+    runs/<name>/recipe.yaml                  resolved recipe (every field)
+    runs/<name>/manifest.json                the data manifest (encoder, scale, shapes)
+    runs/<name>/metrics.jsonl                one JSON line per log step
+    runs/<name>/samples/step-XXXXXXX-Ns.png  periodic grids
+    runs/<name>/checkpoints/step-XXXXXXX/
+        online.safetensors  target_ema.safetensors  inference_ema.safetensors
+        state.pt            optimiser, EMA counters, step, RNG and data position
+
+A checkpoint folder is assembled under a hidden temporary name and renamed into place, so a
+folder named ``step-*`` is always complete; a crash leaves at most a stray temporary folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ismctl.data.manifest import Manifest, read_manifest
+from ismctl.distributed import resolve_device
+from ismctl.errors import UserError
+from ismctl.model import ShortcutDiT, build_model
+from ismctl.recipe import Recipe, load_recipe
+
+WEIGHT_FILES = {"online": "online.safetensors", "target": "target_ema.safetensors",
+                "inference": "inference_ema.safetensors"}
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    module = getattr(module, "module", module)
+    return getattr(module, "_orig_mod", module)
+
+
+def _contiguous_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in _unwrap(module).state_dict().items()}
+
+
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.nn.Module],
+                    state: dict[str, Any]) -> Path:
+    """Write ``weights`` (name in WEIGHT_FILES -> module) and ``state`` as one checkpoint."""
+    final = run_dir / "checkpoints" / f"step-{step:07d}"
+    tmp = run_dir / "checkpoints" / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, module in weights.items():
+        save_file(_contiguous_state(module), str(tmp / WEIGHT_FILES[name]))
+    torch.save(state, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> None:
+    """Retention: keep the newest ``keep_last`` and every multiple of ``keep_every``."""
+    ckpts = list_checkpoints(run_dir)
+    for step, path in ckpts[:-keep_last] if keep_last else ckpts:
+        if keep_every and step % keep_every == 0:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    _unwrap(module).load_state_dict(load_file(str(path)))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_latest_run(root: str | Path = "runs") -> Path:
+    root = Path(root)
+    runs = [p for p in root.glob("*") if list_checkpoints(p)] if root.is_dir() else []
+    if not runs:
+        raise UserError(f"{root}/: no run with a checkpoint found (train one with `ismctl train`)")
+    return max(runs, key=lambda p: list_checkpoints(p)[-1][1].stat().st_mtime)
+
+
+def resolve_checkpoint(path: str | Path | None) -> tuple[Path, Path]:
+    """A run dir, a checkpoint dir or None (latest run) -> (run_dir, checkpoint_dir)."""
+    p = find_latest_run() if path is None else Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: not found")
+    if _STEP_DIR.match(p.name) and p.parent.name == "checkpoints":
+        return p.parent.parent, p
+    ckpts = list_checkpoints(p)
+    if not ckpts:
+        raise UserError(f"{p}: no checkpoint in this run (expected {p}/checkpoints/step-*)")
+    return p, ckpts[-1][1]
+
+
+def model_from_recipe(recipe: Recipe, manifest: Manifest) -> ShortcutDiT:
+    m = recipe.model
+    return build_model(
+        m.preset,
+        input_size=m.input_size or manifest.latent_size,
+        in_channels=m.in_channels or manifest.channels,
+        num_classes=m.num_classes or manifest.num_classes,
+        base_steps=recipe.objective.base_steps,
+        dropout=m.dropout,
+    )
+
+
+@dataclass
+class LoadedRun:
+    model: torch.nn.Module
+    recipe: Recipe
+    manifest: Manifest
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    sha256: str
+    mode: str
+    device: torch.device
+
+
+def load_for_sampling(path: str | Path | None, which: str = "inference",
+                      device: str = "auto") -> LoadedRun:
+    """Load a run's weights for sampling: the inference EMA by default (SPEC 3.4)."""
+    if which not in WEIGHT_FILES:
+        raise UserError(f"--which {which!r}: choose from {', '.join(WEIGHT_FILES)}")
+    run_dir, ckpt = resolve_checkpoint(path)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    manifest = read_manifest(run_dir / "manifest.json")
+    weights = ckpt / WEIGHT_FILES[which]
+    if not weights.is_file():
+        # An EMA switched off in the recipe is not saved: its role falls to the online weights.
+        weights = ckpt / WEIGHT_FILES["online"]
+    dev = resolve_device(device)
+    model = model_from_recipe(recipe, manifest)
+    load_weights(model, weights)
+    model.to(dev).eval().requires_grad_(False)
+    return LoadedRun(
+        model=model, recipe=recipe, manifest=manifest, run_dir=run_dir, checkpoint=ckpt,
+        step=int(_STEP_DIR.match(ckpt.name).group(1)), sha256=file_sha256(weights),
+        mode="cfg" if recipe.objective.mode == "sm" else "intrinsic", device=dev,
+    )

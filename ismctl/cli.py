@@ -1,0 +1,153 @@
+"""The `ismctl` command line: parse, call the core package, print.
+
+Bad input raises UserError anywhere below; `main` turns it into one red line on stderr and
+exit code 2 (`--debug` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ismctl.errors import UserError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Improved shortcut models (iSM): prepare latents, train, sample, evaluate, ablate.",
+)
+console = Console()
+
+GUIDANCE_HELP = "Guidance strength w (delta convention: classic CFG scale s = 1 + w; w=0 is unguided)."
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UserError(f"{what} {text!r}: expected comma-separated integers, e.g. 1,4,128") from exc
+
+
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UserError(f"{what} {text!r}: expected comma-separated numbers, e.g. 0,1.0") from exc
+
+
+@app.command("prepare-latents")
+def prepare_latents_cmd(
+    src: Annotated[str, typer.Argument(help="ImageFolder root (e.g. imagenet/train) or 'digits'.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default data/<name>).")] = None,
+    resolution: Annotated[int, typer.Option(help="Centre-crop/resize side in pixels.")] = 256,
+    vae: Annotated[str, typer.Option(help="diffusers AutoencoderKL name or local path.")] = "stabilityai/sd-vae-ft-mse",
+    batch_size: Annotated[int, typer.Option(help="Images per VAE batch.")] = 32,
+    shard_size: Annotated[int, typer.Option(help="Samples per webdataset shard.")] = 1000,
+    flip: Annotated[bool, typer.Option(help="Also store the latent of the horizontal flip.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = 4,
+) -> None:
+    """Encode a dataset into webdataset shards + manifest.json (resumable, torchrun-aware)."""
+    from ismctl.data.prepare import prepare_latents
+
+    manifest = prepare_latents(src, out=out, resolution=resolution, vae=vae,
+                               batch_size=batch_size, shard_size=shard_size, flip=flip,
+                               device=device, num_workers=workers)
+    console.print(f"[green]prepared[/] {manifest.count} samples, {manifest.num_classes} classes, "
+                  f"{len(manifest.shards)} shards, {len(manifest.skipped)} skipped")
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/ism_xl.yaml.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set optim.lr=2e-4 (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run of the same name first.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train a shortcut model (single process, or DDP under torchrun)."""
+    from ismctl.recipe import load_recipe
+    from ismctl.trainer import train as run_training
+
+    resolved = load_recipe(recipe, set_)
+    run_dir = run_training(resolved, str(recipe), resume=resume, overwrite=overwrite,
+                           progress=progress)
+    console.print(f"[green]run written to[/] {run_dir}")
+
+
+@app.command()
+def sample(
+    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint folder.")],
+    steps: Annotated[int, typer.Option(help="Sampling steps N (a power of two, 1..128).")] = 4,
+    guidance: Annotated[float, typer.Option(help=GUIDANCE_HELP)] = 1.0,
+    num: Annotated[int, typer.Option(help="Number of images.")] = 64,
+    class_: Annotated[int | None, typer.Option("--class", help="Class index for every image (default: class-balanced).")] = None,
+    out: Annotated[Path, typer.Option(help="Output .png (grid) or .npz (ADM format).")] = Path("samples.png"),
+    which: Annotated[str, typer.Option(help="Weights: inference (EMA), target (EMA) or online.")] = "inference",
+    seed: Annotated[int, typer.Option(help="Noise and label seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per sampling batch.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Generate images from a trained run."""
+    import torch
+
+    from ismctl.checkpoint import load_for_sampling
+    from ismctl.generate import arrange_by_class, generate_images, save_grid
+
+    loaded = load_for_sampling(run, which=which, device=device)
+    if class_ is not None and not 0 <= class_ < loaded.manifest.num_classes:
+        raise UserError(f"--class {class_}: out of range 0..{loaded.manifest.num_classes - 1}")
+    labels = None if class_ is None else torch.full((num,), class_, dtype=torch.long)
+    images, labels = generate_images(loaded, num, steps, guidance, seed, batch_size, labels=labels,
+                                     progress=True)
+    if out.suffix == ".npz":
+        from ismctl.evaluation.npz import write_samples_npz
+
+        write_samples_npz(out, images.numpy(), labels.numpy())
+    elif out.suffix == ".png":
+        grid, nrow = arrange_by_class(images, labels, loaded.manifest.num_classes)
+        save_grid(grid, out, nrow=nrow)
+    else:
+        raise UserError(f"--out {out}: use a .png (grid) or .npz (ADM samples) file name")
+    console.print(f"[green]wrote[/] {out} ({num} images, {steps} step(s), w={guidance:g}, "
+                  f"weights: {which}, step {loaded.step})")
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Annotated[Path | None, typer.Argument(help="Run or checkpoint (default: the latest run).")] = None,
+    steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "1,4,128",
+    guidance: Annotated[str | None, typer.Option(help=GUIDANCE_HELP + " Comma-separated; default from the recipe.")] = None,
+    num_samples: Annotated[int, typer.Option(help="Samples per (steps, guidance) point.")] = 50_000,
+    ref: Annotated[str | None, typer.Option(help="Reference: ADM .npz, image folder, or (default) the training shards.")] = None,
+    metrics: Annotated[str | None, typer.Option(help="fid,isc,prc,fd-dinov2 (digits adds acc,fd-digits).")] = None,
+    out: Annotated[Path | None, typer.Option(help="results.json path (default: in the run directory).")] = None,
+    inception_weights: Annotated[str | None, typer.Option(help="Local Inception-v3 weights file (offline FID).")] = None,
+    save_npz: Annotated[bool, typer.Option(help="Also write each sample set as an ADM .npz.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Sampling batch size per rank.")] = 250,
+    seed: Annotated[int, typer.Option(help="Seed of noise and labels.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """FID / IS / precision-recall at chosen step counts and guidance strengths."""
+    from ismctl.evaluation import evaluate
+
+    evaluate(None if run is None else str(run), _int_list(steps, "--steps"),
+             None if guidance is None else _float_list(guidance, "--guidance"), num_samples,
+             ref, None if metrics is None else [m.strip() for m in metrics.split(",")],
+             out, inception_weights, save_npz, batch_size, seed, device=device)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        app()
+    except UserError as exc:
+        if debug:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        sys.exit(2)

@@ -1,0 +1,121 @@
+"""Which metrics an evaluation computes, and which feature extractors and layers they need.
+
+Metrics: ``fid``, ``isc`` and ``prc`` (Inception-v3), ``fd-dinov2`` (DINOv2 ViT-L/14), and
+for the built-in digits dataset ``acc`` and ``fd-digits`` (the digits classifier, added
+automatically there). Inception metrics need weights: without them a digits evaluation drops
+them with a note, any other evaluation stops with a UserError naming the file to get.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ismctl.errors import UserError
+from ismctl.evaluation.digits_classifier import (
+    DIGITS_NAME,
+    FEATURES,
+    LOGITS,
+    classifier_path,
+    load_digits_classifier,
+)
+from ismctl.evaluation.dinov2 import DINOV2_NAME
+from ismctl.evaluation.features import ExtractorSpec
+from ismctl.evaluation.inception import (
+    InceptionChoice,
+    find_inception,
+    has_logits,
+    missing_weights_message,
+)
+
+METRICS = ("fid", "isc", "prc", "fd-dinov2", "acc", "fd-digits")
+INCEPTION_METRICS = ("fid", "isc", "prc")
+DIGITS_METRICS = ("acc", "fd-digits")
+ALIASES = {"is": "isc", "pr": "prc", "fd_dinov2": "fd-dinov2", "fd_digits": "fd-digits",
+           "accuracy": "acc", "fd-dino": "fd-dinov2"}
+POOL = "2048"
+INCEPTION_LOGITS = "logits_unbiased"
+DINOV2_LAYER = "dinov2"
+
+
+@dataclass
+class Group:
+    """One extractor run over every sample set: the layers to keep and the reference layer."""
+
+    spec: ExtractorSpec
+    layers: list[str]
+    ref_layer: str | None = None
+    need_ref_features: bool = False
+
+
+@dataclass
+class MetricPlan:
+    metrics: list[str]
+    groups: dict[str, Group] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    inception: InceptionChoice | None = None
+
+
+def normalise_metrics(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for raw in names:
+        name = ALIASES.get(raw.strip().lower(), raw.strip().lower())
+        if not name:
+            continue
+        if name not in METRICS:
+            raise UserError(f"--metrics {raw}: unknown metric; choose from {', '.join(METRICS)}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def plan_metrics(
+    requested: list[str] | None,
+    defaults: list[str],
+    digits: bool,
+    inception_weights: str | None = None,
+) -> MetricPlan:
+    """Resolve the metric list (``None`` = the recipe's defaults, plus the digits metrics)."""
+    names = normalise_metrics(defaults if requested is None else requested)
+    if digits and requested is None:
+        names += [m for m in DIGITS_METRICS if m not in names]
+    if not digits and (bad := [m for m in names if m in DIGITS_METRICS]):
+        raise UserError(f"--metrics {','.join(bad)}: only for the built-in digits dataset")
+    if not names:
+        raise UserError("--metrics: no metric to compute")
+    plan = MetricPlan(metrics=[])
+    wanted = set(names)
+    if wanted & set(INCEPTION_METRICS):
+        choice = find_inception(inception_weights)
+        if choice is None:
+            if not digits:
+                raise UserError(missing_weights_message())
+            dropped = [m for m in names if m in INCEPTION_METRICS]
+            plan.notes.append(f"{', '.join(dropped)} skipped: {missing_weights_message()}")
+            wanted -= set(INCEPTION_METRICS)
+        else:
+            plan.inception = choice
+            if "isc" in wanted and not has_logits(choice.name):
+                plan.notes.append(
+                    f"isc skipped: {choice.name} ({choice.source}) has no classifier head; "
+                    "pass torch-fidelity's weights with --inception-weights for the Inception Score"
+                )
+                wanted.discard("isc")
+            layers = ([POOL] if wanted & {"fid", "prc"} else [])
+            layers += [INCEPTION_LOGITS] if "isc" in wanted else []
+            if layers:
+                plan.groups["inception"] = Group(
+                    ExtractorSpec(choice.name, choice.weights), layers,
+                    ref_layer=POOL if wanted & {"fid", "prc"} else None,
+                    need_ref_features="prc" in wanted,
+                )
+    if "fd-dinov2" in wanted:
+        plan.groups["dinov2"] = Group(ExtractorSpec(DINOV2_NAME), [DINOV2_LAYER], DINOV2_LAYER)
+    if wanted & set(DIGITS_METRICS):
+        load_digits_classifier()
+        layers = ([FEATURES] if "fd-digits" in wanted else []) + ([LOGITS] if "acc" in wanted else [])
+        plan.groups["digits"] = Group(
+            ExtractorSpec(DIGITS_NAME, classifier_path()), layers,
+            ref_layer=FEATURES if "fd-digits" in wanted else None,
+        )
+    plan.metrics = [m for m in names if m in wanted]
+    return plan

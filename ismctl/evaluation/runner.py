@@ -1,0 +1,261 @@
+"""``ismctl eval``: metrics of one checkpoint at chosen step counts and guidance strengths.
+
+For every (steps, guidance w) point: generate ``num_samples`` class-balanced samples (under
+``torchrun`` each rank its strided share), run every feature extractor the metrics need on
+them, gather the features on rank 0 and score them against reference statistics computed
+once (and cached). Guidance is in the delta convention: CFG scale ``s = 1 + w`` (SPEC 1).
+
+Outputs next to ``results.json``: a metric-vs-steps plot, one sample grid per point, and
+with ``save_npz`` the ADM ``.npz`` of every sample set.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+import ismctl
+from ismctl.errors import UserError
+from ismctl.evaluation.digits_classifier import FEATURES, LOGITS, class_accuracy
+from ismctl.evaluation.dinov2 import DINOV2_NAME, build_dinov2
+from ismctl.evaluation.features import extract_features, iter_batches
+from ismctl.evaluation.gather import gather_objects, interleave
+from ismctl.evaluation.npz import write_samples_npz
+from ismctl.evaluation.plan import (
+    DINOV2_LAYER,
+    INCEPTION_LOGITS,
+    POOL,
+    MetricPlan,
+    plan_metrics,
+)
+from ismctl.evaluation.reference import ReferenceStats, load_reference
+from ismctl.evaluation.report import print_results, write_plot, write_results_json
+from ismctl.evaluation.scores import frechet_to_reference, inception_score, precision_recall
+from ismctl.evaluation.sources import BUILTIN_DIGITS
+
+GRID_MAX = 100
+
+
+def is_digits(manifest: Any) -> bool:
+    """The built-in dataset: identity encoder, one 8x8 channel, classes '0'..'9'."""
+    from ismctl.data.digits import DIGITS_CLASSES, DIGITS_SIZE
+    from ismctl.data.encoders import IDENTITY
+
+    return (manifest.encoder == IDENTITY and manifest.resolution == DIGITS_SIZE
+            and manifest.channels == 1 and list(manifest.class_names) == DIGITS_CLASSES)
+
+
+def default_out(run: Any) -> Path:
+    return Path(run.run_dir) / "eval" / f"step-{run.step:07d}" / "results.json"
+
+
+def check_points(steps: list[int], guidance: list[float], base_steps: int) -> None:
+    from ismctl.sampler import check_steps
+
+    if not steps:
+        raise UserError("--steps: give at least one step count")
+    if not guidance:
+        raise UserError("--guidance: give at least one guidance strength")
+    for s in steps:
+        check_steps(s, base_steps)
+    for w in guidance:
+        if not (math.isfinite(w) and w >= 0):
+            raise UserError(f"--guidance {w}: w must be >= 0 (CFG scale s = 1 + w)")
+
+
+def point_metrics(plan: MetricPlan, feats: dict[str, dict[str, np.ndarray]], labels: np.ndarray,
+                  refs: dict[str, ReferenceStats]) -> dict[str, float]:
+    """Every requested metric for one sample set (features already gathered)."""
+    out: dict[str, float] = {}
+    m = set(plan.metrics)
+    if "fid" in m:
+        out["fid"] = frechet_to_reference(feats["inception"][POOL], refs["inception"])
+    if "isc" in m:
+        out["isc"], out["isc_std"] = inception_score(feats["inception"][INCEPTION_LOGITS])
+    if "prc" in m:
+        real = refs["inception"].features
+        if real is None:
+            out["precision"] = out["recall"] = float("nan")
+        else:
+            out["precision"], out["recall"] = precision_recall(feats["inception"][POOL], real)
+    if "fd-dinov2" in m:
+        out["fd-dinov2"] = frechet_to_reference(feats["dinov2"][DINOV2_LAYER], refs["dinov2"])
+    if "fd-digits" in m:
+        out["fd-digits"] = frechet_to_reference(feats["digits"][FEATURES], refs["digits"])
+    if "acc" in m:
+        out["acc"] = class_accuracy(feats["digits"][LOGITS], labels)
+    return out
+
+
+def _build_extractors(plan: MetricPlan, device: torch.device) -> dict[str, torch.nn.Module]:
+    extractors = {}
+    for key, group in plan.groups.items():
+        if group.spec.name == DINOV2_NAME:
+            extractors[key] = build_dinov2(device)
+        else:
+            extractors[key] = group.spec.build(group.layers, device)
+    return extractors
+
+
+def evaluate(
+    path: str | None,
+    steps: list[int] | None,
+    guidance: list[float] | None,
+    num_samples: int | None,
+    ref: str | None,
+    metrics: list[str] | None,
+    out: str | Path | None,
+    inception_weights: str | None,
+    save_npz: bool,
+    batch_size: int | None,
+    seed: int | None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a run or checkpoint; returns the results dict (empty on ranks other than 0).
+
+    ``None`` for steps, guidance, num_samples, batch_size, seed or metrics takes the run
+    recipe's ``eval`` section; ``ref`` None takes the recipe's ``eval.ref``, else the built-in
+    digits for a digits run, else the prepared shards of ``data.path``.
+    """
+    from ismctl.checkpoint import load_for_sampling
+    from ismctl.distributed import barrier, init_distributed
+    from ismctl.generate import arrange_by_class, generate_images, save_grid
+
+    t_start = time.perf_counter()
+    dist_info = init_distributed(device)
+    rank, world = dist_info.rank, dist_info.world_size
+    main = rank == 0
+    console = Console()
+    run = load_for_sampling(path, device=str(dist_info.device))
+    ev = run.recipe.eval
+    steps = list(steps or ev.steps)
+    guidance = [float(w) for w in (guidance if guidance is not None else ev.guidance)]
+    num_samples = int(num_samples or ev.num_samples)
+    batch_size = int(batch_size or ev.batch_size)
+    seed = ev.seed if seed is None else int(seed)
+    if num_samples < 2 or batch_size < 1:
+        raise UserError(f"--num-samples {num_samples} / --batch-size {batch_size}: "
+                        "need at least 2 samples and a batch of 1")
+    check_points(steps, guidance, run.recipe.objective.base_steps)
+    digits = is_digits(run.manifest)
+    plan = plan_metrics(metrics, list(ev.metrics), digits, inception_weights)
+    if run.mode == "intrinsic" and (far := [w for w in guidance if w > run.recipe.guidance.w_max]):
+        plan.notes.append(f"guidance {', '.join(f'{w:g}' for w in far)} above the trained "
+                          f"w_max {run.recipe.guidance.w_max:g}: extrapolated")
+    ref_src = ref or ev.ref or (BUILTIN_DIGITS if digits else run.recipe.data.path)
+    out_path = Path(out) if out is not None else default_out(run)
+    stem = out_path.stem
+
+    t_ref = time.perf_counter()
+    refs: dict[str, ReferenceStats] = {}
+    for key, group in plan.groups.items():
+        if group.ref_layer is None:
+            continue
+        stats = load_reference(ref_src, group.spec, group.ref_layer, run.manifest.resolution,
+                               need_features=group.need_ref_features, device=dist_info.device,
+                               batch_size=batch_size, progress=progress and main, rank=rank,
+                               world_size=world)
+        if stats is not None:
+            refs[key] = stats
+    if main and "prc" in plan.metrics and refs["inception"].features is None:
+        plan.notes.append(f"precision/recall skipped: the reference {ref_src} has no images")
+    reference_s = time.perf_counter() - t_ref
+    extractors = _build_extractors(plan, dist_info.device)
+
+    points: list[dict[str, Any]] = []
+    for s in steps:
+        for w in guidance:
+            t0 = time.perf_counter()
+            images, labels = generate_images(run, num_samples, s, w, seed, batch_size,
+                                             progress=progress and main, rank=rank,
+                                             world_size=world)
+            t1 = time.perf_counter()
+            local = {key: extract_features(ext, iter_batches(images, batch_size), dist_info.device)
+                     for key, ext in extractors.items()}
+            t2 = time.perf_counter()
+            shared = gather_objects((local, labels.numpy(), images.numpy() if save_npz else None))
+            if not main:
+                continue
+            feats = {key: {layer: interleave([p[0][key][layer] for p in shared])
+                           for layer in local[key]} for key in local}
+            all_labels = interleave([p[1] for p in shared])
+            values = point_metrics(plan, feats, all_labels, refs)
+            t3 = time.perf_counter()
+            tag = f"{s}steps-w{w:g}"
+            grid = out_path.parent / f"{stem}-grid-{tag}.png"
+            show = images[:GRID_MAX]
+            save_grid(*arrange_by_class(show, labels[:GRID_MAX], run.manifest.num_classes), grid)
+            point: dict[str, Any] = {
+                "steps": s, "guidance": w, "cfg_scale": 1.0 + w, "num_samples": num_samples,
+                "metrics": values, "grid": str(grid),
+                "timings": {"generate_s": t1 - t0, "features_s": t2 - t1, "metrics_s": t3 - t2,
+                            "images_per_s": num_samples / max(t1 - t0, 1e-9)},
+            }
+            if save_npz:
+                npz = out_path.parent / f"{stem}-samples-{tag}.npz"
+                write_samples_npz(npz, interleave([p[2] for p in shared]), all_labels)
+                point["npz"] = str(npz)
+            points.append(point)
+            if progress:
+                console.print(f"steps={s} w={w:g}: " + ", ".join(
+                    f"{k}={v:.4g}" for k, v in values.items()))
+
+    if not main:
+        barrier()
+        return {}
+    results = _results(run, plan, points, refs, ref_src, out_path, dict(
+        steps=steps, guidance=guidance, num_samples=num_samples, batch_size=batch_size,
+        seed=seed, world_size=world, device=str(dist_info.device)))
+    results["timings"] = {"reference_s": reference_s, "total_s": time.perf_counter() - t_start}
+    plot = write_plot(out_path.parent / f"{stem}-plot.png", results)
+    results["plot"] = str(plot) if plot is not None else None
+    write_results_json(out_path, results)
+    if progress:
+        print_results(results, console)
+        console.print(f"[green]wrote[/] {out_path}")
+    barrier()
+    return results
+
+
+def _results(run: Any, plan: MetricPlan, points: list[dict[str, Any]],
+             refs: dict[str, ReferenceStats], ref_src: str, out_path: Path,
+             settings: dict[str, Any]) -> dict[str, Any]:
+    settings["guidance_convention"] = "delta: guided v = v_c + w (v_c - v_null), CFG scale 1 + w"
+    settings["sampling_mode"] = run.mode
+    extractors = {key: {"name": g.spec.name, "identity": g.spec.identity(),
+                        "weights": None if g.spec.weights is None else str(g.spec.weights),
+                        "layers": g.layers} for key, g in plan.groups.items()}
+    if plan.inception is not None and "inception" in extractors:
+        extractors["inception"]["found_by"] = plan.inception.source
+    return {
+        "ismctl_version": ismctl.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "checkpoint": {"run_dir": str(run.run_dir), "path": str(run.checkpoint),
+                       "sha256": run.sha256, "step": run.step},
+        "recipe": run.recipe.model_dump(mode="json"),
+        "data": {"encoder": run.manifest.encoder, "resolution": run.manifest.resolution,
+                 "num_classes": run.manifest.num_classes, "count": run.manifest.count},
+        "settings": settings,
+        "metrics": plan.metrics,
+        "feature_extractors": extractors,
+        "reference": {"source": str(ref_src), "stats": {
+            key: {"extractor": r.extractor, "layer": r.layer, "source": r.source,
+                  "count": r.count, "stats_hash": r.stats_hash(),
+                  "prc_features": None if r.features is None else len(r.features),
+                  "cache_file": None if r.cache_file is None else str(r.cache_file)}
+            for key, r in refs.items()}},
+        "notes": plan.notes,
+        "points": points,
+        "results_json": str(out_path),
+    }

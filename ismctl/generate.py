@@ -1,0 +1,98 @@
+"""From a loaded run to decoded images: seeded noise, class-balanced labels, PNG grids.
+
+Sample ``i`` of a request depends only on ``(seed, i)``: its label comes from one seeded
+permutation of a class-balanced list and its noise from a generator seeded with the pair.
+So the images are the same whatever the batch size or the number of ranks sharing the work.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ismctl.checkpoint import LoadedRun
+from ismctl.data.encoders import load_encoder
+from ismctl.fileio import atomic_path
+from ismctl.progress import progress_bar
+from ismctl.sampler import sample
+
+
+def balanced_labels(num: int, num_classes: int, seed: int) -> torch.Tensor:
+    labels = torch.arange(num) % num_classes
+    perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
+    return labels[perm]
+
+
+def sample_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    gen = torch.Generator()
+    out = torch.empty(len(indices), *shape)
+    for row, i in enumerate(indices.tolist()):
+        gen.manual_seed(seed * 1_000_003 + i)
+        out[row] = torch.randn(shape, generator=gen)
+    return out
+
+
+def generate_images(run: LoadedRun, num: int, steps: int, guidance: float, seed: int,
+                    batch_size: int, labels: torch.Tensor | None = None, progress: bool = False,
+                    rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample and decode; returns uint8 images (n, H, W, C) and labels (n,) for this rank's
+    share (indices ``rank::world_size``) of the ``num`` requested samples."""
+    man = run.manifest
+    if labels is None:
+        labels = balanced_labels(num, man.num_classes, seed)
+    indices = torch.arange(num)[rank::world_size]
+    encoder = load_encoder(man.encoder, run.device, scale_factor=man.scale_factor)
+    shape = (man.channels, man.latent_size, man.latent_size)
+    autocast = torch.bfloat16 if run.device.type == "cuda" else None
+    images = []
+    with progress_bar(f"sampling {steps} step(s), w={guidance:g}", total=len(indices),
+                      enabled=progress) as bar:
+        for chunk in indices.split(batch_size):
+            noise = sample_noise(chunk, shape, seed).to(run.device)
+            x = sample(run.model, noise, labels[chunk].to(run.device), steps, guidance,
+                       mode=run.mode, base_steps=run.recipe.objective.base_steps,
+                       autocast_dtype=autocast)
+            images.append(encoder.decode(x.float()).cpu())
+            bar.advance(len(chunk))
+    return torch.cat(images), labels[indices]
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile uint8 (N, H, W, C) images into one (rows, cols) grid with a thin white border."""
+    n, h, w, c = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images.numpy()):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h,
+             pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    return grid
+
+
+def arrange_by_class(images: torch.Tensor, labels: torch.Tensor,
+                     num_classes: int) -> tuple[torch.Tensor, int | None]:
+    """Order a class-balanced set so each grid column holds one class (<= 16 classes);
+    otherwise sort by label. Returns the images and the grid's row length."""
+    if num_classes > 16 or len(labels.unique()) < num_classes:
+        return images[torch.argsort(labels, stable=True)], None
+    per_class = [images[labels == c] for c in range(num_classes)]
+    rows = min(len(p) for p in per_class)
+    grid = torch.stack([p[:rows] for p in per_class], dim=1)
+    return grid.reshape(-1, *images.shape[1:]), num_classes
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
+              min_side: int = 256) -> None:
+    """Write a PNG grid; tiny images (8x8 digits) are upscaled with nearest neighbours."""
+    grid = image_grid(images, nrow)
+    pil = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    if max(pil.size) < min_side:
+        factor = math.ceil(min_side / max(pil.size))
+        pil = pil.resize((pil.width * factor, pil.height * factor), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG")

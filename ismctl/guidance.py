@@ -1,0 +1,60 @@
+"""Guidance in the "delta" convention (SPEC 1): v_w = v_c + w (v_c - v_null), CFG scale s = 1 + w.
+
+The same combination serves three places: plain CFG at sampling time (the sm baseline), CFG
+inside the finest bootstrap targets (sm, SPEC 2) and the guidance target of iSM (SPEC 3.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ismctl.errors import UserError
+
+
+def _per_sample(w: Tensor | float, like: Tensor) -> Tensor | float:
+    """Broadcast a per-sample (B,) strength over the trailing (C, H, W) dims of ``like``."""
+    if isinstance(w, Tensor) and w.ndim == 1:
+        return w.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+    return w
+
+
+def cfg_combine(v_cond: Tensor, v_null: Tensor, w: Tensor | float) -> Tensor:
+    """Guided velocity v_c + w (v_c - v_null); ``w`` a number or one value per sample."""
+    return v_cond + _per_sample(w, v_cond) * (v_cond - v_null)
+
+
+def guidance_grid(w_max: float, w_step: float) -> Tensor:
+    """The training grid {0, w_step, ..., w_max} (float64, w_max included when on the grid)."""
+    if w_step <= 0 or w_max < 0:
+        raise UserError(f"guidance grid: need w_step > 0 and w_max >= 0, got {w_step}, {w_max}")
+    # The tolerance keeps w_max itself when w_max / w_step is an integer up to rounding.
+    count = math.floor(w_max / w_step + 1e-9) + 1
+    return torch.arange(count, dtype=torch.float64) * w_step
+
+
+def sample_guidance(n: int, w_max: float, w_step: float,
+                    generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    """``n`` strengths drawn uniformly from {0, w_step, ..., w_max} (SPEC 3.1), float32."""
+    grid = guidance_grid(w_max, w_step).to(device=device, dtype=torch.float32)
+    gen_device = generator.device if generator is not None else device
+    idx = torch.randint(len(grid), (n,), generator=generator, device=gen_device)
+    return grid[idx.to(grid.device)]
+
+
+def interval_weight(t: Tensor, w: Tensor, interval_start: float) -> Tensor:
+    """Interval guidance (SPEC 3.1): the strength is kept for t >= start and zeroed for
+    t < start, the high-noise end where guidance mostly hurts diversity."""
+    return torch.where(t >= interval_start, w, torch.zeros_like(w))
+
+
+def scale_to_w(s: float) -> float:
+    """Classic CFG scale s to the delta strength w = s - 1."""
+    return s - 1.0
+
+
+def w_to_scale(w: float) -> float:
+    """Delta strength w to the classic CFG scale s = 1 + w."""
+    return 1.0 + w

@@ -1,0 +1,144 @@
+"""Euler shortcut sampling (SPEC 1): N steps of size d = 1/N from noise (t = 0) to data (t = 1).
+
+    x <- x + d F(x, t_i, d, c, w),  t_i = i / N
+
+``intrinsic`` (iSM) feeds the guidance strength w to the network: one pass per step.
+``cfg`` (the sm baseline) runs the label and the null rows with w = 0 and combines them as
+v_c + w (v_c - v_null), i.e. CFG scale s = 1 + w: two passes per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import numpy as np
+import torch
+from rich.progress import Progress
+from torch import Tensor, nn
+
+from ismctl.ema import unwrap_model
+from ismctl.errors import UserError
+from ismctl.guidance import cfg_combine
+
+
+def check_steps(steps: int, base_steps: int) -> None:
+    """N must be a power of two in [1, base_steps]: the jump sizes the network was trained on."""
+    if (not isinstance(steps, int | np.integer) or steps < 1 or steps & (steps - 1)
+            or steps > base_steps):
+        raise UserError(f"steps: must be a power of two between 1 and {base_steps}, got {steps}")
+
+
+def _null_class(model: nn.Module, num_classes: int | None) -> int:
+    if num_classes is not None:
+        return num_classes
+    found = getattr(unwrap_model(model), "num_classes", None)
+    if found is None:
+        raise UserError("cfg sampling needs num_classes (the null label); the model has none")
+    return int(found)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, guidance: float = 0.0,
+           mode: Literal["intrinsic", "cfg"] = "intrinsic", base_steps: int = 128,
+           autocast_dtype: torch.dtype | None = None, num_classes: int | None = None) -> Tensor:
+    """Integrate ``noise`` (B, C, H, W) to samples in ``steps`` shortcut jumps.
+
+    ``guidance`` is w in the delta convention (CFG scale 1 + w). In cfg mode the null label is
+    ``num_classes``, read from ``model.num_classes`` when not given. ``autocast_dtype`` (e.g.
+    bfloat16) applies on CUDA only; the state is integrated in the dtype of ``noise``. The model
+    runs in eval mode and gets its previous mode back afterwards.
+    """
+    check_steps(steps, base_steps)
+    if mode not in ("intrinsic", "cfg"):
+        raise UserError(f"sampling mode: expected 'intrinsic' or 'cfg', got {mode!r}")
+    if guidance < 0:
+        raise UserError(f"guidance: w must be >= 0 (CFG scale 1 + w), got {guidance}")
+    batch = noise.shape[0]
+    null = _null_class(model, num_classes) if mode == "cfg" else 0
+    use_autocast = autocast_dtype is not None and noise.device.type == "cuda"
+    autocast = (torch.autocast("cuda", dtype=autocast_dtype) if use_autocast
+                else contextlib.nullcontext())
+    d = torch.full((batch,), 1.0 / steps, device=noise.device)
+    if mode == "intrinsic":
+        w = torch.full((batch,), float(guidance), device=noise.device)
+    else:
+        w = torch.zeros(2 * batch, device=noise.device)
+        pair_labels = torch.cat([labels, torch.full_like(labels, null)])
+        pair_d = torch.cat([d, d])
+
+    was_training = model.training
+    model.eval()
+    try:
+        x = noise.clone()
+        for i in range(steps):
+            t = torch.full((batch,), i / steps, device=noise.device)
+            with autocast:
+                if mode == "intrinsic":
+                    v = model(x, t, d, labels, w)
+                else:
+                    # Label and null rows in one call: the two CFG passes share a batch.
+                    out = model(torch.cat([x, x]), torch.cat([t, t]), pair_d, pair_labels, w)
+                    v_cond, v_null = out.to(x.dtype).chunk(2)
+                    v = cfg_combine(v_cond, v_null, float(guidance))
+            x = x + (1.0 / steps) * v.to(x.dtype)
+    finally:
+        model.train(was_training)
+    return x
+
+
+def balanced_labels(num: int, num_classes: int, seed: int) -> Tensor:
+    """Class-balanced labels (i mod num_classes) in an order fixed by ``seed``."""
+    labels = torch.arange(num) % num_classes
+    perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
+    return labels[perm]
+
+
+def sample_noise(indices: Tensor, shape: tuple[int, ...], seed: int) -> Tensor:
+    """Standard normal noise where row j depends only on (seed, indices[j]), float32 on CPU.
+
+    Each sample gets its own PCG64 stream keyed by the pair through numpy's SeedSequence, so
+    streams neither overlap nor collide across seeds (torch's CPU generator keeps only the low
+    32 bits of a seed).
+    """
+    out = np.empty((len(indices), *shape), dtype=np.float32)
+    for row, i in enumerate(indices.tolist()):
+        out[row] = np.random.default_rng([seed, i]).standard_normal(shape, dtype=np.float32)
+    return torch.from_numpy(out)
+
+
+def generate(model: nn.Module, num: int, shape: tuple[int, int, int], num_classes: int,
+             steps: int, guidance: float, mode: str, seed: int, batch_size: int,
+             device: torch.device | str, labels: Tensor | None = None, base_steps: int = 128,
+             autocast_dtype: torch.dtype | None = None,
+             progress: bool = False) -> tuple[Tensor, Tensor]:
+    """``num`` samples in batches; returns (x (num, *shape) float32 on CPU, labels (num,) long).
+
+    Labels are class-balanced and shuffled by ``seed`` unless given (values 0..num_classes, the
+    last being the null label for unconditional samples). Sample i depends only on (seed, i),
+    so the output is the same whatever ``batch_size``.
+    """
+    if num < 1 or batch_size < 1:
+        raise UserError(f"generate: num and batch_size must be >= 1, got {num}, {batch_size}")
+    if seed < 0:
+        raise UserError(f"seed: must be >= 0, got {seed}")
+    check_steps(steps, base_steps)
+    if labels is None:
+        labels = balanced_labels(num, num_classes, seed)
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    if labels.shape != (num,):
+        raise UserError(f"labels: expected shape ({num},), got {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() > num_classes):
+        raise UserError(f"labels: must lie in 0..{num_classes} ({num_classes} is the null label)")
+    out: list[Tensor] = []
+    bar = Progress(disable=not progress)
+    with bar:
+        task = bar.add_task(f"sampling {steps} step(s), w={guidance:g}", total=num)
+        for chunk in torch.arange(num).split(batch_size):
+            noise = sample_noise(chunk, shape, seed).to(device)
+            x = sample(model, noise, labels[chunk].to(device), steps, guidance, mode=mode,
+                       base_steps=base_steps, autocast_dtype=autocast_dtype,
+                       num_classes=num_classes)
+            out.append(x.float().cpu())
+            bar.advance(task, len(chunk))
+    return torch.cat(out), labels

@@ -1,0 +1,265 @@
+"""The training loop: one process, or DDP under ``torchrun`` (NCCL on GPU, gloo on CPU).
+
+Data flow: recipe -> TrainLoader (shards, latent draw, sOT pairing in its workers) ->
+shortcut_loss (online net + target EMA) -> AdamW -> twin EMA update.
+
+Reproducibility: the global batch is cut into ``ranks x grad_accum`` slots and slot ``s`` of
+step ``n`` gets its data from loader stream ``s`` and its objective randomness (t, d, w,
+label dropout) from a generator seeded with ``(seed, n, s)``. So 2 GPUs x 1 accumulation step
+and 1 GPU x 2 accumulation steps train the same model (up to float summation order), and a
+resumed run replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ismctl.checkpoint import (
+    WEIGHT_FILES,
+    LoadedRun,
+    list_checkpoints,
+    load_weights,
+    model_from_recipe,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from ismctl.data.loader import TrainLoader
+from ismctl.data.manifest import read_manifest
+from ismctl.distributed import DistInfo, barrier, init_distributed, shutdown
+from ismctl.ema import TwinEMA
+from ismctl.errors import UserError
+from ismctl.fileio import atomic_write_text
+from ismctl.generate import arrange_by_class, generate_images, save_grid
+from ismctl.losses import build_loss
+from ismctl.model import forward_flops
+from ismctl.objective import shortcut_loss
+from ismctl.progress import progress_bar
+from ismctl.recipe import Recipe, save_recipe
+
+# Dense bf16 peak FLOP/s by device name, for the MFU estimate (nanoGPT-style).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf; the run stops and its last good checkpoint is kept."""
+
+
+def run_directory(recipe: Recipe, recipe_path: str | None) -> Path:
+    name = recipe.run.name or (Path(recipe_path).stem if recipe_path else "run")
+    return Path(recipe.run.root) / name
+
+
+def _stream_seed(seed: int, step: int, slot: int) -> int:
+    return (seed * 1_000_003 + step) * 1_009 + slot
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _flops_per_sample(recipe: Recipe, model: torch.nn.Module) -> float:
+    """SPEC 5: forward + backward = 3 forwards, plus the target EMA's no-grad passes
+    (2 per consistency sample, 2 per guidance sample)."""
+    obj = recipe.objective
+    extra = 2 * obj.bootstrap_fraction + (2 * obj.guidance_fraction if obj.mode == "ism" else 0)
+    return forward_flops(model) * (3 + extra)
+
+
+def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool,
+                     info: DistInfo) -> None:
+    if info.is_main:
+        if list_checkpoints(run_dir) and not (resume or overwrite):
+            raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it "
+                            "or --overwrite to start over")
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+        manifest_src = Path(recipe.data.path) / "manifest.json"
+        atomic_write_text(run_dir / "manifest.json", manifest_src.read_text())
+    barrier()
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines logged after the checkpoint we restart from."""
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def train(recipe: Recipe, recipe_path: str | None = None, resume: bool = False,
+          overwrite: bool = False, progress: bool = True) -> Path:
+    """Train a shortcut model as the recipe says; returns the run directory."""
+    info = init_distributed(recipe.train.device)
+    try:
+        return _train(recipe, recipe_path, resume, overwrite, progress, info)
+    finally:
+        shutdown()
+
+
+def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: bool,
+           progress: bool, info: DistInfo) -> Path:
+    cfg, dev = recipe.train, info.device
+    manifest = read_manifest(recipe.data.path)
+    slots = info.world_size * cfg.grad_accum
+    if recipe.data.batch_size % slots:
+        raise UserError(f"data.batch_size={recipe.data.batch_size}: not divisible by "
+                        f"ranks x train.grad_accum = {slots}")
+    micro = recipe.data.batch_size // slots
+    run_dir = run_directory(recipe, recipe_path)
+    _prepare_run_dir(run_dir, recipe, resume, overwrite, info)
+
+    torch.manual_seed(cfg.seed)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = model_from_recipe(recipe, manifest).to(dev)
+    e = recipe.ema
+    ema = TwinEMA(model, target_decay=e.target_decay, inference_decay=e.inference_decay,
+                  target_enabled=e.target_enabled, inference_enabled=e.inference_enabled,
+                  warmup=e.warmup)
+    o = recipe.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                            weight_decay=o.weight_decay, fused=dev.type == "cuda")
+
+    start_step = 0
+    ckpts = list_checkpoints(run_dir) if resume else []
+    if ckpts:
+        ckpt = ckpts[-1][1]
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        load_weights(model, ckpt / WEIGHT_FILES["online"])
+        for name, module in (("target", ema.target), ("inference", ema.inference)):
+            if module is not model:
+                load_weights(module, ckpt / WEIGHT_FILES[name])
+        opt.load_state_dict(state["optimizer"])
+        ema.num_updates = state["ema_updates"]
+        torch.set_rng_state(state["rng"]["torch"])
+        start_step = state["step"]
+        if state["data"]["slots"] != slots and info.is_main:
+            print(f"note: resuming with {slots} data slots instead of {state['data']['slots']}: "
+                  "the data order differs from an uninterrupted run")
+    if info.is_main:
+        _trim_metrics(run_dir / "metrics.jsonl", start_step)
+
+    net: torch.nn.Module = model
+    if info.enabled:
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile and dev.type == "cuda":
+        net = torch.compile(net)
+    loss_fn = build_loss(recipe.loss, model.input_size)
+    workers = recipe.data.num_workers // cfg.grad_accum if recipe.data.num_workers else 0
+    loaders = [iter(TrainLoader(
+        recipe.data.path, batch_size=micro, pool_batches=recipe.coupling.pool_batches,
+        seed=cfg.seed, rank=info.rank * cfg.grad_accum + m, world_size=slots,
+        num_workers=max(workers, 1) if recipe.data.num_workers else 0,
+        shuffle_buffer=recipe.data.shuffle_buffer, flip=recipe.data.flip and manifest.flip,
+        start_batch=start_step)) for m in range(cfg.grad_accum)]
+    gen = torch.Generator(dev)
+    use_bf16 = dev.type == "cuda" and cfg.precision == "bf16"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    flops, peak = _flops_per_sample(recipe, model), _peak_flops(dev)
+
+    def log_line(step: int, sums: dict[str, torch.Tensor], n: int, dt: float,
+                 grad_norm: torch.Tensor) -> dict[str, float]:
+        names = sorted(sums)
+        vec = torch.stack([sums[k] for k in names] + [grad_norm.float()]) / torch.tensor(
+            [n] * len(names) + [1], device=dev)
+        if info.enabled:
+            dist.all_reduce(vec)
+            vec /= info.world_size
+        vals = dict(zip([*names, "grad_norm"], vec.tolist(), strict=True))
+        img_s = n * recipe.data.batch_size / dt
+        line = {"step": step, **vals, "lr": opt.param_groups[0]["lr"], "it_s": n / dt, "img_s": img_s}
+        if peak:
+            line["mfu"] = img_s * flops / peak
+        return line
+
+    def sample_grids(step: int) -> None:
+        run = LoadedRun(model=ema.inference, recipe=recipe, manifest=manifest, run_dir=run_dir,
+                        checkpoint=run_dir, step=step, sha256="", device=dev,
+                        mode="cfg" if recipe.objective.mode == "sm" else "intrinsic")
+        for steps in (1, 4):
+            images, labels = generate_images(run, recipe.run.sample_num, steps,
+                                             recipe.run.sample_guidance, seed=cfg.seed,
+                                             batch_size=recipe.run.sample_num)
+            grid, nrow = arrange_by_class(images, labels, manifest.num_classes)
+            save_grid(grid, run_dir / "samples" / f"step-{step:07d}-{steps}s.png", nrow=nrow)
+
+    def checkpoint(step: int) -> None:
+        if info.is_main:
+            weights = {"online": model}
+            if ema.target is not model:
+                weights["target"] = ema.target
+            if ema.inference is not model:
+                weights["inference"] = ema.inference
+            state = {"step": step, "optimizer": opt.state_dict(), "ema_updates": ema.num_updates,
+                     "rng": {"torch": torch.get_rng_state()},
+                     "data": {"batches": step, "slots": slots, "seed": cfg.seed},
+                     "recipe": recipe.model_dump(mode="json")}
+            save_checkpoint(run_dir, step, weights, state)
+            prune_checkpoints(run_dir, recipe.run.keep_last, recipe.run.keep_every)
+        barrier()
+
+    sums: dict[str, torch.Tensor] = {}
+    bad = torch.zeros((), dtype=torch.bool, device=dev)
+    n_since, t_last = 0, time.perf_counter()
+    metrics_path = run_dir / "metrics.jsonl"
+    with progress_bar(f"train {run_dir.name}", total=cfg.steps, completed=start_step,
+                      enabled=progress and info.is_main) as bar:
+        for step in range(start_step, cfg.steps):
+            lr = o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            model.train()
+            for m, it in enumerate(loaders):
+                x0, x1, y = (t.to(dev, non_blocking=True) for t in next(it))
+                gen.manual_seed(_stream_seed(cfg.seed, step, info.rank * cfg.grad_accum + m))
+                last_micro = m == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if last_micro or not info.enabled else net.no_sync()
+                with sync:
+                    with autocast:
+                        parts = shortcut_loss(net, ema.target, x0, x1, y, recipe.objective,
+                                              recipe.guidance, loss_fn, model.num_classes, gen)
+                    (parts["loss"] / cfg.grad_accum).backward()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+                bad |= ~torch.isfinite(parts["loss"].detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), o.grad_clip if o.grad_clip else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(model)
+            n_since += 1
+            done = step + 1
+            bar.advance()
+            at_log = done % recipe.run.log_every == 0 or done == cfg.steps
+            at_ckpt = done % recipe.run.ckpt_every == 0 or done == cfg.steps
+            if (at_log or at_ckpt) and bool(bad):
+                last = list_checkpoints(run_dir)
+                keep = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint yet"
+                raise TrainingDiverged(f"step {done}: non-finite loss, run stopped ({keep}); "
+                                       "try a lower optim.lr or set optim.grad_clip")
+            if at_log:
+                line = log_line(done, sums, n_since, time.perf_counter() - t_last, grad_norm)
+                if info.is_main:
+                    with open(metrics_path, "a") as fh:
+                        fh.write(json.dumps(line) + "\n")
+                    parts_txt = " ".join(f"{k} {line[k]:.4f}" for k in sorted(sums) if k != "loss")
+                    bar.update(f"loss {line['loss']:.4f} ({parts_txt})")
+                sums, n_since, t_last = {}, 0, time.perf_counter()
+            if info.is_main and (done % recipe.run.sample_every == 0 or done == cfg.steps):
+                sample_grids(done)
+            if at_ckpt:
+                checkpoint(done)
+    return run_dir

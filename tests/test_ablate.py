@@ -1,0 +1,228 @@
+"""`ismctl ablate`: which recipe fields each component flips, the variant plans, the report.
+
+Changed fields are found by flattening two ``model_dump``s independently of the module's own
+helpers; the expected sets are written out by hand from the component definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ismctl.ablate import (
+    ORDER,
+    EvalSettings,
+    disable,
+    markdown,
+    paper_fid,
+    plan_variants,
+    summarise,
+    write_chart,
+)
+from ismctl.errors import UserError
+from ismctl.recipe import Recipe, load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+EXPECTED = {
+    "intrinsic-guidance": {"objective.mode": "sm"},
+    "interval-guidance": {"guidance.interval_start": 0.0},
+    "wavelet": {"loss.name": "mse"},
+    "sot": {"coupling.pool_batches": 0},
+}
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changes(a: Recipe, b: Recipe) -> dict[str, Any]:
+    """Paths whose value differs, mapped to the value in ``b``."""
+    fa, fb = flatten(a.model_dump(mode="json")), flatten(b.model_dump(mode="json"))
+    assert fa.keys() == fb.keys()
+    return {k: fb[k] for k in fa if fa[k] != fb[k]}
+
+
+def without_run_name(recipe: Recipe) -> dict[str, Any]:
+    data = recipe.model_dump(mode="json")
+    data["run"].pop("name")
+    return data
+
+
+@pytest.fixture(scope="module")
+def ism_xl() -> Recipe:
+    return load_recipe(RECIPES / "ism_xl.yaml")
+
+
+@pytest.fixture(scope="module")
+def quickstart() -> Recipe:
+    return load_recipe(RECIPES / "quickstart.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_component_flips_only_its_fields(ism_xl: Recipe, name: str) -> None:
+    before = ism_xl.model_dump()
+    assert changes(ism_xl, disable(ism_xl, [name])) == EXPECTED[name]
+    assert ism_xl.model_dump() == before  # pure
+
+
+@pytest.mark.parametrize(("recipe_name", "inference"), [("ism_xl", 0.9999), ("quickstart", 0.999)])
+def test_twin_ema_uses_the_inference_decay_for_targets(recipe_name: str, inference: float) -> None:
+    recipe = load_recipe(RECIPES / f"{recipe_name}.yaml")
+    assert recipe.ema.target_decay == 0.95
+    assert changes(recipe, disable(recipe, ["twin-ema"])) == {"ema.target_decay": inference}
+
+
+def test_several_components_at_once(ism_xl: Recipe) -> None:
+    expected = {**EXPECTED["wavelet"], **EXPECTED["sot"]}
+    assert changes(ism_xl, disable(ism_xl, ["wavelet", "sot"])) == expected
+    assert changes(ism_xl, disable(ism_xl, ["sot,wavelet"])) == expected
+    everything = {**{k: v for e in EXPECTED.values() for k, v in e.items()},
+                  "ema.target_decay": 0.9999}
+    assert changes(ism_xl, disable(ism_xl, list(ORDER))) == everything
+
+
+def test_unknown_component_lists_the_valid_ones(ism_xl: Recipe) -> None:
+    with pytest.raises(UserError) as err:
+        disable(ism_xl, ["wavlet"])
+    message = str(err.value)
+    assert "wavlet" in message and "\n" not in message
+    for name in ORDER:
+        assert name in message
+    with pytest.raises(UserError):
+        plan_variants(ism_xl, ["sot,bogus"], cumulative=False)
+
+
+def test_disable_plan_compares_with_the_full_recipe(quickstart: Recipe) -> None:
+    plan = plan_variants(quickstart, ["wavelet,sot"], cumulative=False)
+    assert [name for name, _ in plan] == ["full", "no-wavelet+sot"]
+    assert without_run_name(plan[0][1]) == without_run_name(quickstart)
+    assert changes(quickstart, plan[1][1]) == {
+        "loss.name": "mse", "coupling.pool_batches": 0, "run.name": "no-wavelet+sot"}
+
+
+def test_cumulative_plan_follows_the_paper_order(quickstart: Recipe) -> None:
+    plan = plan_variants(quickstart, None, cumulative=True)
+    assert len(plan) == 6
+    names = [name for name, _ in plan]
+    assert names[0] == "baseline" and names[-1] == "full" and len(set(names)) == 6
+    assert [r.run.name for _, r in plan] == names
+    first = plan[0][1]
+    assert first.objective.mode == "sm"
+    assert first.guidance.interval_start == 0.0
+    assert first.loss.name == "mse"
+    assert first.coupling.pool_batches == 0
+    assert first.ema.target_decay == first.ema.inference_decay
+    assert without_run_name(plan[-1][1]) == without_run_name(quickstart)
+    # Row k turns on exactly the k-th component of the paper's order, nothing else.
+    added = [("intrinsic-guidance", {"objective.mode": "ism"}),
+             ("interval-guidance", {"guidance.interval_start": 0.3}),
+             ("wavelet", {"loss.name": "wavelet"}),
+             ("sot", {"coupling.pool_batches": 4}),
+             ("twin-ema", {"ema.target_decay": 0.95})]
+    assert [name for name, _ in added] == list(ORDER)
+    for k, (_, fields) in enumerate(added):
+        diff = changes(plan[k][1], plan[k + 1][1])
+        diff.pop("run.name")
+        assert diff == fields
+
+
+def test_plan_errors(quickstart: Recipe) -> None:
+    with pytest.raises(UserError, match="nothing to compare"):
+        plan_variants(quickstart, None, cumulative=False)
+    with pytest.raises(UserError, match="exclusive"):
+        plan_variants(quickstart, ["sot"], cumulative=True)
+    sm = load_recipe(RECIPES / "sm_xl.yaml")
+    with pytest.raises(UserError, match="already off"):
+        plan_variants(sm, ["wavelet"], cumulative=False)
+
+
+def test_paper_numbers_belong_to_the_cumulative_rows() -> None:
+    assert paper_fid("full") == {1: 6.56, 4: 2.16}
+    assert paper_fid("no-twin-ema") == {1: 7.97, 4: 2.23}
+    assert paper_fid("no-interval-guidance+wavelet+sot+twin-ema") == {1: 9.62, 4: 3.17}
+    assert paper_fid("no-wavelet") is None  # not a row of the paper's table
+    assert paper_fid("baseline") is None
+
+
+def test_report_deltas_markdown_and_chart(tmp_path: Path) -> None:
+    cfg = EvalSettings(steps=[1, 4], guidance=[1.0], num_samples=10, metrics=["fid"], ref=None,
+                       batch_size=10, seed=0, device="cpu", inception_weights=None)
+    full = {"1@1": {"fid": 6.0, "isc": 100.0}, "4@1": {"fid": 2.0, "isc": 200.0}}
+    worse = {"1@1": {"fid": 7.5, "isc": 90.0}, "4@1": {"fid": 2.25, "isc": 210.0}}
+    rows = [{"name": "full", "label": "full iSM", "disabled": [], "recipe": "a.yaml",
+             "results": "a.json", "metrics": full},
+            {"name": "no-twin-ema", "label": "without twin EMA", "disabled": ["twin-ema"],
+             "recipe": "b.yaml", "results": "b.json", "metrics": worse}]
+    report = {"recipe": "recipes/ism_xl.yaml", "mode": "disable", "paper": True,
+              "train_steps": 250_000, "notes": [], "variants": rows,
+              "eval": {"steps": [1, 4], "guidance": [1.0], "num_samples": 10, "seed": 0}}
+    report.update(summarise(rows, cfg, paper=True))
+    assert report["main_metrics"] == ["fid"]
+    assert report["points"] == ["1@1", "4@1"]
+    for point in full:
+        for metric in full[point]:
+            assert math.isclose(rows[1]["delta"][point][metric],
+                                worse[point][metric] - full[point][metric])
+            assert rows[0]["delta"][point][metric] == 0.0
+    assert rows[1]["paper_fid"] == {1: 7.97, 4: 2.23}
+    text = markdown(report)
+    assert "without twin EMA" in text and "+1.50" in text and "7.97" in text
+    assert "| full iSM | 4 | 1 | 2.0000 | 200.00 |" in text
+    png = write_chart(tmp_path / "ablation.png", report)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json.dumps(report, allow_nan=False)
+
+
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ismctl.data.prepare import prepare_latents
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    prepare_latents("digits", out=out, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_run_ablation_end_to_end_on_digits(digits_data: Path, tmp_path: Path) -> None:
+    from ismctl.ablate import run_ablation
+
+    out = tmp_path / "ablate"
+    overrides = [f"data.path={digits_data}", "train.steps=20", "optim.warmup_steps=0",
+                 "run.log_every=10", "run.sample_every=1000", "run.sample_num=10",
+                 "run.ckpt_every=1000", "eval.steps=[1,4]", "eval.guidance=[1.0]",
+                 "eval.metrics=[acc,fd-digits]", "eval.batch_size=100"]
+    report = run_ablation(str(RECIPES / "quickstart.yaml"), None, cumulative=True,
+                          overrides=overrides, out=out, eval_num_samples=100, progress=False)
+    names = ["baseline", "no-interval-guidance+wavelet+sot+twin-ema", "no-wavelet+sot+twin-ema",
+             "no-sot+twin-ema", "no-twin-ema", "full"]
+    assert [v["name"] for v in report["variants"]] == names
+    assert report["main_metrics"] == ["fd-digits", "acc"]
+    stored = json.loads((out / "ablation.json").read_text())
+    text = (out / "ablation.md").read_text()
+    assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    for name, variant in zip(names, stored["variants"], strict=True):
+        assert variant["name"] == name
+        assert (out / f"{name}.yaml").is_file()
+        assert (out / name / "checkpoints" / "step-0000020").is_dir()
+        assert variant["label"] in text
+        for point in ("1@1", "4@1"):
+            values = variant["metrics"][point]
+            assert 0.0 <= values["acc"] <= 1.0 and values["fd-digits"] >= 0.0
+    assert load_recipe(out / "baseline.yaml").objective.mode == "sm"
+    # Resumable: a second run finds every checkpoint and result and changes nothing.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
+    again = run_ablation(str(RECIPES / "quickstart.yaml"), None, cumulative=True,
+                         overrides=overrides, out=out, eval_num_samples=100, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamps
+    assert again["variants"][0]["metrics"] == report["variants"][0]["metrics"]

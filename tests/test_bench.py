@@ -1,0 +1,84 @@
+"""`ismctl bench`: the quick run writes valid JSON with every section, all numbers positive and
+finite. Speed goals are reported in bench.json, never asserted here."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ismctl.bench import Sections, flow_matching_loss, run_bench
+
+SECTIONS = {"online_forward", "target_passes", "loss", "backward", "optimizer", "ema_update",
+            "objective_other"}
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_flow_matching_loss_matches_a_hand_computed_mse() -> None:
+    """d = 0, w = 0, target x1 - x0 at x_t = (1 - t) x0 + t x1 (SPEC 1)."""
+    calls: list[tuple[torch.Tensor, ...]] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, y: torch.Tensor,
+            w: torch.Tensor) -> torch.Tensor:
+        calls.append((x, t, d, y, w))
+        return 2 * x
+
+    gen = torch.Generator().manual_seed(3)
+    x0, x1 = torch.randn(5, 1, 2, 2), torch.randn(5, 1, 2, 2)
+    y = torch.arange(5)
+    out = flow_matching_loss(net, x0, x1, y, lambda p, q: (p - q).square().flatten(1).mean(1),
+                             num_classes=10, class_dropout=0.0, generator=gen)
+    x, t, d, labels, w = calls[0]
+    ref_t = torch.rand(5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(t, ref_t) and torch.equal(labels, y)
+    assert torch.equal(d, torch.zeros(5)) and torch.equal(w, torch.zeros(5))
+    expected_x = (1 - ref_t.view(-1, 1, 1, 1)) * x0 + ref_t.view(-1, 1, 1, 1) * x1
+    torch.testing.assert_close(x, expected_x)
+    torch.testing.assert_close(out["loss"], ((2 * expected_x - (x1 - x0)) ** 2).mean())
+
+
+def test_sections_count_rows_and_time() -> None:
+    s = Sections(torch.device("cpu"), enabled=True)
+    fn = s.wrap(lambda x: x + 1, "f")
+    fn(torch.zeros(3))
+    fn(torch.zeros(4))
+    assert s.rows == {"f": 7} and s.times["f"] >= 0
+    off = Sections(torch.device("cpu"), enabled=False)
+    off.wrap(lambda x: x, "f")(torch.zeros(2))
+    assert off.times == {}
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    report = run_bench(out, quick=True, device="cpu", progress=False)
+    stored = json.loads(out.read_text())
+    assert stored == report
+    for key in ("steps", "components", "sot", "loader", "sampling", "gpu", "goals", "notes"):
+        assert key in stored
+    step = stored["steps"]["tiny/2"]
+    assert positive(step["batch"]) and positive(step["ratio_ism_over_fm"])
+    for kind in ("fm", "ism", "sm"):
+        assert positive(step[kind]["total_s"]) and positive(step[kind]["img_s"])
+        assert all(math.isfinite(v) and v >= 0 for v in step[kind]["sections_s"].values())
+    assert SECTIONS <= set(step["ism"]["sections_s"])
+    assert "target_passes" not in step["fm"]["sections_s"]
+    # SPEC 5: the iSM objective asks 2 target rows per guidance and consistency sample.
+    assert step["ism"]["target_rows_per_sample"] == pytest.approx(1.0)
+    comp = stored["components"]["tiny/2"]
+    for name in ("wavelet", "twin_ema", "sot", "intrinsic_guidance"):
+        assert math.isfinite(comp[name]["fraction_of_step"])
+    assert positive(comp["wavelet"]["wavelet_s"]) and positive(comp["twin_ema"]["twin_s"])
+    assert set(stored["loader"]["results"]) == {"0", "1", "8", "32"}
+    assert all(positive(r["latents_per_s"]) for r in stored["loader"]["results"].values())
+    assert set(stored["sampling"]["img_s"]) == {"1", "4", "128"}
+    assert all(positive(v) for v in stored["sampling"]["img_s"].values())
+    assert "skipped" in stored["gpu"]
+    assert all(isinstance(g["met"], bool) and math.isfinite(g["value"]) for g in stored["goals"])

@@ -1,0 +1,186 @@
+"""sOT coupler: exact assignment against brute force, pooling bookkeeping, closed forms."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from ismctl.coupling import SOTCoupler, ot_assignment, pair_pool
+
+
+def _pair_cost(x0: np.ndarray, x1: np.ndarray, perm) -> float:
+    """sum_i ||x0[perm[i]] - x1[i]||^2 in float64 numpy."""
+    diff = x0.reshape(len(x0), -1)[np.asarray(perm)] - x1.reshape(len(x1), -1)
+    return float((diff**2).sum())
+
+
+def _batches(sizes: list[int], seed: int, shape=(2, 3, 3), mean: float = 0.0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, size in enumerate(sizes):
+        x1 = mean + torch.randn(size, *shape, generator=gen)
+        y = torch.arange(size) + 100 * i
+        out.append((x1, y))
+    return out
+
+
+def _drawn_noise(batches, seed: int) -> list[torch.Tensor]:
+    """The noise a coupler seeded with ``seed`` draws, batch by batch, before pairing."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(x1.shape, generator=gen) for x1, _ in batches]
+
+
+def _sorted_rows(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(len(x), -1)
+    return flat[torch.argsort(flat[:, 0])]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("n", range(1, 8))
+def test_assignment_equals_brute_force(seed: int, n: int) -> None:
+    rng = np.random.default_rng(100 * seed + n)
+    x0, x1 = rng.standard_normal((n, 3, 2)), rng.standard_normal((n, 3, 2)) + 0.5
+    perm = ot_assignment(torch.from_numpy(x0), torch.from_numpy(x1))
+    best = min(itertools.permutations(range(n)), key=lambda p: _pair_cost(x0, x1, p))
+    np.testing.assert_allclose(_pair_cost(x0, x1, perm.numpy()), _pair_cost(x0, x1, best))
+    # Continuous random data: the optimum is unique, so the permutation itself must match.
+    assert perm.tolist() == list(best)
+
+
+def test_assignment_float32_matches_brute_force() -> None:
+    rng = np.random.default_rng(5)
+    x0 = rng.standard_normal((6, 4, 4)).astype(np.float32)
+    x1 = (rng.standard_normal((6, 4, 4)) + 2).astype(np.float32)
+    perm = ot_assignment(torch.from_numpy(x0), torch.from_numpy(x1))
+    best = min(itertools.permutations(range(6)), key=lambda p: _pair_cost(x0, x1, p))
+    assert perm.tolist() == list(best)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_output_is_a_permutation_and_beats_identity(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x0, x1 = torch.randn(64, 4, 4, 4, generator=gen), torch.randn(64, 4, 4, 4, generator=gen)
+    perm = ot_assignment(x0, x1)
+    assert perm.dtype == torch.long
+    assert sorted(perm.tolist()) == list(range(64))
+    cost = _pair_cost(x0.numpy(), x1.numpy(), perm.numpy())
+    assert cost <= _pair_cost(x0.numpy(), x1.numpy(), np.arange(64)) + 1e-9
+    torch.testing.assert_close(pair_pool(x0, x1), x0[perm])
+
+
+def test_one_dimensional_ot_is_the_sorted_coupling() -> None:
+    # In 1D with a convex cost the optimal coupling is monotone: k-th smallest noise with
+    # k-th smallest data. On shuffled normal quantiles q_k (noise) and mu + s q_k (data) its
+    # mean cost is mu^2 + (1 - s)^2 mean(q^2) (the cross term vanishes: mean(q) = 0).
+    n, mu, s = 300, 3.0, 0.5
+    q = torch.from_numpy(norm.ppf((np.arange(n) + 0.5) / n))
+    gen = torch.Generator().manual_seed(0)
+    x0 = q[torch.randperm(n, generator=gen)][:, None]
+    x1 = (mu + s * q[torch.randperm(n, generator=gen)])[:, None]
+    matched = pair_pool(x0, x1)
+    expected = torch.empty_like(x0)
+    expected[torch.argsort(x1[:, 0])] = torch.sort(x0[:, 0]).values[:, None]
+    torch.testing.assert_close(matched, expected)
+    mean_cost = (x1 - matched).square().mean().item()
+    np.testing.assert_allclose(mean_cost, mu**2 + (1 - s) ** 2 * (q**2).mean().item(), rtol=1e-12)
+    assert mean_cost < (x1 - x0).square().mean().item()
+
+
+def test_k0_keeps_noise_as_drawn() -> None:
+    batches = _batches([5, 5, 3], seed=1)
+    out = list(SOTCoupler(0, torch.Generator().manual_seed(7))(batches))
+    assert len(out) == 3
+    drawn_noise = _drawn_noise(batches, 7)
+    for (x0, x1, y), drawn, (data, labels) in zip(out, drawn_noise, batches, strict=True):
+        torch.testing.assert_close(x0, drawn)
+        assert torch.equal(x1, data) and torch.equal(y, labels)
+
+
+def test_k1_is_per_batch_ot() -> None:
+    batches = _batches([6, 6, 4], seed=2)
+    out = list(SOTCoupler(1, torch.Generator().manual_seed(3))(batches))
+    drawn_noise = _drawn_noise(batches, 3)
+    for (x0, x1, y), drawn, (data, labels) in zip(out, drawn_noise, batches, strict=True):
+        assert torch.equal(x1, data) and torch.equal(y, labels)
+        perm = ot_assignment(drawn, data)
+        torch.testing.assert_close(x0, drawn[perm])
+        cost = _pair_cost(x0.numpy(), data.numpy(), np.arange(len(data)))
+        best = min(
+            itertools.permutations(range(len(data))),
+            key=lambda p: _pair_cost(drawn.numpy(), data.numpy(), p),
+        )
+        np.testing.assert_allclose(cost, _pair_cost(drawn.numpy(), data.numpy(), best), rtol=1e-6)
+
+
+def test_pooled_split_keeps_order_labels_and_noise() -> None:
+    sizes = [4, 4, 4, 4, 4, 4, 4, 2]
+    batches = _batches(sizes, seed=4)
+    k = 3
+    out = list(SOTCoupler(k, torch.Generator().manual_seed(9))(batches))
+    drawn = _drawn_noise(batches, 9)
+    assert [len(x0) for x0, _, _ in out] == sizes
+    for (_, x1, y), (data, labels) in zip(out, batches, strict=True):
+        assert torch.equal(x1, data) and torch.equal(y, labels)
+    # Pools: batches 0-2, 3-5 and the trailing partial pool 6-7.
+    for start in range(0, len(sizes), k):
+        group = range(start, min(start + k, len(sizes)))
+        noise = torch.cat([out[j][0] for j in group])
+        pool_noise = torch.cat([drawn[j] for j in group])
+        data = torch.cat([batches[j][0] for j in group])
+        torch.testing.assert_close(_sorted_rows(noise), _sorted_rows(pool_noise))
+        torch.testing.assert_close(noise, pair_pool(pool_noise, data))
+        # Per-batch OT is one feasible pool pairing, so the pooled optimum is no worse.
+        pooled = _pair_cost(noise.numpy(), data.numpy(), np.arange(len(data)))
+        per_batch = 0.0
+        for j in group:
+            data_j = batches[j][0]
+            matched = pair_pool(drawn[j], data_j)
+            per_batch += _pair_cost(matched.numpy(), data_j.numpy(), np.arange(sizes[j]))
+        assert pooled <= per_batch + 1e-6
+
+
+def test_partial_pool_shorter_than_k() -> None:
+    batches = _batches([5, 3], seed=6)
+    out = list(SOTCoupler(32, torch.Generator().manual_seed(1))(batches))
+    drawn = torch.cat(_drawn_noise(batches, 1))
+    data = torch.cat([x1 for x1, _ in batches])
+    assert [len(x0) for x0, _, _ in out] == [5, 3]
+    torch.testing.assert_close(torch.cat([x0 for x0, _, _ in out]), pair_pool(drawn, data))
+    assert list(SOTCoupler(4)(iter([]))) == []
+
+
+def test_ot_shortens_paths_for_data_far_from_zero() -> None:
+    batches = _batches([64] * 4, seed=8, shape=(4, 2, 2), mean=3.0)
+
+    def mean_cost(k: int) -> float:
+        out = SOTCoupler(k, torch.Generator().manual_seed(2))(batches)
+        costs = [(x1 - x0).square().sum(dim=(1, 2, 3)) for x0, x1, _ in out]
+        return torch.cat(costs).mean().item()
+
+    independent, minibatch, pooled = mean_cost(0), mean_cost(1), mean_cost(4)
+    # ||mu + z1 - x0||^2 = ||mu||^2 + 2 mu.(z1 - x0) + ||z1 - x0||^2: the first two sum to the
+    # same total under every pairing, so OT can only cut the last part, 2d = 32 of
+    # E = d * (mu^2 + 2) = 16 * 11 = 176 when independent.
+    np.testing.assert_allclose(independent, 176.0, rtol=0.05)
+    assert minibatch < independent - 0.25 * 32
+    assert pooled < minibatch
+
+
+def test_picklable_and_deterministic() -> None:
+    batches = _batches([4, 4, 4], seed=3)
+    coupler = SOTCoupler(2, torch.Generator().manual_seed(11))
+    clone = pickle.loads(pickle.dumps(coupler))
+    for (a0, a1, ay), (b0, b1, by) in zip(coupler(batches), clone(batches), strict=True):
+        assert torch.equal(a0, b0) and torch.equal(a1, b1) and torch.equal(ay, by)
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="differ in shape"):
+        ot_assignment(torch.zeros(3, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="pool_batches"):
+        SOTCoupler(-1)

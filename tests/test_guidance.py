@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+
+from ismctl.errors import UserError
+from ismctl.guidance import (
+    cfg_combine,
+    guidance_grid,
+    interval_weight,
+    sample_guidance,
+    scale_to_w,
+    w_to_scale,
+)
+
+
+def test_cfg_combine_matches_numpy_per_sample_and_scalar() -> None:
+    rng = np.random.default_rng(0)
+    vc, vn = rng.normal(size=(2, 3, 4, 4, 4))
+    w = np.array([0.0, 1.5, 3.0])
+    got = cfg_combine(torch.from_numpy(vc), torch.from_numpy(vn), torch.from_numpy(w))
+    want = vc + w[:, None, None, None] * (vc - vn)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+    got_scalar = cfg_combine(torch.from_numpy(vc), torch.from_numpy(vn), 0.5)
+    np.testing.assert_allclose(got_scalar.numpy(), vc + 0.5 * (vc - vn), rtol=1e-12)
+
+
+def test_cfg_combine_equals_classic_cfg_with_scale_one_plus_w() -> None:
+    vc, vn = torch.randn(2, 5, 3, dtype=torch.float64)
+    s = 1.5
+    classic = vn + s * (vc - vn)
+    torch.testing.assert_close(cfg_combine(vc, vn, scale_to_w(s)), classic)
+
+
+def test_scale_and_w_are_inverse() -> None:
+    assert scale_to_w(1.5) == pytest.approx(0.5)
+    assert w_to_scale(0.0) == 1.0
+    for w in (0.0, 0.25, 3.5):
+        assert scale_to_w(w_to_scale(w)) == pytest.approx(w)
+
+
+def test_guidance_grid_includes_zero_and_max() -> None:
+    np.testing.assert_allclose(guidance_grid(3.5, 0.25).numpy(), np.arange(0, 3.5001, 0.25))
+    np.testing.assert_allclose(guidance_grid(1.0, 0.3).numpy(), [0.0, 0.3, 0.6, 0.9])
+    np.testing.assert_allclose(guidance_grid(0.0, 0.25).numpy(), [0.0])
+    with pytest.raises(UserError):
+        guidance_grid(1.0, 0.0)
+
+
+def test_sample_guidance_is_uniform_on_the_grid() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n = 30_000
+    w = sample_guidance(n, 3.5, 0.25, gen, "cpu")
+    assert w.shape == (n,) and w.dtype == torch.float32
+    grid = np.arange(15) * 0.25
+    values, counts = np.unique(w.numpy(), return_counts=True)
+    np.testing.assert_allclose(values, grid)
+    # Each of 15 values has probability 1/15: binomial sd ~ 43, so 5 sd is ~ 215.
+    assert np.abs(counts - n / 15).max() < 5 * np.sqrt(n * (1 / 15) * (14 / 15))
+
+
+def test_sample_guidance_is_reproducible_with_generator() -> None:
+    a = sample_guidance(64, 2.0, 0.5, torch.Generator().manual_seed(3), "cpu")
+    b = sample_guidance(64, 2.0, 0.5, torch.Generator().manual_seed(3), "cpu")
+    torch.testing.assert_close(a, b)
+
+
+def test_interval_weight_zeroes_high_noise_end() -> None:
+    t = torch.tensor([0.0, 0.29, 0.3, 0.7, 1.0])
+    w = torch.tensor([2.0, 2.0, 2.0, 1.0, 3.0])
+    torch.testing.assert_close(interval_weight(t, w, 0.3), torch.tensor([0.0, 0.0, 2.0, 1.0, 3.0]))
+    torch.testing.assert_close(interval_weight(t, w, 0.0), w)

@@ -1,0 +1,192 @@
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from ismctl.errors import UserError
+from ismctl.sampler import balanced_labels, generate, sample, sample_noise
+
+NUM_CLASSES = 3
+NULL = NUM_CLASSES
+MU = torch.tensor([1.5, -0.5, 0.3, 2.0], dtype=torch.float64).view(4, 1, 1)
+SD = torch.tensor([0.5, 2.0, 1.0, 0.1], dtype=torch.float64).view(4, 1, 1)
+
+
+def _col(v: Tensor) -> Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def _mean_sd(t: Tensor) -> tuple[Tensor, Tensor]:
+    # x_t = (1 - t) x0 + t x1, x0 ~ N(0, 1), x1 ~ N(MU, SD^2): Gaussian per dimension.
+    t = _col(t)
+    return t * MU, torch.sqrt((1 - t) ** 2 + t**2 * SD**2)
+
+
+def exact_velocity(x: Tensor, t: Tensor) -> Tensor:
+    """E[x1 - x0 | x_t] in closed form (affine in x_t)."""
+    a, b = _col(1 - t), _col(t)
+    var = a**2 + b**2 * SD**2
+    centred = x - b * MU
+    return (MU + b * SD**2 * centred / var) - a * centred / var
+
+
+def exact_average_velocity(x: Tensor, t: Tensor, d: Tensor) -> Tensor:
+    """(flow(x, t -> t + d) - x) / d: the Gaussian ODE flow map is affine per dimension."""
+    m, sd = _mean_sd(t)
+    m2, sd2 = _mean_sd(t + d)
+    return (m2 + sd2 / sd * (x - m) - x) / _col(d)
+
+
+class FieldNet(nn.Module):
+    """A network-shaped wrapper that records every call (rows, inputs, train/eval mode)."""
+
+    def __init__(self, field, num_classes: int | None = NUM_CLASSES) -> None:
+        super().__init__()
+        self.field = field
+        if num_classes is not None:
+            self.num_classes = num_classes
+        self.calls: list[dict] = []
+
+    def forward(self, x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        self.calls.append({"rows": x.shape[0], "t": t.clone(), "d": d.clone(), "y": y.clone(),
+                           "w": w.clone(), "training": self.training})
+        return self.field(x, t, d, y, w)
+
+
+def _shortcut_field(x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    return exact_average_velocity(x, t.double(), d.double())
+
+
+def _instantaneous_field(x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    return exact_velocity(x, t.double())
+
+
+def _constant_field(x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    base = torch.where(y == NULL, 1.0, 3.0).to(x.dtype) + 10.0 * w.to(x.dtype)
+    return _col(base).expand_as(x).clone()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 128])
+def test_exact_shortcut_field_lands_on_the_data_distribution(steps: int) -> None:
+    n = 20_000
+    noise = torch.randn(n, 4, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(n, dtype=torch.long)
+    x = sample(FieldNet(_shortcut_field), noise, labels, steps)
+    # The exact jumps compose to the exact flow map x0 -> MU + SD x0.
+    torch.testing.assert_close(x, MU + SD * noise, rtol=1e-8, atol=1e-8)
+    # And the sample statistics match the data: mean within 5 standard errors, sd within 5%.
+    mean, sd = x.mean(0).flatten(), x.std(0).flatten()
+    assert torch.all((mean - MU.flatten()).abs() < 5 * SD.flatten() / np.sqrt(n))
+    assert torch.all((sd / SD.flatten() - 1).abs() < 0.05)
+
+
+def test_euler_on_instantaneous_field_gets_close_at_128_steps() -> None:
+    n = 20_000
+    noise = torch.randn(n, 4, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = torch.zeros(n, dtype=torch.long)
+    x = sample(FieldNet(_instantaneous_field), noise, labels, 128)
+    exact = MU + SD * noise
+    # First-order Euler error at d = 1/128 (measured worst case ~0.1 on the sd = 2 dimension,
+    # ~0.016 on the sd = 0.1 one): a few percent of max(sd, 1) over 20k samples.
+    assert ((x - exact).abs().max(0).values.flatten() < 0.06 * SD.flatten().clamp(min=1)).all()
+    mean, sd = x.mean(0).flatten(), x.std(0).flatten()
+    assert torch.all((mean - MU.flatten()).abs() < 0.05)
+    assert torch.all((sd / SD.flatten() - 1).abs() < 0.1)
+    one_step = sample(FieldNet(_instantaneous_field), noise, labels, 1)
+    assert (one_step - exact).abs().mean() > 10 * (x - exact).abs().mean()
+
+
+def test_intrinsic_one_pass_per_step_with_w_input() -> None:
+    net = FieldNet(_constant_field)
+    noise = torch.zeros(5, 1, 2, 2)
+    labels = torch.tensor([0, 1, 2, 0, NULL])
+    x = sample(net, noise, labels, 4, guidance=0.5)
+    assert [c["rows"] for c in net.calls] == [5] * 4
+    for i, call in enumerate(net.calls):
+        torch.testing.assert_close(call["t"], torch.full((5,), i / 4))
+        torch.testing.assert_close(call["d"], torch.full((5,), 0.25))
+        torch.testing.assert_close(call["w"], torch.full((5,), 0.5))
+    want = torch.tensor([8.0, 8.0, 8.0, 8.0, 6.0])
+    torch.testing.assert_close(x[:, 0, 0, 0], want)
+
+
+def test_cfg_two_passes_per_step() -> None:
+    net = FieldNet(_constant_field)
+    noise = torch.zeros(4, 1, 2, 2)
+    labels = torch.tensor([0, 1, 2, 1])
+    x = sample(net, noise, labels, 2, guidance=0.5, mode="cfg")
+    assert [c["rows"] for c in net.calls] == [8, 8]
+    for call in net.calls:
+        torch.testing.assert_close(call["y"], torch.cat([labels, torch.full((4,), NULL)]))
+        torch.testing.assert_close(call["w"], torch.zeros(8))
+    # v = v_c + w (v_c - v_null) = 3 + 0.5 (3 - 1) = 4 per unit time.
+    torch.testing.assert_close(x, torch.full_like(x, 4.0))
+
+
+def test_cfg_needs_the_null_label() -> None:
+    net = FieldNet(_constant_field, num_classes=None)
+    noise, labels = torch.zeros(2, 1, 2, 2), torch.tensor([0, 1])
+    with pytest.raises(UserError):
+        sample(net, noise, labels, 1, 1.0, mode="cfg")
+    x = sample(net, noise, labels, 1, 1.0, mode="cfg", num_classes=NUM_CLASSES)
+    torch.testing.assert_close(x, torch.full_like(x, 5.0))
+
+
+@pytest.mark.parametrize("steps", [0, 3, 6, 256])
+def test_rejects_bad_step_counts(steps: int) -> None:
+    net = FieldNet(_constant_field)
+    with pytest.raises(UserError):
+        sample(net, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), steps)
+    with pytest.raises(UserError):
+        generate(net, 2, (1, 2, 2), NUM_CLASSES, steps, 0.0, "intrinsic", 0, 2, "cpu")
+
+
+def test_sample_runs_in_eval_and_restores_mode() -> None:
+    net = FieldNet(_constant_field)
+    net.train()
+    sample(net, torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), 2)
+    assert not any(c["training"] for c in net.calls) and net.training
+
+
+def _noisy_field(x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    return -x * _col(1 + t) + _col(y.to(x.dtype) + w)
+
+
+def test_generate_is_deterministic_and_independent_of_batch_size() -> None:
+    net = FieldNet(_noisy_field)
+    args = dict(num=11, shape=(2, 3, 3), num_classes=NUM_CLASSES, steps=4, guidance=1.0,
+                mode="intrinsic", device="cpu")
+    x_a, y_a = generate(net, seed=7, batch_size=11, **args)
+    x_b, y_b = generate(net, seed=7, batch_size=3, **args)
+    x_c, y_c = generate(net, seed=7, batch_size=4, progress=True, **args)
+    assert x_a.shape == (11, 2, 3, 3) and x_a.dtype == torch.float32
+    assert y_a.dtype == torch.long
+    torch.testing.assert_close(x_a, x_b, rtol=0, atol=0)
+    torch.testing.assert_close(x_a, x_c, rtol=0, atol=0)
+    torch.testing.assert_close(y_a, y_b, rtol=0, atol=0)
+    x_d, _ = generate(net, seed=8, batch_size=11, **args)
+    assert not torch.equal(x_a, x_d)
+
+
+def test_noise_depends_only_on_seed_and_index() -> None:
+    a = sample_noise(torch.arange(6), (2, 2), seed=3)
+    b = sample_noise(torch.tensor([4, 1]), (2, 2), seed=3)
+    torch.testing.assert_close(b, a[[4, 1]], rtol=0, atol=0)
+    c = sample_noise(torch.arange(6), (2, 2), seed=4)
+    assert not torch.equal(a, c)
+    big = sample_noise(torch.arange(2000), (4,), seed=0).flatten()
+    assert abs(float(big.mean())) < 0.05 and abs(float(big.std()) - 1) < 0.05
+
+
+def test_labels_are_class_balanced_and_checked() -> None:
+    labels = balanced_labels(30, NUM_CLASSES, seed=0)
+    np.testing.assert_array_equal(np.bincount(labels.numpy()), [10, 10, 10])
+    assert not torch.equal(labels, balanced_labels(30, NUM_CLASSES, seed=1))
+    net = FieldNet(_constant_field)
+    given = torch.tensor([2, 2, NULL])
+    _, y = generate(net, 3, (1, 2, 2), NUM_CLASSES, 1, 0.0, "intrinsic", 0, 2, "cpu",
+                    labels=given)
+    torch.testing.assert_close(y, given)
+    with pytest.raises(UserError):
+        generate(net, 3, (1, 2, 2), NUM_CLASSES, 1, 0.0, "intrinsic", 0, 2, "cpu",
+                 labels=torch.tensor([0, 1, 7]))

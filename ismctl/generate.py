@@ -1,7 +1,8 @@
 """From a loaded run to decoded images: seeded noise, class-balanced labels, PNG grids.
 
 Sample ``i`` of a request depends only on ``(seed, i)``: its label comes from one seeded
-permutation of a class-balanced list and its noise from a generator seeded with the pair.
+permutation of a class-balanced list and its noise from a stream keyed by the pair
+(``ismctl.sampler.balanced_labels`` and ``sample_noise``).
 So the images are the same whatever the batch size or the number of ranks sharing the work.
 """
 
@@ -18,22 +19,7 @@ from ismctl.checkpoint import LoadedRun
 from ismctl.data.encoders import load_encoder
 from ismctl.fileio import atomic_path
 from ismctl.progress import progress_bar
-from ismctl.sampler import sample
-
-
-def balanced_labels(num: int, num_classes: int, seed: int) -> torch.Tensor:
-    labels = torch.arange(num) % num_classes
-    perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
-    return labels[perm]
-
-
-def sample_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    gen = torch.Generator()
-    out = torch.empty(len(indices), *shape)
-    for row, i in enumerate(indices.tolist()):
-        gen.manual_seed(seed * 1_000_003 + i)
-        out[row] = torch.randn(shape, generator=gen)
-    return out
+from ismctl.sampler import balanced_labels, sample, sample_noise
 
 
 def generate_images(run: LoadedRun, num: int, steps: int, guidance: float, seed: int,
@@ -55,7 +41,7 @@ def generate_images(run: LoadedRun, num: int, steps: int, guidance: float, seed:
             noise = sample_noise(chunk, shape, seed).to(run.device)
             x = sample(run.model, noise, labels[chunk].to(run.device), steps, guidance,
                        mode=run.mode, base_steps=run.recipe.objective.base_steps,
-                       autocast_dtype=autocast)
+                       autocast_dtype=autocast, num_classes=man.num_classes)
             images.append(encoder.decode(x.float()).cpu())
             bar.advance(len(chunk))
     return torch.cat(images), labels[indices]

@@ -167,7 +167,8 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
         start_batch=start_step)) for m in range(cfg.grad_accum)]
     gen = torch.Generator(dev)
     use_bf16 = dev.type == "cuda" and cfg.precision == "bf16"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16
+                else contextlib.nullcontext())
     flops, peak = _flops_per_sample(recipe, model), _peak_flops(dev)
 
     def log_line(step: int, sums: dict[str, torch.Tensor], n: int, dt: float,
@@ -180,7 +181,8 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
             vec /= info.world_size
         vals = dict(zip([*names, "grad_norm"], vec.tolist(), strict=True))
         img_s = n * recipe.data.batch_size / dt
-        line = {"step": step, **vals, "lr": opt.param_groups[0]["lr"], "it_s": n / dt, "img_s": img_s}
+        line = {"step": step, **vals, "lr": opt.param_groups[0]["lr"], "it_s": n / dt,
+                "img_s": img_s}
         if peak:
             line["mfu"] = img_s * flops / peak
         return line

@@ -80,8 +80,10 @@ def paired(root: Path, workers: int, start: int = 0, **kw) -> PairedLatents:
 
 
 def same(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(
-        all(torch.equal(u, v) for u, v in zip(x, y, strict=True)) for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        return False
+    return all(torch.equal(u, v) for x, y in zip(a, b, strict=True)
+               for u, v in zip(x, y, strict=True))
 
 
 def test_plan_arithmetic_matches_brute_force() -> None:

@@ -195,6 +195,7 @@ def test_resume_rewrites_only_missing_or_damaged_shards(prepared, tmp_path: Path
     damaged = bytearray((copy / "shard-000002.tar").read_bytes())
     damaged[2000] ^= 0xFF
     (copy / "shard-000002.tar").write_bytes(bytes(damaged))
+    (copy / ".shard-000001.tar.k1ll3d.tmp").write_bytes(b"half a shard from a killed run")
     before = mtimes(copy)
     again = prepare_latents(str(base / "toyset"), out=copy, resolution=RES,
                             vae=str(base / "vae"), batch_size=8, shard_size=20, num_workers=0,
@@ -202,6 +203,7 @@ def test_resume_rewrites_only_missing_or_damaged_shards(prepared, tmp_path: Path
     after = mtimes(copy)
     assert after["shard-000000.tar"] == before["shard-000000.tar"]
     assert after["shard-000002.tar"] != before["shard-000002.tar"]
+    assert ".shard-000001.tar.k1ll3d.tmp" not in after
     # The rewritten shards are byte-identical to the first run's (deterministic writer).
     assert again == manifest
 

@@ -54,7 +54,8 @@ def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
     ("- a\n- b\n", [], "mapping"),
     ("extends: nowhere.yaml\n", [], "recipe file not found"),
 ])
-def test_bad_recipes_name_the_field(tmp_path: Path, text: str, sets: list[str], expect: str) -> None:
+def test_bad_recipes_name_the_field(tmp_path: Path, text: str, sets: list[str],
+                                    expect: str) -> None:
     p = tmp_path / "r.yaml"
     p.write_text(text)
     with pytest.raises(UserError, match=expect) as err:

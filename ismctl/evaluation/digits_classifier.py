@@ -52,7 +52,8 @@ def digits_dataset() -> tuple[np.ndarray, np.ndarray]:
     return images, data.target.astype(np.int64)
 
 
-def split_indices(n: int, holdout: float = HOLDOUT, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(n: int, holdout: float = HOLDOUT,
+                  seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random (train, held-out) split of ``range(n)``."""
     perm = np.random.default_rng(seed).permutation(n)
     cut = n - int(round(n * holdout))

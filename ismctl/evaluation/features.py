@@ -60,7 +60,8 @@ class ExtractorSpec:
             return self.name
         return f"{self.name}@{file_digest(self.weights)[:16]}"
 
-    def build(self, features: Sequence[str], device: torch.device | str = "cpu") -> FeatureExtractorBase:
+    def build(self, features: Sequence[str],
+              device: torch.device | str = "cpu") -> FeatureExtractorBase:
         if self.name not in FEATURE_EXTRACTORS_REGISTRY:
             raise ValueError(f"feature extractor {self.name!r} is not registered")
         weights = str(self.weights) if self.weights is not None else None

@@ -3,13 +3,16 @@
     FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))
 
 (Heusel et al. 2017, eq. 6). The matrix square root is scipy's Schur method; when the product
-of two (near-)singular covariances gives a non-finite root, both covariances get a small
-``eps * I`` added and the root is taken again, as the reference FID code does. A product of
+of two (near-)singular covariances is reported singular or gives a non-finite root, both
+covariances get a small ``eps * I`` added and the root is taken again, as the reference FID
+code does. A product of
 two PSD matrices has real non-negative eigenvalues, so an imaginary part above round-off
 means the statistics are broken and is reported instead of silently dropped.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import scipy.linalg
@@ -42,10 +45,15 @@ def frechet_distance(
             f"sigma {sigma1.shape} vs {sigma2.shape}"
         )
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    singular = any(issubclass(w.category, scipy.linalg.LinAlgWarning) for w in caught)
+    if singular or not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         worst = float(np.max(np.abs(np.diagonal(covmean).imag)))
         if worst > imag_atol:

@@ -18,11 +18,14 @@ from ismctl.errors import UserError
 from ismctl.fileio import atomic_path
 
 
-def write_samples_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
+def write_samples_npz(path: str | Path, images: np.ndarray,
+                      labels: np.ndarray | None = None) -> Path:
     """Write images (and labels) atomically as ``arr_0``/``arr_1``."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"samples must be uint8 (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+        raise ValueError(
+            f"samples must be uint8 (N, H, W, 1 or 3), got {images.dtype} {images.shape}"
+        )
     arrays = {"arr_0": images}
     if labels is not None:
         labels = np.asarray(labels, dtype=np.int64)
@@ -75,7 +78,8 @@ def read_npz(path: str | Path, load_images: bool = True) -> NpzBatch:
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not a readable .npz file ({exc})") from exc
     if "arr_0" not in keys and (mu is None or sigma is None):
-        raise UserError(f"{path}: expected 'arr_0' images or 'mu'/'sigma' statistics, found {sorted(keys)}")
+        raise UserError(f"{path}: expected 'arr_0' images or 'mu'/'sigma' statistics, "
+                        f"found {sorted(keys)}")
     if images is not None:
         _check_images(path, images)
     if (mu is None) != (sigma is None):
@@ -87,6 +91,8 @@ def read_npz(path: str | Path, load_images: bool = True) -> NpzBatch:
 
 def _check_images(path: Path, images: np.ndarray) -> None:
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise UserError(f"{path}: 'arr_0' must be images (N, H, W, 1 or 3), got shape {images.shape}")
+        raise UserError(
+            f"{path}: 'arr_0' must be images (N, H, W, 1 or 3), got shape {images.shape}"
+        )
     if images.dtype != np.uint8:
         raise UserError(f"{path}: 'arr_0' must be uint8, got {images.dtype}")

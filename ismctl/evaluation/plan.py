@@ -112,7 +112,8 @@ def plan_metrics(
         plan.groups["dinov2"] = Group(ExtractorSpec(DINOV2_NAME), [DINOV2_LAYER], DINOV2_LAYER)
     if wanted & set(DIGITS_METRICS):
         load_digits_classifier()
-        layers = ([FEATURES] if "fd-digits" in wanted else []) + ([LOGITS] if "acc" in wanted else [])
+        layers = [FEATURES] if "fd-digits" in wanted else []
+        layers += [LOGITS] if "acc" in wanted else []
         plan.groups["digits"] = Group(
             ExtractorSpec(DIGITS_NAME, classifier_path()), layers,
             ref_layer=FEATURES if "fd-digits" in wanted else None,

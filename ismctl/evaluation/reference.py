@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from ismctl.evaluation.cache import cache_dir
 from ismctl.evaluation.features import ExtractorSpec, extract_features
@@ -116,10 +117,12 @@ def compute_reference(
     progress: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    extractor: FeatureExtractorBase | None = None,
 ) -> ReferenceStats | None:
-    """Statistics of ``source`` (this rank's share, gathered); None on ranks other than 0."""
+    """Statistics of ``source`` (this rank's share, gathered); None on ranks other than 0.
+    ``extractor``: an already built ``spec`` extractor providing ``layer`` (else built here)."""
     keep = subset_indices(source.count, keep_features)
-    extractor = spec.build([layer], device)
+    extractor = extractor if extractor is not None else spec.build([layer], device)
     acc = StatsAccumulator()
     kept_idx: list[np.ndarray] = []
     kept: list[np.ndarray] = []
@@ -140,7 +143,8 @@ def compute_reference(
     idx = np.concatenate([i for _, ids, _ in parts for i in ids])
     rows = np.concatenate([f for _, _, fs in parts for f in fs]) if len(idx) else None
     features = rows[np.argsort(idx, kind="stable")] if rows is not None else None
-    return ReferenceStats(mu, sigma, total.count, features, source.description, spec.identity(), layer)
+    return ReferenceStats(mu, sigma, total.count, features, source.description, spec.identity(),
+                          layer)
 
 
 def _with_progress(source: ImageSource, batch_size: int, rank: int, world_size: int,
@@ -168,7 +172,8 @@ def cache_key(spec: ExtractorSpec, layer: str, source: ImageSource, resolution: 
 
 def save_reference(path: Path, ref: ReferenceStats) -> None:
     arrays: dict[str, np.ndarray] = {
-        "mu": ref.mu, "sigma": ref.sigma, "count": np.asarray(-1 if ref.count is None else ref.count),
+        "mu": ref.mu, "sigma": ref.sigma,
+        "count": np.asarray(-1 if ref.count is None else ref.count),
         "meta": np.asarray(json.dumps({"source": ref.source, "extractor": ref.extractor,
                                        "layer": ref.layer})),
     }
@@ -210,7 +215,7 @@ def _has_images(path: Path) -> bool:
 def _images_reference(
     path: Path, spec: ExtractorSpec, layer: str, resolution: int, device: torch.device | str,
     batch_size: int, keep_features: int, progress: bool, use_cache: bool, rank: int,
-    world_size: int,
+    world_size: int, extractor: FeatureExtractorBase | None,
 ) -> ReferenceStats | None:
     source = open_source(path, resolution, device)
     file = None
@@ -226,7 +231,7 @@ def _images_reference(
         if broadcast_object(cached is not None):
             return cached
     ref = compute_reference(source, spec, layer, device, batch_size, keep_features, progress,
-                            rank, world_size)
+                            rank, world_size, extractor)
     if ref is not None and file is not None:
         save_reference(file, ref)
         ref.cache_file = file
@@ -246,11 +251,12 @@ def load_reference(
     use_cache: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    extractor: FeatureExtractorBase | None = None,
 ) -> ReferenceStats | None:
     """Reference statistics for one extractor layer (None on ranks other than 0)."""
     path = Path(ref).expanduser()
     args = (spec, layer, resolution, device, batch_size, keep_features, progress, use_cache,
-            rank, world_size)
+            rank, world_size, extractor)
     if not (path.is_file() and path.suffix.lower() == ".npz" and npz_stats_usable(path, spec)):
         return _images_reference(path, *args)
     features = None

@@ -88,10 +88,10 @@ def point_metrics(plan: MetricPlan, feats: dict[str, dict[str, np.ndarray]], lab
             out["precision"], out["recall"] = precision_recall(feats["inception"][POOL], real)
     if "fd-dinov2" in m:
         out["fd-dinov2"] = frechet_to_reference(feats["dinov2"][DINOV2_LAYER], refs["dinov2"])
-    if "fd-digits" in m:
-        out["fd-digits"] = frechet_to_reference(feats["digits"][FEATURES], refs["digits"])
     if "acc" in m:
         out["acc"] = class_accuracy(feats["digits"][LOGITS], labels)
+    if "fd-digits" in m:
+        out["fd-digits"] = frechet_to_reference(feats["digits"][FEATURES], refs["digits"])
     return out
 
 
@@ -155,6 +155,8 @@ def evaluate(
     out_path = Path(out) if out is not None else default_out(run)
     stem = out_path.stem
 
+    # Extractors first: a network that cannot be loaded stops the run before any work.
+    extractors = _build_extractors(plan, dist_info.device)
     t_ref = time.perf_counter()
     refs: dict[str, ReferenceStats] = {}
     for key, group in plan.groups.items():
@@ -163,13 +165,12 @@ def evaluate(
         stats = load_reference(ref_src, group.spec, group.ref_layer, run.manifest.resolution,
                                need_features=group.need_ref_features, device=dist_info.device,
                                batch_size=batch_size, progress=progress and main, rank=rank,
-                               world_size=world)
+                               world_size=world, extractor=extractors[key])
         if stats is not None:
             refs[key] = stats
     if main and "prc" in plan.metrics and refs["inception"].features is None:
         plan.notes.append(f"precision/recall skipped: the reference {ref_src} has no images")
     reference_s = time.perf_counter() - t_ref
-    extractors = _build_extractors(plan, dist_info.device)
 
     points: list[dict[str, Any]] = []
     for s in steps:
@@ -192,8 +193,9 @@ def evaluate(
             t3 = time.perf_counter()
             tag = f"{s}steps-w{w:g}"
             grid = out_path.parent / f"{stem}-grid-{tag}.png"
-            show = images[:GRID_MAX]
-            save_grid(*arrange_by_class(show, labels[:GRID_MAX], run.manifest.num_classes), grid)
+            shown, nrow = arrange_by_class(images[:GRID_MAX], labels[:GRID_MAX],
+                                           run.manifest.num_classes)
+            save_grid(shown, grid, nrow)
             point: dict[str, Any] = {
                 "steps": s, "guidance": w, "cfg_scale": 1.0 + w, "num_samples": num_samples,
                 "metrics": values, "grid": str(grid),

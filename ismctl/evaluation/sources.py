@@ -182,7 +182,8 @@ class DigitsImages:
             yield idx, self.images[idx]
 
 
-def open_source(ref: str | Path, resolution: int, device: torch.device | str = "cpu") -> ImageSource:
+def open_source(ref: str | Path, resolution: int,
+                device: torch.device | str = "cpu") -> ImageSource:
     """An ``.npz`` file, a prepared dataset folder (has ``manifest.json``), an image folder, or
     the word ``digits`` (the built-in dataset)."""
     path = Path(ref).expanduser()

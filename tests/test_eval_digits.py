@@ -1,0 +1,106 @@
+"""The built-in digits metric: classifier accuracy, determinism, fd-digits."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from ismctl.evaluation.digits_classifier import (
+    DIGITS_NAME,
+    FEATURES,
+    LOGITS,
+    class_accuracy,
+    classifier_path,
+    digits_dataset,
+    load_digits_classifier,
+    split_indices,
+    train_digits_classifier,
+)
+from ismctl.evaluation.features import ExtractorSpec, features_from_images
+from ismctl.evaluation.frechet import feature_stats, frechet_distance
+from ismctl.evaluation.reference import load_reference
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("ISMCTL_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def classifier(cache):
+    net, held_out = load_digits_classifier()
+    return net, held_out
+
+
+@pytest.fixture(scope="module")
+def real_features(classifier):
+    images, labels = digits_dataset()
+    spec = ExtractorSpec(DIGITS_NAME, classifier_path())
+    return images, labels, features_from_images(spec, [FEATURES, LOGITS], images, batch_size=500)
+
+
+def test_dataset_pixels_follow_the_stored_mapping():
+    images, labels = digits_dataset()
+    data = load_digits()
+    assert images.shape == (1797, 8, 8, 1) and images.dtype == np.uint8
+    # prepare-latents stores v / 8 - 1 in [-1, 1]; decoding gives round((x + 1) * 127.5).
+    want = np.rint((data.images / 8.0 - 1.0 + 1.0) * 127.5).astype(np.uint8)
+    np.testing.assert_array_equal(images[..., 0], want)
+    np.testing.assert_array_equal(labels, data.target)
+
+
+def test_held_out_accuracy(classifier):
+    net, held_out = classifier
+    images, labels = digits_dataset()
+    _, test_idx = split_indices(len(labels))
+    # Recomputed here from the raw held-out images, independent of the training code's number.
+    x = torch.from_numpy(images[test_idx]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        acc = (net(x).argmax(1).numpy() == labels[test_idx]).mean()
+    assert acc >= 0.95
+    assert held_out == pytest.approx(acc, abs=1e-6)
+    train_idx, test_idx = split_indices(len(labels))
+    assert not set(train_idx) & set(test_idx) and len(train_idx) + len(test_idx) == 1797
+
+
+def test_training_is_deterministic_and_cache_round_trips(classifier):
+    a, _ = train_digits_classifier(epochs=2)
+    b, _ = train_digits_classifier(epochs=2)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    c, _ = train_digits_classifier(seed=1, epochs=2)
+    assert not torch.equal(a.fc2.weight, c.fc2.weight)
+    cached, held_out = load_digits_classifier()  # from the file written by the fixture
+    for x, y in zip(classifier[0].state_dict().values(), cached.state_dict().values(),
+                    strict=True):
+        assert torch.equal(x, y)
+    assert held_out == classifier[1]
+
+
+def test_accuracy_of_real_digits_with_their_labels(real_features):
+    _, labels, feats = real_features
+    assert class_accuracy(feats[LOGITS], labels) >= 0.97
+    shuffled = np.random.default_rng(0).permutation(labels)
+    assert class_accuracy(feats[LOGITS], shuffled) < 0.3
+    logits = np.eye(3)[[0, 1, 2, 2]]
+    assert class_accuracy(logits, np.array([0, 1, 2, 0])) == 0.75
+
+
+def test_fd_digits_real_vs_real_is_zero_and_noise_is_far(real_features):
+    images, _, feats = real_features
+    ref = load_reference("digits", ExtractorSpec(DIGITS_NAME, classifier_path()), FEATURES, 8)
+    assert ref.count == 1797 and ref.features.shape == (1797, 128)
+    mu, sigma = feature_stats(feats[FEATURES])
+    same = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    assert abs(same) < 1e-4
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, images.shape, dtype=np.uint8)
+    spec = ExtractorSpec(DIGITS_NAME, classifier_path())
+    f_noise = features_from_images(spec, [FEATURES], noise, batch_size=500)[FEATURES]
+    far = frechet_distance(*feature_stats(f_noise), ref.mu, ref.sigma)
+    # Half the real digits against the other half: sampling noise only.
+    half = frechet_distance(*feature_stats(feats[FEATURES][::2]),
+                            *feature_stats(feats[FEATURES][1::2]))
+    assert far > 10 * half > 0

@@ -1,0 +1,105 @@
+"""evaluate() glue: a hand-built run around a stub network on the digits setting."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ismctl.checkpoint as checkpoint
+from ismctl.checkpoint import LoadedRun
+from ismctl.data.manifest import Manifest, ShardInfo
+from ismctl.errors import UserError
+from ismctl.evaluation import evaluate, inception
+from ismctl.evaluation.digits_classifier import digits_dataset
+from ismctl.generate import balanced_labels
+from ismctl.recipe import Recipe
+
+
+class TemplateNet(nn.Module):
+    """F(x, t, d, c, w) = (T_c - x) / (1 - t): every jump lands on the line to T_c, so any
+    number of steps ends exactly on the class template T_c (a real digit, in [-1, 1])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        images, labels = digits_dataset()
+        first = [int(np.flatnonzero(labels == c)[0]) for c in range(10)]
+        templates = torch.from_numpy(images[first]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        self.register_buffer("templates", templates)
+        self.num_classes = 10
+
+    def forward(self, x, t, d, c, w):
+        return (self.templates[c] - x) / (1 - t).view(-1, 1, 1, 1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("ISMCTL_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    manifest = Manifest(count=1797, num_classes=10, class_names=[str(i) for i in range(10)],
+                        encoder="identity", scale_factor=1.0, resolution=8, channels=1,
+                        latent_size=8, flip=False,
+                        shards=[ShardInfo(name="s.tar", count=1797, sha256="0")], skipped=[])
+    loaded = LoadedRun(model=TemplateNet(), recipe=Recipe(), manifest=manifest,
+                       run_dir=tmp_path / "run", checkpoint=tmp_path / "run" / "checkpoints" /
+                       "step-0000042", step=42, sha256="ab" * 32, mode="intrinsic",
+                       device=torch.device("cpu"))
+    monkeypatch.setattr(checkpoint, "load_for_sampling", lambda *a, **k: loaded)
+    return loaded
+
+
+def test_evaluate_writes_results_npz_grids_and_plot(run, tmp_path):
+    out = tmp_path / "res" / "results.json"
+    results = evaluate(None, [1, 2], [0.0, 1.0], 40, None, ["acc", "fd-digits"], out, None,
+                       save_npz=True, batch_size=16, seed=3, device="cpu", progress=False)
+    on_disk = json.loads(out.read_text())
+    assert on_disk["checkpoint"]["sha256"] == "ab" * 32 and on_disk["checkpoint"]["step"] == 42
+    assert on_disk["recipe"]["objective"]["mode"] == "ism"
+    assert on_disk["metrics"] == ["acc", "fd-digits"]
+    assert on_disk["settings"]["seed"] == 3 and on_disk["settings"]["num_samples"] == 40
+    ref = on_disk["reference"]["stats"]["digits"]
+    assert ref["source"] == "builtin:digits" and ref["count"] == 1797 and ref["stats_hash"]
+    assert [(p["steps"], p["guidance"]) for p in on_disk["points"]] == [
+        (1, 0.0), (1, 1.0), (2, 0.0), (2, 1.0)]
+    images, labels = digits_dataset()
+    want_labels = balanced_labels(40, 10, 3).numpy()
+    for point in results["points"]:
+        assert point["metrics"]["acc"] >= 0.9
+        assert np.isfinite(point["metrics"]["fd-digits"]) and point["metrics"]["fd-digits"] > 0
+        assert point["cfg_scale"] == 1.0 + point["guidance"]
+        assert Path(point["grid"]).is_file()
+        with np.load(point["npz"]) as data:
+            np.testing.assert_array_equal(data["arr_1"], want_labels)
+            assert data["arr_0"].shape == (40, 8, 8, 1) and data["arr_0"].dtype == np.uint8
+            first = [int(np.flatnonzero(labels == c)[0]) for c in want_labels]
+            # Landing exactly on the template, up to one 8-bit level of float rounding.
+            diff = np.abs(data["arr_0"].astype(int) - images[first].astype(int))
+            assert diff.max() <= 1
+    assert Path(on_disk["plot"]).is_file()
+    assert on_disk == json.loads(json.dumps(results))
+
+
+def test_digits_without_inception_notes_and_defaults(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(inception, "fid_helper_weights_path", lambda: None)
+    results = evaluate(None, [1], [1.0], 20, None, None, tmp_path / "r.json", None,
+                       save_npz=False, batch_size=8, seed=0, device="cpu", progress=False)
+    assert results["metrics"] == ["acc", "fd-digits"]
+    assert any("fid, isc, prc skipped" in n for n in results["notes"])
+    assert "npz" not in results["points"][0]
+
+
+def test_bad_steps_and_guidance_are_user_errors(run, tmp_path):
+    with pytest.raises(UserError, match="power of two"):
+        evaluate(None, [3], [0.0], 20, None, ["acc"], tmp_path / "r.json", None, False, 8, 0,
+                 device="cpu", progress=False)
+    with pytest.raises(UserError, match="guidance"):
+        evaluate(None, [1], [-1.0], 20, None, ["acc"], tmp_path / "r.json", None, False, 8, 0,
+                 device="cpu", progress=False)

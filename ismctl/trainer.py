@@ -198,7 +198,16 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
             grid, nrow = arrange_by_class(images, labels, manifest.num_classes)
             save_grid(grid, run_dir / "samples" / f"step-{step:07d}-{steps}s.png", nrow=nrow)
 
+    def diverged(step: int) -> TrainingDiverged:
+        last = list_checkpoints(run_dir)
+        keep = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint yet"
+        return TrainingDiverged(f"step {step}: non-finite loss, run stopped ({keep}); "
+                                "try a lower optim.lr or set optim.grad_clip")
+
     def checkpoint(step: int) -> None:
+        # The last update may have made the weights non-finite before any loss showed it.
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise diverged(step)
         if info.is_main:
             weights = {"online": model}
             if ema.target is not model:
@@ -248,10 +257,7 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
             at_log = done % recipe.run.log_every == 0 or done == cfg.steps
             at_ckpt = done % recipe.run.ckpt_every == 0 or done == cfg.steps
             if (at_log or at_ckpt) and bool(bad):
-                last = list_checkpoints(run_dir)
-                keep = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint yet"
-                raise TrainingDiverged(f"step {done}: non-finite loss, run stopped ({keep}); "
-                                       "try a lower optim.lr or set optim.grad_clip")
+                raise diverged(done)
             if at_log:
                 line = log_line(done, sums, n_since, time.perf_counter() - t_last, grad_norm)
                 if info.is_main:

@@ -130,6 +130,7 @@ def test_missing_explicit_weights_is_one_line_naming_the_file(tmp_path):
     assert str(missing) in msg and URL_INCEPTION_V3 in msg
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_resolution_order(tmp_path, empty_hub, monkeypatch):
     cached = empty_hub / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[-1]
     cached.parent.mkdir(parents=True)
@@ -150,6 +151,15 @@ def test_resolution_order(tmp_path, empty_hub, monkeypatch):
     assert find_inception(helper).name == TS_NAME  # explicit TorchScript file
     monkeypatch.setattr(inception, "fid_helper_weights_path", lambda: None)
     assert find_inception() is None
+
+
+def test_unusable_weights_file_is_a_user_error(tmp_path):
+    bad = tmp_path / "bad.pth"
+    torch.save({"w": torch.zeros(1)}, bad)
+    choice = find_inception(bad)
+    with pytest.raises(UserError, match="cannot load inception-v3-compat weights") as err:
+        ExtractorSpec(choice.name, choice.weights).build(["2048"])
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
 
 
 def test_plan_without_inception(empty_hub, monkeypatch):

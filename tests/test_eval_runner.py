@@ -1,11 +1,14 @@
 """evaluate() glue: a hand-built run around a stub network on the digits setting."""
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 import ismctl.checkpoint as checkpoint
@@ -41,16 +44,20 @@ def _cache(tmp_path_factory):
         yield
 
 
-@pytest.fixture
-def run(tmp_path, monkeypatch):
+def _loaded(root: Path) -> LoadedRun:
     manifest = Manifest(count=1797, num_classes=10, class_names=[str(i) for i in range(10)],
                         encoder="identity", scale_factor=1.0, resolution=8, channels=1,
                         latent_size=8, flip=False,
                         shards=[ShardInfo(name="s.tar", count=1797, sha256="0")], skipped=[])
-    loaded = LoadedRun(model=TemplateNet(), recipe=Recipe(), manifest=manifest,
-                       run_dir=tmp_path / "run", checkpoint=tmp_path / "run" / "checkpoints" /
-                       "step-0000042", step=42, sha256="ab" * 32, mode="intrinsic",
-                       device=torch.device("cpu"))
+    return LoadedRun(model=TemplateNet(), recipe=Recipe(), manifest=manifest,
+                     run_dir=root / "run", checkpoint=root / "run" / "checkpoints" /
+                     "step-0000042", step=42, sha256="ab" * 32, mode="intrinsic",
+                     device=torch.device("cpu"))
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    loaded = _loaded(tmp_path)
     monkeypatch.setattr(checkpoint, "load_for_sampling", lambda *a, **k: loaded)
     return loaded
 
@@ -103,3 +110,37 @@ def test_bad_steps_and_guidance_are_user_errors(run, tmp_path):
     with pytest.raises(UserError, match="guidance"):
         evaluate(None, [1], [-1.0], 20, None, ["acc"], tmp_path / "r.json", None, False, 8, 0,
                  device="cpu", progress=False)
+
+
+def _rank_worker(rank, port, folder, cache):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2", ISMCTL_CACHE=str(cache))
+    loaded = _loaded(folder)
+    checkpoint.load_for_sampling = lambda *a, **k: loaded
+    results = evaluate(None, [1], [0.5], 30, None, ["acc", "fd-digits"], folder / "two.json",
+                       None, save_npz=True, batch_size=4, seed=5, device="cpu", progress=False)
+    assert (results == {}) == (rank != 0)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_results(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(port, tmp_path, os.environ["ISMCTL_CACHE"]), nprocs=2)
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["settings"]["world_size"] == 2
+    checkpoint_fn = checkpoint.load_for_sampling
+    loaded = _loaded(tmp_path)
+    try:
+        checkpoint.load_for_sampling = lambda *a, **k: loaded
+        one = evaluate(None, [1], [0.5], 30, None, ["acc", "fd-digits"], tmp_path / "one.json",
+                       None, save_npz=True, batch_size=7, seed=5, device="cpu", progress=False)
+    finally:
+        checkpoint.load_for_sampling = checkpoint_fn
+    p1, p2 = one["points"][0], two["points"][0]
+    assert p2["metrics"]["acc"] == p1["metrics"]["acc"]
+    assert p2["metrics"]["fd-digits"] == pytest.approx(p1["metrics"]["fd-digits"], rel=1e-5)
+    with np.load(p1["npz"]) as a, np.load(p2["npz"]) as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import pickle
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
+from ismctl.errors import UserError
 from ismctl.evaluation import digits_classifier  # noqa: F401  (registers "digits-cnn")
 from ismctl.evaluation.inception import TS_NAME, TorchScriptInceptionV3
 from ismctl.progress import progress_bar
@@ -65,10 +67,18 @@ class ExtractorSpec:
         if self.name not in FEATURE_EXTRACTORS_REGISTRY:
             raise ValueError(f"feature extractor {self.name!r} is not registered")
         weights = str(self.weights) if self.weights is not None else None
-        extractor = create_feature_extractor(
-            self.name, list(features), cuda=False, verbose=False,
-            feature_extractor_weights_path=weights,
-        )
+        try:
+            extractor = create_feature_extractor(
+                self.name, list(features), cuda=False, verbose=False,
+                feature_extractor_weights_path=weights,
+            )
+        except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as exc:
+            if weights is None:
+                raise
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"{weights}: cannot load {self.name} weights from it ({reason})"
+            ) from exc
         return extractor.to(device)
 
 

@@ -21,9 +21,13 @@ Input handling, as read in the installed sources of both:
   positions (border padding, no antialias).
 
 So the wrapper below gives the TorchScript network exactly torch-fidelity's preprocessing
-(same resize function, same normalisation): the two extractors differ only in how the
-convolutions are evaluated. The one remaining difference: fid-helper's own folder pipeline
-optionally rounds the resized image back to 8 bits (``quant``); this wrapper does not.
+(same resize function, same normalisation). Both resizes put output pixel ``i`` at input
+coordinate ``i * W / 299``; they agree to float32 rounding (tests/test_eval_inception.py).
+The TorchScript tensors loaded into torch-fidelity's own network (batch-norm scale 1, as in
+the TF graph) reproduce the wrapper's pool3 features to ~1e-6, so the two extractors are the
+same function whenever their weights are the same TF export. Remaining differences: the
+TorchScript file has no logits (no IS), and fid-helper's own folder pipeline can round the
+resized image back to 8 bits (``quant``), which this wrapper does not.
 """
 
 from __future__ import annotations

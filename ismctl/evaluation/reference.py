@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,11 +200,14 @@ def is_inception(name: str) -> bool:
 def npz_stats_usable(ref: Path, spec: ExtractorSpec) -> bool:
     """An .npz's ``mu``/``sigma`` fit the extractor: written for it (``extractor`` entry), or
     ADM's Inception statistics (no entry) read with an Inception extractor."""
-    with np.load(ref, allow_pickle=False) as data:
-        if "mu" not in data.files or "sigma" not in data.files:
-            return False
-        if "extractor" in data.files:
-            return str(data["extractor"]) == spec.name
+    try:
+        with np.load(ref, allow_pickle=False) as data:
+            if "mu" not in data.files or "sigma" not in data.files:
+                return False
+            if "extractor" in data.files:
+                return str(data["extractor"]) == spec.name
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False  # not an .npz: reading it as images reports the problem
     return is_inception(spec.name)
 
 

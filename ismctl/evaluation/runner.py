@@ -15,11 +15,13 @@ import datetime
 import math
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from rich.console import Console
 
 import ismctl
@@ -105,6 +107,21 @@ def _build_extractors(plan: MetricPlan, device: torch.device) -> dict[str, torch
     return extractors
 
 
+@dataclass
+class Settings:
+    """The resolved evaluation request (CLI values, else the recipe's ``eval`` section)."""
+
+    steps: list[int]
+    guidance: list[float]
+    num_samples: int
+    batch_size: int
+    seed: int
+    ref: str
+    out: Path
+    save_npz: bool
+    progress: bool
+
+
 def evaluate(
     path: str | None,
     steps: list[int] | None,
@@ -127,112 +144,139 @@ def evaluate(
     digits for a digits run, else the prepared shards of ``data.path``.
     """
     from ismctl.checkpoint import load_for_sampling
-    from ismctl.distributed import barrier, init_distributed
-    from ismctl.generate import arrange_by_class, generate_images, save_grid
+    from ismctl.distributed import init_distributed, shutdown
 
-    t_start = time.perf_counter()
-    dist_info = init_distributed(device)
-    rank, world = dist_info.rank, dist_info.world_size
-    main = rank == 0
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(device)
+    try:
+        t_start = time.perf_counter()
+        run = load_for_sampling(path, device=str(info.device))
+        ev = run.recipe.eval
+        digits = is_digits(run.manifest)
+        cfg = Settings(
+            steps=list(steps or ev.steps),
+            guidance=[float(w) for w in (guidance if guidance is not None else ev.guidance)],
+            num_samples=int(num_samples or ev.num_samples),
+            batch_size=int(batch_size or ev.batch_size),
+            seed=ev.seed if seed is None else int(seed),
+            ref=ref or ev.ref or (BUILTIN_DIGITS if digits else run.recipe.data.path),
+            out=Path(out) if out is not None else default_out(run),
+            save_npz=save_npz,
+            progress=progress and info.is_main,
+        )
+        if cfg.num_samples < 2 or cfg.batch_size < 1:
+            raise UserError(f"--num-samples {cfg.num_samples} / --batch-size {cfg.batch_size}: "
+                            "need at least 2 samples and a batch of at least 1")
+        check_points(cfg.steps, cfg.guidance, run.recipe.objective.base_steps)
+        plan = plan_metrics(metrics, list(ev.metrics), digits, inception_weights)
+        w_max = run.recipe.guidance.w_max
+        if run.mode == "intrinsic" and (far := [w for w in cfg.guidance if w > w_max]):
+            plan.notes.append(f"guidance {', '.join(f'{w:g}' for w in far)} above the trained "
+                              f"w_max {w_max:g}: extrapolated")
+        return _evaluate(run, plan, cfg, info, t_start)
+    finally:
+        if owns_group:
+            shutdown()
+
+
+def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
+              t_start: float) -> dict[str, Any]:
+    from ismctl.distributed import barrier
+    from ismctl.generate import generate_images
+
+    rank, world, device = info.rank, info.world_size, info.device
     console = Console()
-    run = load_for_sampling(path, device=str(dist_info.device))
-    ev = run.recipe.eval
-    steps = list(steps or ev.steps)
-    guidance = [float(w) for w in (guidance if guidance is not None else ev.guidance)]
-    num_samples = int(num_samples or ev.num_samples)
-    batch_size = int(batch_size or ev.batch_size)
-    seed = ev.seed if seed is None else int(seed)
-    if num_samples < 2 or batch_size < 1:
-        raise UserError(f"--num-samples {num_samples} / --batch-size {batch_size}: "
-                        "need at least 2 samples and a batch of 1")
-    check_points(steps, guidance, run.recipe.objective.base_steps)
-    digits = is_digits(run.manifest)
-    plan = plan_metrics(metrics, list(ev.metrics), digits, inception_weights)
-    if run.mode == "intrinsic" and (far := [w for w in guidance if w > run.recipe.guidance.w_max]):
-        plan.notes.append(f"guidance {', '.join(f'{w:g}' for w in far)} above the trained "
-                          f"w_max {run.recipe.guidance.w_max:g}: extrapolated")
-    ref_src = ref or ev.ref or (BUILTIN_DIGITS if digits else run.recipe.data.path)
-    out_path = Path(out) if out is not None else default_out(run)
-    stem = out_path.stem
-
     # Extractors first: a network that cannot be loaded stops the run before any work.
-    extractors = _build_extractors(plan, dist_info.device)
+    extractors = _build_extractors(plan, device)
     t_ref = time.perf_counter()
     refs: dict[str, ReferenceStats] = {}
     for key, group in plan.groups.items():
         if group.ref_layer is None:
             continue
-        stats = load_reference(ref_src, group.spec, group.ref_layer, run.manifest.resolution,
-                               need_features=group.need_ref_features, device=dist_info.device,
-                               batch_size=batch_size, progress=progress and main, rank=rank,
+        stats = load_reference(cfg.ref, group.spec, group.ref_layer, run.manifest.resolution,
+                               need_features=group.need_ref_features, device=device,
+                               batch_size=cfg.batch_size, progress=cfg.progress, rank=rank,
                                world_size=world, extractor=extractors[key])
         if stats is not None:
             refs[key] = stats
-    if main and "prc" in plan.metrics and refs["inception"].features is None:
-        plan.notes.append(f"precision/recall skipped: the reference {ref_src} has no images")
+    if info.is_main and "prc" in plan.metrics and refs["inception"].features is None:
+        plan.notes.append(f"precision/recall skipped: the reference {cfg.ref} has no images")
     reference_s = time.perf_counter() - t_ref
 
     points: list[dict[str, Any]] = []
-    for s in steps:
-        for w in guidance:
+    for s in cfg.steps:
+        for w in cfg.guidance:
             t0 = time.perf_counter()
-            images, labels = generate_images(run, num_samples, s, w, seed, batch_size,
-                                             progress=progress and main, rank=rank,
+            images, labels = generate_images(run, cfg.num_samples, s, w, cfg.seed,
+                                             cfg.batch_size, progress=cfg.progress, rank=rank,
                                              world_size=world)
             t1 = time.perf_counter()
-            local = {key: extract_features(ext, iter_batches(images, batch_size), dist_info.device)
+            local = {key: extract_features(ext, iter_batches(images, cfg.batch_size), device)
                      for key, ext in extractors.items()}
             t2 = time.perf_counter()
-            shared = gather_objects((local, labels.numpy(), images.numpy() if save_npz else None))
-            if not main:
+            shared = gather_objects((local, labels.numpy(),
+                                     images.numpy() if cfg.save_npz else None))
+            if not info.is_main:
                 continue
-            feats = {key: {layer: interleave([p[0][key][layer] for p in shared])
-                           for layer in local[key]} for key in local}
-            all_labels = interleave([p[1] for p in shared])
-            values = point_metrics(plan, feats, all_labels, refs)
-            t3 = time.perf_counter()
-            tag = f"{s}steps-w{w:g}"
-            grid = out_path.parent / f"{stem}-grid-{tag}.png"
-            shown, nrow = arrange_by_class(images[:GRID_MAX], labels[:GRID_MAX],
-                                           run.manifest.num_classes)
-            save_grid(shown, grid, nrow)
-            point: dict[str, Any] = {
-                "steps": s, "guidance": w, "cfg_scale": 1.0 + w, "num_samples": num_samples,
-                "metrics": values, "grid": str(grid),
-                "timings": {"generate_s": t1 - t0, "features_s": t2 - t1, "metrics_s": t3 - t2,
-                            "images_per_s": num_samples / max(t1 - t0, 1e-9)},
-            }
-            if save_npz:
-                npz = out_path.parent / f"{stem}-samples-{tag}.npz"
-                write_samples_npz(npz, interleave([p[2] for p in shared]), all_labels)
-                point["npz"] = str(npz)
+            point = _score_point(run, plan, cfg, refs, s, w, shared, images, labels)
+            point["timings"] = {"generate_s": t1 - t0, "features_s": t2 - t1,
+                                "metrics_s": time.perf_counter() - t2,
+                                "images_per_s": cfg.num_samples / max(t1 - t0, 1e-9)}
             points.append(point)
-            if progress:
+            if cfg.progress:
                 console.print(f"steps={s} w={w:g}: " + ", ".join(
-                    f"{k}={v:.4g}" for k, v in values.items()))
+                    f"{k}={v:.4g}" for k, v in point["metrics"].items()))
 
-    if not main:
+    if not info.is_main:
         barrier()
         return {}
-    results = _results(run, plan, points, refs, ref_src, out_path, dict(
-        steps=steps, guidance=guidance, num_samples=num_samples, batch_size=batch_size,
-        seed=seed, world_size=world, device=str(dist_info.device)))
+    results = _results(run, plan, points, refs, cfg, world, str(device))
     results["timings"] = {"reference_s": reference_s, "total_s": time.perf_counter() - t_start}
-    plot = write_plot(out_path.parent / f"{stem}-plot.png", results)
+    plot = write_plot(cfg.out.parent / f"{cfg.out.stem}-plot.png", results)
     results["plot"] = str(plot) if plot is not None else None
-    write_results_json(out_path, results)
-    if progress:
+    write_results_json(cfg.out, results)
+    if cfg.progress:
         print_results(results, console)
-        console.print(f"[green]wrote[/] {out_path}")
+        console.print(f"[green]wrote[/] {cfg.out}")
     barrier()
     return results
 
 
+def _score_point(run: Any, plan: MetricPlan, cfg: Settings, refs: dict[str, ReferenceStats],
+                 steps: int, w: float, shared: list[Any], images: torch.Tensor,
+                 labels: torch.Tensor) -> dict[str, Any]:
+    """Rank 0: metrics of the gathered sample set, its grid and (optionally) its .npz."""
+    from ismctl.generate import arrange_by_class, save_grid
+
+    feats = {key: {layer: interleave([p[0][key][layer] for p in shared]) for layer in layers}
+             for key, layers in shared[0][0].items()}
+    all_labels = interleave([p[1] for p in shared])
+    tag = f"{steps}steps-w{w:g}"
+    grid = cfg.out.parent / f"{cfg.out.stem}-grid-{tag}.png"
+    # The grid shows the first samples of rank 0's share, one class per column when few.
+    shown, nrow = arrange_by_class(images[:GRID_MAX], labels[:GRID_MAX],
+                                   run.manifest.num_classes)
+    save_grid(shown, grid, nrow)
+    point: dict[str, Any] = {
+        "steps": steps, "guidance": w, "cfg_scale": 1.0 + w, "num_samples": cfg.num_samples,
+        "metrics": point_metrics(plan, feats, all_labels, refs), "grid": str(grid),
+    }
+    if cfg.save_npz:
+        npz = cfg.out.parent / f"{cfg.out.stem}-samples-{tag}.npz"
+        write_samples_npz(npz, interleave([p[2] for p in shared]), all_labels)
+        point["npz"] = str(npz)
+    return point
+
+
 def _results(run: Any, plan: MetricPlan, points: list[dict[str, Any]],
-             refs: dict[str, ReferenceStats], ref_src: str, out_path: Path,
-             settings: dict[str, Any]) -> dict[str, Any]:
-    settings["guidance_convention"] = "delta: guided v = v_c + w (v_c - v_null), CFG scale 1 + w"
-    settings["sampling_mode"] = run.mode
+             refs: dict[str, ReferenceStats], cfg: Settings, world_size: int,
+             device: str) -> dict[str, Any]:
+    settings = {
+        "steps": cfg.steps, "guidance": cfg.guidance, "num_samples": cfg.num_samples,
+        "batch_size": cfg.batch_size, "seed": cfg.seed, "world_size": world_size,
+        "device": device, "sampling_mode": run.mode,
+        "guidance_convention": "delta: guided v = v_c + w (v_c - v_null), CFG scale 1 + w",
+    }
     extractors = {key: {"name": g.spec.name, "identity": g.spec.identity(),
                         "weights": None if g.spec.weights is None else str(g.spec.weights),
                         "layers": g.layers} for key, g in plan.groups.items()}
@@ -244,14 +288,14 @@ def _results(run: Any, plan: MetricPlan, points: list[dict[str, Any]],
         "python": platform.python_version(),
         "torch": torch.__version__,
         "checkpoint": {"run_dir": str(run.run_dir), "path": str(run.checkpoint),
-                       "sha256": run.sha256, "step": run.step},
+                       "sha256": run.sha256, "step": run.step, "weights": "inference"},
         "recipe": run.recipe.model_dump(mode="json"),
         "data": {"encoder": run.manifest.encoder, "resolution": run.manifest.resolution,
                  "num_classes": run.manifest.num_classes, "count": run.manifest.count},
         "settings": settings,
         "metrics": plan.metrics,
         "feature_extractors": extractors,
-        "reference": {"source": str(ref_src), "stats": {
+        "reference": {"source": str(cfg.ref), "stats": {
             key: {"extractor": r.extractor, "layer": r.layer, "source": r.source,
                   "count": r.count, "stats_hash": r.stats_hash(),
                   "prc_features": None if r.features is None else len(r.features),
@@ -259,5 +303,5 @@ def _results(run: Any, plan: MetricPlan, points: list[dict[str, Any]],
             for key, r in refs.items()}},
         "notes": plan.notes,
         "points": points,
-        "results_json": str(out_path),
+        "results_json": str(cfg.out),
     }

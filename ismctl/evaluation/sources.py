@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -52,7 +53,7 @@ def _npz_length(path: Path, key: str) -> int:
                     shape = np.lib.format.read_array_header_2_0(fh)[0]
                 else:
                     shape = data[key].shape
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not a readable .npz file ({exc})") from exc
     return int(shape[0])
 
@@ -97,7 +98,7 @@ class FolderImages:
             files += [Path(dirpath) / f for f in sorted(filenames)
                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
         if not files:
-            raise UserError(f"--ref {root}: no images found in this folder")
+            raise UserError(f"reference {root}: no images found in this folder")
         self.files = files
         self.count = len(files)
 
@@ -115,7 +116,7 @@ class FolderImages:
             return center_crop_arr(load_rgb(path), self.resolution)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            raise UserError(f"--ref {path}: cannot read this image ({reason})") from exc
+            raise UserError(f"reference image {path}: cannot read it ({reason})") from exc
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         for idx in _chunks(np.arange(rank, self.count, world_size), batch_size):
@@ -191,11 +192,12 @@ def open_source(ref: str | Path, resolution: int,
         return DigitsImages()
     if path.is_file():
         if path.suffix.lower() != ".npz":
-            raise UserError(f"--ref {path}: expected an ADM .npz file, an image folder or a "
-                            "prepared dataset folder")
+            raise UserError(f"reference {path}: expected an ADM .npz file, an image folder or "
+                            "a prepared dataset folder (--ref)")
         return NpzImages(path)
     if path.is_dir():
         if (path / "manifest.json").is_file():
             return ShardImages(path, device)
         return FolderImages(path, resolution)
-    raise UserError(f"--ref {path}: not found")
+    raise UserError(f"reference {path}: not found (pass --ref: an ADM .npz, an image folder "
+                    "or a prepared dataset folder)")

@@ -140,6 +140,41 @@ def eval_cmd(
              out, inception_weights, save_npz, batch_size, seed, device=device)
 
 
+@app.command()
+def ablate(
+    recipe: Annotated[Path | None, typer.Argument(help="Full iSM recipe (default recipes/ism_xl.yaml).")] = None,
+    disable: Annotated[str | None, typer.Option(help="Components to switch off, comma-separated: intrinsic-guidance, interval-guidance, wavelet, sot, twin-ema.")] = None,
+    cumulative: Annotated[bool, typer.Option(help="The paper's table: baseline, then each component added in turn.")] = False,
+    launch: Annotated[str | None, typer.Option(help="'torchrun': train/evaluate each variant as a torchrun job.")] = None,
+    nproc_per_node: Annotated[int, typer.Option(help="GPUs per variant with --launch torchrun.")] = 1,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override applied to every variant (repeatable).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Ablation folder (default runs/ablate-<recipe>).")] = None,
+    eval_num_samples: Annotated[int | None, typer.Option(help="Samples per evaluation point (default: the recipe's).")] = None,
+    inception_weights: Annotated[str | None, typer.Option(help="Local Inception-v3 weights file (offline FID).")] = None,
+) -> None:
+    """Train and evaluate recipe variants with iSM components switched off."""
+    from ismctl.ablate import run_ablation
+
+    run_ablation(None if recipe is None else str(recipe),
+                 None if disable is None else [c.strip() for c in disable.split(",") if c.strip()],
+                 cumulative, launch=launch, nproc_per_node=nproc_per_node, overrides=set_,
+                 out=out, eval_num_samples=eval_num_samples, inception_weights=inception_weights)
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench.json"),
+    presets: Annotated[str | None, typer.Option(help="Comma-separated presets (default: tiny/2,B/2 on CPU; B/2,XL/2 on GPU).")] = None,
+    quick: Annotated[bool, typer.Option(help="A reduced run (tiny preset, few iterations).")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Step-time split, component overheads, loader and sampling throughput, MFU on GPU."""
+    from ismctl.bench import run_bench
+
+    run_bench(out, None if presets is None else [p.strip() for p in presets.split(",")],
+              quick=quick, device=device)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     if debug:

@@ -115,6 +115,27 @@ def test_singular_covariances_stay_finite():
     got = frechet_distance(mu, s1, mu, s2)
     assert np.isfinite(got)
     assert got == pytest.approx(reference_fd(mu, s1, mu, s2), abs=1e-3)
+    # The fallback must not bias identical statistics away from 0.
+    assert abs(frechet_distance(mu, s1, mu, s1)) < 1e-6
+
+
+def test_failed_root_falls_back_to_regularised_covariances(monkeypatch):
+    import scipy.linalg
+
+    rng = np.random.default_rng(9)
+    s1, s2 = random_psd(rng, 5), random_psd(rng, 5)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    real_sqrtm, calls = scipy.linalg.sqrtm, []
+
+    def flaky(a):
+        calls.append(a)
+        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", flaky)
+    got = frechet_distance(mu1, s1, mu2, s2, eps=1e-3)
+    assert len(calls) == 2
+    off = np.eye(5) * 1e-3
+    assert got == pytest.approx(reference_fd(mu1, s1 + off, mu2, s2 + off), rel=1e-8)
 
 
 def test_shape_mismatch_is_an_error():

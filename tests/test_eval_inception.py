@@ -171,6 +171,8 @@ def test_plan_without_inception(empty_hub, monkeypatch):
     assert p.metrics == ["acc", "fd-digits"]
     assert len(p.notes) == 1 and "fid, isc, prc skipped" in p.notes[0]
     assert set(p.groups) == {"digits"}
+    only_fid = plan_metrics(["fid"], [], digits=True)
+    assert only_fid.metrics == ["acc", "fd-digits"] and len(only_fid.notes) == 2
 
 
 @needs_ts

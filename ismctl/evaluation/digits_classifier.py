@@ -38,8 +38,8 @@ LOGITS = "digits-logits"
 VERSION = 1
 SEED = 0
 HOLDOUT = 0.2
-EPOCHS = 40
-BATCH = 64
+EPOCHS = 15
+BATCH = 32
 SIDE = 8
 
 

@@ -19,16 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
 from ismctl.errors import UserError
-from ismctl.evaluation import digits_classifier  # noqa: F401  (registers "digits-cnn")
-from ismctl.evaluation.inception import TS_NAME, TorchScriptInceptionV3
+from ismctl.evaluation import digits_classifier, inception  # noqa: F401  (register extractors)
 from ismctl.progress import progress_bar
-
-if TS_NAME not in FEATURE_EXTRACTORS_REGISTRY:
-    register_feature_extractor(TS_NAME, TorchScriptInceptionV3)
 
 ImageBatch = np.ndarray | torch.Tensor
 

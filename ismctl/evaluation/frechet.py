@@ -3,9 +3,9 @@
     FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))
 
 (Heusel et al. 2017, eq. 6). The matrix square root is scipy's Schur method; when the product
-of two (near-)singular covariances is reported singular or gives a non-finite root, both
-covariances get a small ``eps * I`` added and the root is taken again, as the reference FID
-code does. A product of
+of two (near-)singular covariances gives a non-finite or inaccurate root, both covariances
+get a small ``eps * I`` added and the root is taken again, as the reference FID code does
+(here the traces use the same regularised covariances, so equal inputs still give 0). A product of
 two PSD matrices has real non-negative eigenvalues, so an imaginary part above round-off
 means the statistics are broken and is reported instead of silently dropped.
 """
@@ -24,6 +24,22 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if feats.ndim != 2 or feats.shape[0] < 2:
         raise ValueError(f"feature_stats needs an (N >= 2, D) array, got shape {feats.shape}")
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def _sqrtm(product: np.ndarray, max_residual: float = 1e-3) -> np.ndarray | None:
+    """scipy's square root of ``product``, or None when it is not finite or ``X @ X`` misses
+    ``product`` by more than ``max_residual`` (relative Frobenius norm)."""
+    with warnings.catch_warnings():
+        # Singular products are expected (fewer samples than dimensions); the residual
+        # below, not scipy's warning, decides whether the root is usable.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(product)
+    if not np.isfinite(root).all():
+        return None
+    scale = max(float(np.linalg.norm(product)), np.finfo(np.float64).tiny)
+    if np.isfinite(max_residual) and np.linalg.norm(root @ root - product) / scale > max_residual:
+        return None
+    return root
 
 
 def frechet_distance(
@@ -45,15 +61,15 @@ def frechet_distance(
             f"sigma {sigma1.shape} vs {sigma2.shape}"
         )
     diff = mu1 - mu2
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    singular = any(issubclass(w.category, scipy.linalg.LinAlgWarning) for w in caught)
-    if singular or not np.isfinite(covmean).all():
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if covmean is None:
+        # Regularise both Gaussians and measure between those, traces included, so that
+        # identical statistics still give exactly 0 (no -2 * D * eps bias).
         offset = np.eye(sigma1.shape[0]) * eps
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        sigma1, sigma2 = sigma1 + offset, sigma2 + offset
+        covmean = _sqrtm(sigma1 @ sigma2, max_residual=np.inf)
+        if covmean is None:
+            raise ValueError("covariance square root is not finite even after regularisation")
     if np.iscomplexobj(covmean):
         worst = float(np.max(np.abs(np.diagonal(covmean).imag)))
         if worst > imag_atol:

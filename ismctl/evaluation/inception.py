@@ -42,6 +42,7 @@ import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from ismctl.errors import UserError
 
@@ -187,3 +188,6 @@ def has_logits(name: str) -> bool:
     """Whether the extractor has a classifier head (needed by the Inception Score)."""
     return name == COMPAT_NAME
 
+
+if TS_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(TS_NAME, TorchScriptInceptionV3)

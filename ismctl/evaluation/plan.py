@@ -85,29 +85,11 @@ def plan_metrics(
     plan = MetricPlan(metrics=[])
     wanted = set(names)
     if wanted & set(INCEPTION_METRICS):
-        choice = find_inception(inception_weights)
-        if choice is None:
-            if not digits:
-                raise UserError(missing_weights_message())
-            dropped = [m for m in names if m in INCEPTION_METRICS]
-            plan.notes.append(f"{', '.join(dropped)} skipped: {missing_weights_message()}")
-            wanted -= set(INCEPTION_METRICS)
-        else:
-            plan.inception = choice
-            if "isc" in wanted and not has_logits(choice.name):
-                plan.notes.append(
-                    f"isc skipped: {choice.name} ({choice.source}) has no classifier head; "
-                    "pass torch-fidelity's weights with --inception-weights for the Inception Score"
-                )
-                wanted.discard("isc")
-            layers = ([POOL] if wanted & {"fid", "prc"} else [])
-            layers += [INCEPTION_LOGITS] if "isc" in wanted else []
-            if layers:
-                plan.groups["inception"] = Group(
-                    ExtractorSpec(choice.name, choice.weights), layers,
-                    ref_layer=POOL if wanted & {"fid", "prc"} else None,
-                    need_ref_features="prc" in wanted,
-                )
+        wanted = _plan_inception(plan, wanted, names, digits, inception_weights)
+    if digits and not wanted:
+        plan.notes.append("no requested metric can be computed: acc and fd-digits instead")
+        names += [m for m in DIGITS_METRICS if m not in names]
+        wanted = set(DIGITS_METRICS)
     if "fd-dinov2" in wanted:
         plan.groups["dinov2"] = Group(ExtractorSpec(DINOV2_NAME), [DINOV2_LAYER], DINOV2_LAYER)
     if wanted & set(DIGITS_METRICS):
@@ -120,3 +102,30 @@ def plan_metrics(
         )
     plan.metrics = [m for m in names if m in wanted]
     return plan
+
+
+def _plan_inception(plan: MetricPlan, wanted: set[str], names: list[str], digits: bool,
+                    inception_weights: str | None) -> set[str]:
+    """Add the Inception group to ``plan``; returns the metrics still wanted."""
+    choice = find_inception(inception_weights)
+    if choice is None:
+        if not digits:
+            raise UserError(missing_weights_message())
+        dropped = [m for m in names if m in INCEPTION_METRICS]
+        plan.notes.append(f"{', '.join(dropped)} skipped: {missing_weights_message()}")
+        return wanted - set(INCEPTION_METRICS)
+    plan.inception = choice
+    if "isc" in wanted and not has_logits(choice.name):
+        plan.notes.append(
+            f"isc skipped: {choice.name} ({choice.source}) has no classifier head; "
+            "pass torch-fidelity's weights with --inception-weights for the Inception Score"
+        )
+        wanted = wanted - {"isc"}
+    pool = bool(wanted & {"fid", "prc"})
+    layers = ([POOL] if pool else []) + ([INCEPTION_LOGITS] if "isc" in wanted else [])
+    if layers:
+        plan.groups["inception"] = Group(
+            ExtractorSpec(choice.name, choice.weights), layers,
+            ref_layer=POOL if pool else None, need_ref_features="prc" in wanted,
+        )
+    return wanted

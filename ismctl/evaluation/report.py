@@ -46,7 +46,8 @@ def results_table(results: dict[str, Any]) -> Table:
     names = value_names(results["metrics"])
     table = Table(title=f"ismctl eval: {results['checkpoint']['path']} "
                         f"(step {results['checkpoint']['step']}, "
-                        f"{settings['num_samples']} samples per point)")
+                        f"{settings['num_samples']} samples per point)",
+                  caption="w: guidance strength (delta convention), CFG scale s = 1 + w")
     table.add_column("steps", justify="right", style="bold")
     for w in settings["guidance"]:
         for name in names:

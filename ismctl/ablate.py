@@ -45,6 +45,7 @@ DEFAULT_RECIPE = "recipes/ism_xl.yaml"
 FULL, BASELINE = "full", "baseline"
 # Metrics where larger is better; every other metric (FID and the other distances) is lower.
 HIGHER_IS_BETTER = frozenset({"isc", "acc", "precision", "recall"})
+FRACTIONS = frozenset({"acc", "precision", "recall"})
 MAIN_METRICS = (("fid",), ("fd-digits", "acc"), ("fd-dinov2",))
 
 
@@ -89,8 +90,8 @@ PAPER_FID: dict[int, dict[int, float]] = {
     4: {1: 7.97, 4: 2.23},
     5: {1: 6.56, 4: 2.16},
 }
-PAPER_NOTE = ("paper: SiT-XL/2, 250K iterations (SPEC 3); the SM baseline is reported only at "
-              "800K iterations (1 step 10.60, 4 steps 7.80)")
+PAPER_NOTE = ("FID-50K of SiT-XL/2 after 250K iterations (SPEC 3); the SM baseline is reported "
+              "only at 800K iterations (1 step 10.60, 4 steps 7.80)")
 
 
 def parse_components(names: list[str] | str | None) -> list[str]:
@@ -358,10 +359,11 @@ def summarise(variants: list[dict[str, Any]], cfg: EvalSettings, paper: bool) ->
             "points": [_point_key(s, w) for s in cfg.steps for w in cfg.guidance]}
 
 
-def _fmt(value: float | None, signed: bool = False) -> str:
+def _fmt(value: float | None, metric: str, signed: bool = False) -> str:
+    """Shares (accuracy, precision, recall) with 4 decimals, scores and distances with 2."""
     if value is None or not math.isfinite(value):
         return "-"
-    digits = 4 if abs(value) < 10 else 2
+    digits = 4 if metric in FRACTIONS else 2
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
@@ -391,9 +393,9 @@ def results_table(report: dict[str, Any]) -> Table:
         for point, metric in cols:
             value = v["metrics"].get(point, {}).get(metric)
             delta = v["delta"].get(point, {}).get(metric)
-            text = _fmt(value)
+            text = _fmt(value, metric)
             if v["name"] != FULL and delta is not None:
-                text += f" ({_fmt(delta, signed=True)})"
+                text += f" ({_fmt(delta, metric, signed=True)})"
             row.append(text)
         table.add_row(*row)
     return table
@@ -418,15 +420,15 @@ def markdown(report: dict[str, Any]) -> str:
         row = [v["label"]]
         for point in report["points"]:
             for metric in main:
-                row.append(_fmt(v["metrics"].get(point, {}).get(metric)))
+                row.append(_fmt(v["metrics"].get(point, {}).get(metric), metric))
                 delta = None if v["name"] == FULL else v["delta"].get(point, {}).get(metric)
-                row.append(_fmt(delta, signed=True))
+                row.append(_fmt(delta, metric, signed=True))
                 if report["paper"] and metric == "fid":
                     paper = (v["paper_fid"] or {}).get(_steps_of(point))
-                    row.append(_fmt(paper))
+                    row.append(_fmt(paper, metric))
         lines.append("| " + " | ".join(row) + " |")
     if report["paper"]:
-        lines += ["", f"The paper column: {PAPER_NOTE}; our train.steps = "
+        lines += ["", f"Paper column: {PAPER_NOTE}; this run: train.steps = "
                       f"{report['train_steps']}."]
     lines += ["", "## All metrics", ""]
     names = report["metric_names"]
@@ -436,7 +438,7 @@ def markdown(report: dict[str, Any]) -> str:
         for point in report["points"]:
             values = v["metrics"].get(point, {})
             lines.append(f"| {v['label']} | {_steps_of(point)} | {_guidance_of(point)} | "
-                         + " | ".join(_fmt(values.get(n)) for n in names) + " |")
+                         + " | ".join(_fmt(values.get(n), n) for n in names) + " |")
     lines += ["", "## Variants", ""]
     for v in report["variants"]:
         off = ", ".join(v["disabled"]) or "none"
@@ -449,35 +451,36 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write_chart(path: Path, report: dict[str, Any]) -> Path:
     """Grouped bars of the main metric(s): one group per (steps, w), one bar per variant,
-    the paper's FID as black markers where it exists."""
+    the paper's FID as black ticks where it exists; the legend sits below the plots."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     main, points, variants = report["main_metrics"], report["points"], report["variants"]
-    fig = Figure(figsize=(max(6.0, 1.4 * len(points) * max(1, len(variants)) / 3), 3.6 * len(main)),
-                 dpi=120)
+    wide = max(6.0, 0.45 * len(points) * max(1, len(variants)))
+    fig = Figure(figsize=(wide, 3.2 * len(main) + 1.0), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     width = 0.8 / max(1, len(variants))
+    paper_labelled = False
     for row, metric in enumerate(main):
         ax = fig.add_subplot(len(main), 1, row + 1)
         for i, v in enumerate(variants):
             xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(points))]
             ys = [v["metrics"].get(p, {}).get(metric, math.nan) for p in points]
-            ax.bar(xs, ys, width, label=v["label"], color=f"C{i % 10}")
-            if metric == "fid" and v.get("paper_fid"):
-                pts = [(x, v["paper_fid"].get(_steps_of(p))) for x, p in zip(xs, points,
-                                                                              strict=True)]
-                pts = [(x, y) for x, y in pts if y is not None]
-                if pts:
-                    ax.scatter(*zip(*pts, strict=True), marker="_", s=120, color="black",
-                               zorder=3, label="paper" if i == 0 else None)
+            ax.bar(xs, ys, width, label=v["label"] if row == 0 else None, color=f"C{i % 10}")
+            paper = v.get("paper_fid") or {}
+            ticks = [(x, paper[_steps_of(p)]) for x, p in zip(xs, points, strict=True)
+                     if metric == "fid" and _steps_of(p) in paper]
+            if ticks:
+                ax.scatter(*zip(*ticks, strict=True), marker="_", s=150, color="black",
+                           zorder=3, label=None if paper_labelled else "paper (SPEC 3)")
+                paper_labelled = True
         ax.set_xticks(range(len(points)), [_point_title(p) for p in points])
         ax.set_ylabel(metric)
         ax.grid(True, axis="y", alpha=0.3)
         if row == 0:
             ax.set_title(f"ablation of {Path(report['recipe']).name} ({report['mode']})")
-            ax.legend(fontsize="small", ncols=2)
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncols=min(3, len(variants) + paper_labelled),
+               fontsize="small")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path

@@ -217,14 +217,24 @@ def time_steps(rig: StepRig, warmup: int, iters: int) -> dict[str, list[dict[str
 
 
 def _summary(runs: list[dict[str, float]], batch: int) -> dict[str, Any]:
+    """Medians over iterations; section shares are taken within each iteration first, which
+    keeps them meaningful when other load slows some iterations down."""
     keys = sorted({k for r in runs for k in r} - {"total", "target_rows"})
     total = median([r["total"] for r in runs])
-    sections = {k: median([r[k] for r in runs if k in r]) for k in keys}
     rows = [r["target_rows"] for r in runs if "target_rows" in r]
-    return {"total_s": total, "img_s": batch / total, "all_s": [r["total"] for r in runs],
-            "sections_s": sections,
-            "sections_fraction": {k: v / total for k, v in sections.items()},
+    return {"total_s": total, "min_s": min(r["total"] for r in runs), "img_s": batch / total,
+            "all_s": [r["total"] for r in runs],
+            "sections_s": {k: median([r[k] for r in runs if k in r]) for k in keys},
+            "sections_fraction": {k: median([r[k] / r["total"] for r in runs if k in r])
+                                  for k in keys},
             "target_rows_per_sample": (rows[0] / batch) if rows else 0.0}
+
+
+def paired_median(num: list[dict[str, float]], den: list[dict[str, float]],
+                  value: Callable[[dict[str, float], dict[str, float]], float]) -> float:
+    """Median over interleaved iterations i of ``value(num[i], den[i])``: both members of a
+    pair ran back to back, so load that drifts over seconds affects them alike."""
+    return median([value(a, b) for a, b in zip(num, den, strict=True)])
 
 
 def _peak_flops(device: torch.device) -> float | None:
@@ -239,7 +249,6 @@ def bench_steps(preset: str, batch: int, size: int, device: torch.device, warmup
     rig = StepRig(preset, batch, size, device)
     runs = time_steps(rig, warmup, iters)
     kinds = {k: _summary(v, batch) for k, v in runs.items()}
-    paired = [i["total"] / f["total"] for i, f in zip(runs["ism"], runs["fm"], strict=True)]
     flops = forward_flops(rig.model)
     peak = _peak_flops(device)
     for summary in kinds.values():
@@ -252,15 +261,22 @@ def bench_steps(preset: str, batch: int, size: int, device: torch.device, warmup
         "params_m": sum(p.numel() for p in rig.model.parameters()) / 1e6,
         "forward_gflop_per_sample": flops / 1e9,
         **kinds,
-        "ratio_ism_over_fm": median(paired),
-        "ratio_ism_over_fm_of_medians": kinds["ism"]["total_s"] / kinds["fm"]["total_s"],
-        # Load from other processes only adds time, so the fastest iterations are the least
-        # disturbed estimate on a shared machine.
-        "ratio_ism_over_fm_of_minimums": min(r["total"] for r in runs["ism"])
-        / min(r["total"] for r in runs["fm"]),
-        "ratio_sm_over_fm": kinds["sm"]["total_s"] / kinds["fm"]["total_s"],
+        "ratio_ism_over_fm": paired_median(runs["ism"], runs["fm"], _ratio),
+        # Other load only adds time, so the fastest iterations are the least disturbed.
+        "ratio_ism_over_fm_of_minimums": kinds["ism"]["min_s"] / kinds["fm"]["min_s"],
+        "ratio_sm_over_fm": paired_median(runs["sm"], runs["fm"], _ratio),
+        "ratio_ism_over_sm": paired_median(runs["ism"], runs["sm"], _ratio),
         "expected_ratio_forward_equivalents": kinds["ism"]["forward_equivalents_per_sample"] / 3,
+        # Extra target-network time of intrinsic guidance (ism vs sm targets) per iSM step.
+        "guidance_targets_fraction": paired_median(
+            [r for r in runs["ism"] if "target_passes" in r],
+            [r for r in runs["sm"] if "target_passes" in r],
+            lambda a, b: (a["target_passes"] - b["target_passes"]) / a["total"]),
     }, rig
+
+
+def _ratio(a: dict[str, float], b: dict[str, float]) -> float:
+    return a["total"] / b["total"]
 
 
 def _time_call(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
@@ -337,23 +353,25 @@ def sampling_throughput(preset: str, size: int, batch: int, device: torch.device
 
 
 def _components(step: dict[str, Any], rig: StepRig, quick: bool) -> dict[str, Any]:
-    ism_total = step["ism"]["total_s"]
+    """Each piece's cost over the fastest iSM step: the least disturbed by other load, and
+    the smallest denominator, so the shares are on the safe side."""
+    ism_step = step["ism"]["min_s"]
     losses = loss_cost(rig, 5 if quick else 20)
     emas = ema_cost(rig, 3 if quick else 10)
     target = {k: step[k]["sections_s"].get("target_passes", 0.0) for k in ("ism", "sm")}
     return {
         "wavelet": {"wavelet_s": losses["wavelet"], "mse_s": losses["mse"],
-                    "fraction_of_step": (losses["wavelet"] - losses["mse"]) / ism_total},
+                    "fraction_of_step": (losses["wavelet"] - losses["mse"]) / ism_step},
         "twin_ema": {"twin_s": emas["twin"], "single_s": emas["single"],
                      "in_step_s": step["ism"]["sections_s"].get("ema_update"),
-                     "fraction_of_step": emas["twin"] / ism_total,
-                     "fraction_vs_single_ema": (emas["twin"] - emas["single"]) / ism_total},
+                     "fraction_of_step": emas["twin"] / ism_step,
+                     "fraction_vs_single_ema": (emas["twin"] - emas["single"]) / ism_step},
         "intrinsic_guidance": {
             "target_passes_ism_s": target["ism"], "target_passes_sm_s": target["sm"],
             "target_rows_per_sample_ism": step["ism"]["target_rows_per_sample"],
             "target_rows_per_sample_sm": step["sm"]["target_rows_per_sample"],
-            "fraction_of_step": (target["ism"] - target["sm"]) / ism_total,
-            "step_ism_over_sm": ism_total / step["sm"]["total_s"]},
+            "fraction_of_step": step["guidance_targets_fraction"],
+            "step_ism_over_sm": step["ratio_ism_over_sm"]},
     }
 
 
@@ -463,12 +481,14 @@ def _finite(obj: Any) -> Any:
 
 
 def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
-              quick: bool = False, device: str = "auto", progress: bool = True) -> dict:
+              quick: bool = False, device: str = "auto", progress: bool = True,
+              threads: int | None = None) -> dict:
     """Run the benchmarks, print them as tables, write ``out`` (JSON) and return the dict.
 
     ``quick``: the tiny preset on 16x16 latents with few iterations and small loader pools
     (well under a minute on a CPU), for tests. ``presets`` default: tiny/2 and B/2 on CPU,
-    B/2 and XL/2 on CUDA.
+    B/2 and XL/2 on CUDA. ``threads``: torch intra-op threads (default: torch's own; the
+    quick run uses 1).
     """
     from ismctl.data.bench import benchmark_loader, make_synthetic_latents
 
@@ -487,10 +507,12 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
     steps: dict[str, Any] = {}
     components: dict[str, Any] = {}
     console = Console()
-    threads = torch.get_num_threads()
+    if threads is not None and threads < 1:
+        raise UserError(f"bench: --threads {threads}: must be >= 1")
+    threads = threads or (1 if quick else torch.get_num_threads())
     with progress_bar("bench", total=stages, enabled=progress) as bar, \
             tempfile.TemporaryDirectory(prefix="ismctl-bench-") as tmp, \
-            num_threads(1 if quick else threads):
+            num_threads(threads):
         for preset in presets:
             bar.update(f"training steps {preset}")
             name = parse_preset(preset)[0]
@@ -505,14 +527,14 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
         # The last (largest) preset's batch and step: on a CPU the real step is far longer
         # than the emulated one, on a GPU the emulated step is the real one.
         last = steps[presets[-1]]
-        pool, workers = (8, 1) if quick else (32, min(8, max(2, (os.cpu_count() or 2) // 2)))
-        emulated = min(last["ism"]["total_s"], 0.02 if quick else 0.1 if kind == "cpu" else 2.0)
+        pool, workers = (8, 1) if quick else (32, min(4, max(2, (os.cpu_count() or 2) // 2)))
+        emulated = min(last["ism"]["min_s"], 0.02 if quick else 0.1 if kind == "cpu" else 2.0)
         sot_data = Path(tmp) / "sot"
         make_synthetic_latents(sot_data, count=last["batch"] * pool * workers * 2,
                                num_classes=NUM_CLASSES, flip=False)
-        sot = _sot(sot_data, last["batch"], pool, workers, emulated,
-                   pool * workers if quick else 2 * pool * workers,
-                   {p: s["ism"]["total_s"] for p, s in steps.items()})
+        # One more pool per worker after the warm-up: every worker rebuilds once, in turn.
+        sot = _sot(sot_data, last["batch"], pool, workers, emulated, pool * workers,
+                   {p: s["ism"]["min_s"] for p, s in steps.items()})
         for preset in presets:
             components[preset]["sot"] = {"fraction_of_step": sot["fraction_of_step"][preset],
                                          "fraction_of_emulated_step":
@@ -563,7 +585,7 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
     report = {
         "ismctl_version": ismctl.__version__, "torch": torch.__version__,
         "python": platform.python_version(), "quick": quick,
-        "device": {"type": dev.type, "threads": 1 if quick else threads,
+        "device": {"type": dev.type, "threads": threads,
                    "name": torch.cuda.get_device_name(dev) if kind == "cuda"
                    else platform.processor() or platform.machine()},
         "latent": [CHANNELS, size, size], "num_classes": NUM_CLASSES,

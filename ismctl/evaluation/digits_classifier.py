@@ -136,7 +136,9 @@ def train_digits_classifier(seed: int = SEED, epochs: int = EPOCHS) -> tuple[Dig
 
 
 def classifier_path() -> Path:
-    return cache_dir("digits_classifier") / f"{DIGITS_NAME}-v{VERSION}-seed{SEED}.safetensors"
+    # Every training setting is in the name: changing one never reuses stale cached weights.
+    name = f"{DIGITS_NAME}-v{VERSION}-seed{SEED}-holdout{HOLDOUT}-e{EPOCHS}-b{BATCH}"
+    return cache_dir("digits_classifier") / f"{name}.safetensors"
 
 
 def load_digits_classifier(path: Path | None = None) -> tuple[DigitsNet, float]:

@@ -1,0 +1,197 @@
+"""The training loader: shards -> shuffle buffer -> latent draw -> sOT pairing, in workers.
+
+Each worker streams its slice of the epoch (``plan.py``) through a seeded shuffle buffer,
+groups batches into pools of ``pool_batches`` batches, draws ``x1 = scale * (mean + std * eps)``
+(or the flipped pair with probability 1/2) and pairs the pool with noise by the sOT coupler
+(SPEC 3.3), all off the training step's critical path. Every random choice comes from a
+generator seeded by ``(seed, rank, worker, epoch[, pool])``, so the stream depends only on
+``(seed, rank, world_size, num_workers, batch_size)``.
+
+Exact resume: ``start_batch = n`` locates batch ``n`` arithmetically (epoch, worker, pool),
+skips earlier epochs without reading them, passes the current epoch's earlier samples through
+the shuffle buffer undecoded, and draws latents and runs the coupler only for the pool that
+holds batch ``n``. The DataLoader's worker slots are rotated so that slot 0 serves batch ``n``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ismctl.coupling import SOTCoupler
+from ismctl.data.manifest import Manifest, read_manifest
+from ismctl.data.plan import (
+    LATENT,
+    NOISE,
+    SHUFFLE,
+    Segment,
+    batches_per_rank,
+    locate,
+    mix_seed,
+    worker_segments,
+)
+from ismctl.data.shards import decode_moments, iter_shard
+from ismctl.errors import UserError
+
+Batch = tuple[Tensor, Tensor, Tensor]
+
+
+def _generator(seed: int) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def shuffle_stream(items: Iterable[Any], count: int, buffer_size: int,
+                   rng: np.random.Generator) -> Iterator[Any]:
+    """A shuffle buffer over exactly ``count`` items: fill ``buffer_size`` slots, then emit a
+    random slot and refill it with the next item; finally emit the rest in random order."""
+    size = max(1, min(buffer_size, count))
+    picks = rng.integers(0, size, size=max(count - size, 0))
+    it = iter(items)
+    buf = list(itertools.islice(it, size))
+    for pick, item in zip(picks.tolist(), it, strict=False):
+        yield buf[pick]
+        buf[pick] = item
+    for i in rng.permutation(len(buf)).tolist():
+        yield buf[i]
+
+
+def read_segments(root: Path, manifest: Manifest, segments: list[Segment]) -> Iterator[dict]:
+    for seg in segments:
+        samples = iter_shard(root / manifest.shards[seg.shard].name)
+        yield from itertools.islice(samples, seg.start, seg.stop)
+
+
+def draw_latents(moments: Tensor, scale: float, flip: bool, gen: torch.Generator) -> Tensor:
+    """``x1 = scale * (mean + std * eps)`` per sample; with ``flip`` and stored flipped moments,
+    the flipped (mean, std) pair is used with probability 1/2. ``moments`` is (B, 2|4, C, h, w)."""
+    moments = moments.float()
+    eps = torch.randn(moments[:, 0].shape, generator=gen)
+    mean, std = moments[:, 0], moments[:, 1]
+    if flip and moments.shape[1] == 4:
+        pick = (torch.rand(moments.shape[0], generator=gen) < 0.5).view(-1, 1, 1, 1)
+        mean = torch.where(pick, moments[:, 2], mean)
+        std = torch.where(pick, moments[:, 3], std)
+    return scale * (mean + std * eps)
+
+
+class PairedLatents(IterableDataset):
+    """The per-worker stream of paired ``(x0, x1, y)`` batches (see the module docstring)."""
+
+    def __init__(self, root: Path, manifest: Manifest, batch_size: int, pool_batches: int,
+                 seed: int, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
+                 flip: bool, start_batch: int) -> None:
+        super().__init__()
+        self.root, self.manifest = root, manifest
+        self.batch_size, self.pool_batches = batch_size, pool_batches
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.shuffle_buffer, self.flip, self.start_batch = shuffle_buffer, flip, start_batch
+        self.shard_counts = [s.count for s in manifest.shards]
+        self.batches = batches_per_rank(manifest.count, world_size, batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        slot = info.id if info is not None else 0
+        return self.worker_stream(self.start_batch + slot)
+
+    def worker_stream(self, first_batch: int) -> Iterator[Batch]:
+        """Batches ``first_batch, first_batch + P, ...`` of this rank (one worker's share)."""
+        worker = first_batch % self.num_workers
+        epoch, position = locate(first_batch, self.batches, self.num_workers)
+        while True:
+            count, segments = worker_segments(
+                self.shard_counts, self.seed, epoch, self.rank, self.world_size, worker,
+                self.num_workers, self.batch_size)
+            if position < count:
+                yield from self._epoch(worker, epoch, count, segments, position)
+            epoch, position = epoch + 1, 0
+
+    def _epoch(self, worker: int, epoch: int, count: int, segments: list[Segment],
+               position: int) -> Iterator[Batch]:
+        bs, pool = self.batch_size, max(1, self.pool_batches)
+        rng = np.random.default_rng(mix_seed(self.seed, self.rank, worker, epoch, SHUFFLE))
+        samples = shuffle_stream(read_segments(self.root, self.manifest, segments), count * bs,
+                                 self.shuffle_buffer, rng)
+        first_pool = position // pool
+        # Whole pools before the resume point: their samples only advance the shuffle buffer.
+        for _ in itertools.islice(samples, first_pool * pool * bs):
+            pass
+        for p in range(first_pool, math.ceil(count / pool)):
+            n = min(pool, count - p * pool)
+            key = (self.seed, self.rank, worker, epoch, p)
+            latent_gen = _generator(mix_seed(*key, LATENT))
+            batches = [self._batch(list(itertools.islice(samples, bs)), latent_gen)
+                       for _ in range(n)]
+            coupler = SOTCoupler(self.pool_batches, generator=_generator(mix_seed(*key, NOISE)))
+            for i, triple in enumerate(coupler(batches)):
+                if p * pool + i >= position:
+                    yield triple
+
+    def _batch(self, raw: list[dict], gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        moments = torch.from_numpy(np.stack([decode_moments(s["npy"]) for s in raw]))
+        if tuple(moments.shape[2:]) != self.manifest.sample_shape:
+            raise UserError(f"{self.root}: shard samples have shape {tuple(moments.shape[2:])}, "
+                            f"manifest.json says {self.manifest.sample_shape}")
+        labels = torch.tensor([int(s["cls"]) for s in raw], dtype=torch.long)
+        return draw_latents(moments, self.manifest.scale_factor, self.flip, gen), labels
+
+
+class TrainLoader:
+    """Infinite stream of already-paired ``(x0, x1, y)`` micro-batches for one rank.
+
+    ``x0`` is noise matched to ``x1`` by the sOT coupler over pools of ``pool_batches`` batches
+    (0: independent noise), ``x1`` a drawn latent times the scale factor, ``y`` long labels.
+    ``num_workers=0`` runs everything in the calling process. ``start_batch=n`` continues
+    exactly where a loader that already yielded ``n`` batches would be; every ``iter()``
+    starts again from there.
+    """
+
+    def __init__(self, path: str | Path, batch_size: int, pool_batches: int, seed: int,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 shuffle_buffer: int = 10_000, flip: bool = True, start_batch: int = 0) -> None:
+        if batch_size < 1 or pool_batches < 0 or num_workers < 0 or start_batch < 0:
+            raise UserError(f"TrainLoader: invalid batch_size={batch_size}, pool_batches="
+                            f"{pool_batches}, num_workers={num_workers} or "
+                            f"start_batch={start_batch}")
+        if not 0 <= rank < world_size:
+            raise UserError(f"TrainLoader: rank {rank} outside world size {world_size}")
+        self.root = Path(path)
+        self.manifest = read_manifest(self.root)
+        for shard in self.manifest.shards:
+            if not (self.root / shard.name).is_file():
+                raise UserError(f"{self.root / shard.name}: shard listed in manifest.json is "
+                                "missing — rerun `ismctl prepare-latents`")
+        self.batches_per_epoch = batches_per_rank(self.manifest.count, world_size, batch_size)
+        self.dataset = PairedLatents(self.root, self.manifest, batch_size, pool_batches, seed,
+                                     rank, world_size, num_workers, shuffle_buffer,
+                                     flip and self.manifest.flip, start_batch)
+        # A worker emits a whole pool at once and then needs time to build the next one; with
+        # room for a pool of prefetched batches per worker, that work overlaps the training
+        # step instead of stalling the strictly round-robin DataLoader.
+        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
+                                 persistent_workers=num_workers > 0,
+                                 prefetch_factor=max(2, pool_batches) if num_workers else None)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.loader)
+
+
+def iter_dataset(path: str | Path) -> Iterator[tuple[Tensor, int]]:
+    """Every stored sample once, in stored order: (unscaled posterior mean (C, h, w) float32,
+    label). The flipped copies are not included."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    for shard in manifest.shards:
+        for sample in iter_shard(root / shard.name):
+            mean = torch.from_numpy(decode_moments(sample["npy"])[0].astype(np.float32))
+            yield mean, int(sample["cls"])

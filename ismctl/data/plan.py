@@ -1,0 +1,99 @@
+"""Which samples each (rank, worker) reads in each epoch: pure arithmetic on shard counts.
+
+An epoch is one pass over a seeded permutation of the shards (reshuffled every epoch from
+``(seed, epoch)``, identical on every rank). Their samples, concatenated in that order, form
+one virtual sequence; rank ``r`` takes the contiguous range ``[r * n_r, (r + 1) * n_r)`` with
+``n_r = B * batch_size`` and ``B = count // (world_size * batch_size)`` batches, so every
+rank yields exactly ``B`` batches per epoch however unevenly the shards are sized (DDP never
+waits on a rank that ran out), and the leftover ``count mod (world_size * batch_size)``
+samples, a different set each epoch, sit out that epoch.
+
+Within a rank, the DataLoader takes batches from its workers in turn, so global batch ``g``
+of the rank comes from worker ``g mod P``. Worker ``w`` therefore owns, in epoch ``e``, the
+batches ``j`` in ``[0, B)`` with ``(e * B + j) mod P == w``; it reads a contiguous slice of the
+rank's range holding exactly that many batches. Every epoch of the rank's stream is then
+exactly one pass over its range, and any batch index maps to (epoch, worker, position)
+arithmetically, which is what makes an exact resume cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ismctl.errors import UserError
+
+ORDER, SHUFFLE, LATENT, NOISE = range(4)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples ``[start, stop)`` (positions in stored order) of shard ``shard``."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+def mix_seed(*parts: int) -> int:
+    """One 64-bit seed from several integers (any sign), via numpy's SeedSequence hashing, so
+    nearby tuples such as (seed, rank, worker, epoch) give unrelated streams."""
+    state = np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+def batches_per_rank(count: int, world_size: int, batch_size: int) -> int:
+    """``floor(count / world_size / batch_size)``; zero is an error (nothing to train on)."""
+    batches = count // (world_size * batch_size)
+    if batches < 1:
+        raise UserError(f"{count} samples cannot fill one batch of {batch_size} on each of "
+                        f"{world_size} rank(s): lower data.batch_size or prepare more data")
+    return batches
+
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng(mix_seed(seed, epoch, ORDER)).permutation(num_shards)
+
+
+def worker_batch_counts(batches: int, num_workers: int, epoch: int) -> list[int]:
+    """Batches each of ``num_workers`` workers yields in ``epoch`` (they sum to ``batches``)."""
+    offset = (epoch * batches) % num_workers
+    base, extra = divmod(batches, num_workers)
+    return [base + int((w - offset) % num_workers < extra) for w in range(num_workers)]
+
+
+def locate(batch: int, batches: int, num_workers: int) -> tuple[int, int]:
+    """(epoch, position among its worker's batches of that epoch) of a rank's batch index;
+    the worker is ``batch % num_workers``."""
+    epoch, j = divmod(batch, batches)
+    # The worker's batches in this epoch are j0, j0 + P, ... with j0 < P, so j's rank among
+    # them is j // P.
+    return epoch, j // num_workers
+
+
+def slice_segments(shard_counts: list[int], order: np.ndarray, start: int,
+                   stop: int) -> list[Segment]:
+    """The pieces of shards covering ``[start, stop)`` of the shards concatenated in ``order``."""
+    segments = []
+    offset = 0
+    for shard in order.tolist():
+        n = shard_counts[shard]
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            segments.append(Segment(shard, lo - offset, hi - offset))
+        offset += n
+        if offset >= stop:
+            break
+    return segments
+
+
+def worker_segments(shard_counts: list[int], seed: int, epoch: int, rank: int, world_size: int,
+                    worker: int, num_workers: int, batch_size: int) -> tuple[int, list[Segment]]:
+    """(number of batches, segments to read) for one worker of one rank in one epoch."""
+    batches = batches_per_rank(sum(shard_counts), world_size, batch_size)
+    counts = worker_batch_counts(batches, num_workers, epoch)
+    start = (rank * batches + sum(counts[:worker])) * batch_size
+    stop = start + counts[worker] * batch_size
+    order = shard_order(len(shard_counts), seed, epoch)
+    return counts[worker], slice_segments(shard_counts, order, start, stop)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ismctl.data.manifest import Manifest, read_manifest
 from ismctl.distributed import resolve_device
+from ismctl.ema import unwrap_model
 from ismctl.errors import UserError
 from ismctl.model import ShortcutDiT, build_model
 from ismctl.recipe import Recipe, load_recipe
@@ -38,13 +39,8 @@ WEIGHT_FILES = {"online": "online.safetensors", "target": "target_ema.safetensor
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    module = getattr(module, "module", module)
-    return getattr(module, "_orig_mod", module)
-
-
 def _contiguous_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in _unwrap(module).state_dict().items()}
+    return {k: v.detach().contiguous().cpu() for k, v in unwrap_model(module).state_dict().items()}
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.nn.Module],
@@ -81,7 +77,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> None:
 
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:
-    _unwrap(module).load_state_dict(load_file(str(path)))
+    unwrap_model(module).load_state_dict(load_file(str(path)))
 
 
 def file_sha256(path: Path) -> str:

@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ismctl.errors import UserError
-from ismctl.fileio import atomic_path, atomic_write_text
+from ismctl.fileio import atomic_path, atomic_write_text, write_json
 from ismctl.recipe import Recipe, load_recipe, recipe_from_dict, save_recipe
 
 DEFAULT_RECIPE = "recipes/ism_xl.yaml"
@@ -486,16 +486,6 @@ def write_chart(path: Path, report: dict[str, Any]) -> Path:
     return path
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative: bool,
                  launch: str | None = None, nproc_per_node: int = 1,
                  overrides: list[str] | None = None, out: str | Path | None = None,
@@ -555,8 +545,7 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
         "reference_variant": FULL, "notes": notes, "variants": rows,
     }
     report.update(summarise(rows, cfg, paper))
-    atomic_write_text(folder / "ablation.json",
-                      json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    write_json(folder / "ablation.json", report)
     atomic_write_text(folder / "ablation.md", markdown(report))
     write_chart(folder / "ablation.png", report)
     console.print(results_table(report))

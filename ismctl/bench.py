@@ -31,7 +31,6 @@ same load (the machine may be shared):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
@@ -51,7 +50,7 @@ import ismctl
 from ismctl.distributed import resolve_device
 from ismctl.ema import TwinEMA
 from ismctl.errors import UserError
-from ismctl.fileio import atomic_write_text
+from ismctl.fileio import json_safe, write_json
 from ismctl.losses import build_loss
 from ismctl.model import build_model, forward_flops, parse_preset
 from ismctl.objective import shortcut_loss
@@ -473,16 +472,6 @@ def num_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def _bench_sot(tmp: Path, steps: dict[str, Any], last: str, kind: str,
                quick: bool) -> dict[str, Any]:
     """sOT as the step sees it, with the last (largest) preset's batch. On a CPU the real
@@ -622,8 +611,8 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
     }
     report["goals"] = _goals(steps, components)
     report["notes"] = notes
-    report = _finite(report)
-    atomic_write_text(out, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    report = json_safe(report)
+    write_json(out, report)
     _print(report, Console())
     Console().print(f"[green]wrote[/] {out}")
     return report

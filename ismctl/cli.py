@@ -151,6 +151,7 @@ def ablate(
     out: Annotated[Path | None, typer.Option(help="Ablation folder (default runs/ablate-<recipe>).")] = None,
     eval_num_samples: Annotated[int | None, typer.Option(help="Samples per evaluation point (default: the recipe's).")] = None,
     inception_weights: Annotated[str | None, typer.Option(help="Local Inception-v3 weights file (offline FID).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train and evaluate recipe variants with iSM components switched off."""
     from ismctl.ablate import run_ablation
@@ -158,7 +159,8 @@ def ablate(
     run_ablation(None if recipe is None else str(recipe),
                  None if disable is None else [c.strip() for c in disable.split(",") if c.strip()],
                  cumulative, launch=launch, nproc_per_node=nproc_per_node, overrides=set_,
-                 out=out, eval_num_samples=eval_num_samples, inception_weights=inception_weights)
+                 out=out, eval_num_samples=eval_num_samples, inception_weights=inception_weights,
+                 progress=progress)
 
 
 @app.command()
@@ -167,12 +169,13 @@ def bench(
     presets: Annotated[str | None, typer.Option(help="Comma-separated presets (default: tiny/2,B/2 on CPU; B/2,XL/2 on GPU).")] = None,
     quick: Annotated[bool, typer.Option(help="A reduced run (tiny preset, few iterations).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's).")] = None,
 ) -> None:
     """Step-time split, component overheads, loader and sampling throughput, MFU on GPU."""
     from ismctl.bench import run_bench
 
     run_bench(out, None if presets is None else [p.strip() for p in presets.split(",")],
-              quick=quick, device=device)
+              quick=quick, device=device, threads=threads)
 
 
 def main() -> None:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from ismctl.ablate import (
     ORDER,
@@ -195,17 +193,7 @@ def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """The tiny network's small ops run several times faster on one thread of a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
 def test_run_ablation_end_to_end_on_digits(digits_data: Path, tmp_path: Path) -> None:
     from ismctl.ablate import run_ablation
 

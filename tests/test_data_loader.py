@@ -29,15 +29,6 @@ from ismctl.errors import UserError
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On two shared cores, extra intra-op threads only spin against each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_indexed(folder: Path, shard_counts: list[int], std: float = 0.0, scale: float = 1.0,
                   channels: int = 2, size: int = 4) -> Manifest:
     """Shards whose sample ``i`` has mean ``i`` everywhere and flipped mean ``-(i + 1)``, so a

@@ -24,15 +24,6 @@ EXTS = {".jpg", ".jpeg", ".png"}
 RES = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On two shared cores, extra intra-op threads only spin against each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vae():
     from diffusers import AutoencoderKL
 

@@ -12,15 +12,6 @@ from ismctl.data.encoders import IdentityEncoder, load_encoder, to_uint8
 from ismctl.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On two shared cores, extra intra-op threads only spin against each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vae(scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 

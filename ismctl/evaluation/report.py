@@ -7,7 +7,6 @@ object API on an Agg canvas (no pyplot, no global backend switch), steps on a lo
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ismctl.fileio import atomic_path, atomic_write_text
+from ismctl.fileio import atomic_path, write_json
 
 # Values shown per metric, in order; "prc" gives two numbers.
 VALUES = {
@@ -69,20 +68,9 @@ def print_results(results: dict[str, Any], console: Console | None = None) -> No
         console.print(f"[yellow]note:[/] {note}")
 
 
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN/Infinity: non-finite floats become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def write_results_json(path: str | Path, results: dict[str, Any]) -> Path:
     path = Path(path)
-    atomic_write_text(path, json.dumps(_finite(results), indent=2, allow_nan=False) + "\n")
+    write_json(path, results)
     return path
 
 

@@ -5,8 +5,8 @@ Layout of a run directory::
     runs/<name>/recipe.yaml                  resolved recipe (every field)
     runs/<name>/manifest.json                the data manifest (encoder, scale, shapes)
     runs/<name>/metrics.jsonl                one JSON line per log step
-    runs/<name>/samples/step-XXXXXXX-Ns.png  periodic grids
-    runs/<name>/checkpoints/step-XXXXXXX/
+    runs/<name>/samples/step-NNNNNNN-Ns.png  periodic grids
+    runs/<name>/checkpoints/step-NNNNNNN/
         online.safetensors  target_ema.safetensors  inference_ema.safetensors
         state.pt            optimiser, EMA counters, step, RNG and data position
 

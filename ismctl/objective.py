@@ -60,7 +60,7 @@ def split_sizes(batch: int, mode: str, bootstrap_fraction: float,
 
     Largest-remainder rounding, ties to the earlier part; then every part with a positive
     fraction gets at least one sample when the batch has room, taken from the largest part.
-    Unlike the official code (issue 10) no sample is reused or dropped.
+    Unlike the official code (kvfrans/shortcut-models issue 10) no sample is reused or dropped.
     """
     if batch < 1:
         raise UserError(f"objective: batch size must be >= 1, got {batch}")

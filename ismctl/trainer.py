@@ -158,11 +158,12 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
     if cfg.compile and dev.type == "cuda":
         net = torch.compile(net)
     loss_fn = build_loss(recipe.loss, model.input_size)
-    workers = recipe.data.num_workers // cfg.grad_accum if recipe.data.num_workers else 0
+    # Each accumulation slot has its own loader; the recipe's workers are shared among them.
+    workers = max(1, recipe.data.num_workers // cfg.grad_accum) if recipe.data.num_workers else 0
     loaders = [iter(TrainLoader(
         recipe.data.path, batch_size=micro, pool_batches=recipe.coupling.pool_batches,
         seed=cfg.seed, rank=info.rank * cfg.grad_accum + m, world_size=slots,
-        num_workers=max(workers, 1) if recipe.data.num_workers else 0,
+        num_workers=workers,
         shuffle_buffer=recipe.data.shuffle_buffer, flip=recipe.data.flip and manifest.flip,
         start_batch=start_step)) for m in range(cfg.grad_accum)]
     gen = torch.Generator(dev)

@@ -122,13 +122,6 @@ def find_inception(weights: str | Path | None = None) -> InceptionChoice | None:
     return None
 
 
-def require_inception(weights: str | Path | None = None) -> InceptionChoice:
-    choice = find_inception(weights)
-    if choice is None:
-        raise UserError(missing_weights_message())
-    return choice
-
-
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
     try:
         with warnings.catch_warnings():

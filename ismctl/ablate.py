@@ -1,9 +1,10 @@
-"""`ismctl ablate`: switch iSM components off, train and evaluate each variant, compare.
+"""`ismctl ablate`: switch iSM components off (or sweep a field), train and evaluate each
+variant over several seeds, compare each variant at its own best guidance.
 
 The five components of SPEC 3 and the recipe fields each one flips when disabled:
 
     intrinsic-guidance   objective.mode ism -> sm (CFG inside the finest bootstrap targets at
-                         guidance.cfg_scale, two-pass CFG at sampling: the SPEC 2 baseline)
+                         guidance.cfg_scale, sampled by its authors' protocol: SPEC 2)
     interval-guidance    guidance.interval_start -> 0
     wavelet              loss.name -> mse
     sot                  coupling.pool_batches -> 0 (independent noise-data pairing)
@@ -12,21 +13,24 @@ The five components of SPEC 3 and the recipe fields each one flips when disabled
 
 ``--disable a,b`` compares the full recipe with one variant that has all the named components
 off; ``--cumulative`` rebuilds the paper's table: the baseline with all five off, then each
-component added in the paper's order, ending at the full iSM recipe. Every variant is a
+component added in the paper's order, ending at the full iSM recipe; ``--sweep key=v1,v2``
+makes one variant per value of a recipe field (the paper's component sweeps). With
+``--seeds 0,1,2`` every variant is trained once per seed (``train.seed``). Every run is a
 derived recipe saved as YAML in the ablation folder, trained (in this process or under
-torchrun) and evaluated with the same evaluation settings and seeds. The work is resumable:
-a variant whose final checkpoint exists is not retrained, an evaluation whose results and
-settings are on disk is not rerun.
+torchrun) and evaluated with the same evaluation settings: the recipe's ``eval`` section, its
+guidance grid included, so each variant is compared at its own best w per step count
+(``ismctl/ablate_report.py``). The work is resumable: a run whose final checkpoint exists is
+not retrained, an evaluation whose results and settings are on disk is not rerun.
 
-A variant is named by what it switches off ("full", "no-wavelet+sot", ..., "baseline"), so
-``--disable`` and ``--cumulative`` runs in the same folder share the variants they have in
+A variant is named by what it switches off ("full", "no-wavelet+sot", ..., "baseline") or by
+the swept value ("guidance.w_max=2"), and a run by its variant and seed ("full-seed1"), so
+``--disable``, ``--cumulative`` and ``--seeds`` runs in one folder share what they have in
 common.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -34,19 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
-from rich.table import Table
 
+from ismctl.ablate_report import aggregate, main_values, markdown, results_table, summarise
+from ismctl.ablate_report import write_chart as write_chart
 from ismctl.errors import UserError
-from ismctl.fileio import atomic_path, atomic_write_text, write_json
-from ismctl.recipe import Recipe, load_recipe, recipe_from_dict, save_recipe
+from ismctl.fileio import atomic_write_text, write_json
+from ismctl.recipe import Recipe, apply_override, load_recipe, recipe_from_dict, save_recipe
 
 DEFAULT_RECIPE = "recipes/ism_xl.yaml"
 FULL, BASELINE = "full", "baseline"
-# Metrics where larger is better; every other metric (FID and the other distances) is lower.
-HIGHER_IS_BETTER = frozenset({"isc", "acc", "precision", "recall"})
-FRACTIONS = frozenset({"acc", "precision", "recall"})
-MAIN_METRICS = (("fid",), ("fd-digits", "acc"), ("fd-dinov2",))
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def _disabled_sets(disable_list: list[str] | None, cumulative: bool) -> list[lis
         return [list(ORDER[k:]) for k in range(len(ORDER) + 1)]
     if not names:
         raise UserError(f"ablate: nothing to compare; pass --disable COMPONENT[,COMPONENT...] "
-                        f"({', '.join(ORDER)}) or --cumulative")
+                        f"({', '.join(ORDER)}), --cumulative or --sweep KEY=V1,V2")
     return [[], names]
 
 
@@ -298,11 +300,11 @@ def _train_variant(recipe: Recipe, yaml_path: Path, launch: str | None, nproc: i
     train(recipe, str(yaml_path), resume=True, overwrite=False, progress=progress)
 
 
-def _eval_variant(run_dir: Path, out: Path, cfg: EvalSettings, launch: str | None, nproc: int,
-                  progress: bool) -> dict[str, Any]:
+def _eval_variant(run_dir: Path, out: Path, cfg: EvalSettings, guidance: list[float],
+                  launch: str | None, nproc: int, progress: bool) -> dict[str, Any]:
     if launch == "torchrun":
         cmd = [*_torchrun(nproc), "eval", str(run_dir), "--steps", ",".join(map(str, cfg.steps)),
-               "--guidance", ",".join(f"{w:g}" for w in cfg.guidance),
+               "--guidance", ",".join(f"{w:g}" for w in guidance),
                "--num-samples", str(cfg.num_samples), "--metrics", ",".join(cfg.metrics),
                "--out", str(out), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed),
                "--device", cfg.device]
@@ -314,242 +316,154 @@ def _eval_variant(run_dir: Path, out: Path, cfg: EvalSettings, launch: str | Non
         return json.loads(out.read_text())
     from ismctl.evaluation import evaluate
 
-    return evaluate(str(run_dir), cfg.steps, cfg.guidance, cfg.num_samples, cfg.ref,
+    return evaluate(str(run_dir), cfg.steps, guidance, cfg.num_samples, cfg.ref,
                     cfg.metrics, out, cfg.inception_weights, False, cfg.batch_size, cfg.seed,
                     device=cfg.device, progress=progress)
 
 
-def point_metrics(results: dict[str, Any]) -> dict[tuple[int, float], dict[str, float]]:
-    """(steps, guidance) -> {value name: number} from an evaluation's results dict."""
-    out: dict[tuple[int, float], dict[str, float]] = {}
-    for point in results.get("points", []):
-        values = {k: float(v) for k, v in point["metrics"].items()
-                  if isinstance(v, int | float) and not isinstance(v, bool)}
-        out[(int(point["steps"]), float(point["guidance"]))] = values
-    return out
+def plan_sweep(recipe: Recipe, sweep: str) -> list[tuple[str, Recipe]]:
+    """One variant per value of ``KEY=V1,V2,...`` (values parsed as YAML, each checked by the
+    recipe schema), named ``KEY=V``; a YAML list value is written in brackets:
+    ``loss.detail_weights=[4,2,1],2``."""
+    key, sep, raw = sweep.partition("=")
+    values = _split_values(raw)
+    if not sep or not key or len(values) < 2:
+        raise UserError(f"--sweep {sweep!r}: expected KEY=V1,V2[,...] with at least two values, "
+                        "e.g. guidance.w_max=2,3.5,5")
+    out = []
+    for value in values:
+        name = f"{key}={value}"
+        data = apply_override(recipe.model_dump(mode="json"), name)
+        out.append((name, recipe_from_dict(data, f"--sweep {name}")))
+    if len({yaml.safe_dump(r.model_dump(mode="json")) for _, r in out}) < len(out):
+        raise UserError(f"--sweep {sweep!r}: two values give the same recipe")
+    return [(name, _named(r, name)) for name, r in out]
 
 
-def main_metrics(names: list[str]) -> list[str]:
-    """FID when present; for digits fd-digits and acc; else the first metric."""
-    for group in MAIN_METRICS:
-        if group[0] in names:
-            return [m for m in group if m in names]
-    return names[:1]
+def _split_values(raw: str) -> list[str]:
+    """Comma-separated values, commas inside brackets kept: ``[4,2,1],2`` -> two values."""
+    values, depth, cur = [], 0, ""
+    for ch in raw:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            values.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        values.append(cur.strip())
+    return values
 
 
-def _point_key(steps: int, w: float) -> str:
-    return f"{steps}@{w:g}"
+def run_name(variant: str, seed: int, seeds: list[int] | None) -> str:
+    """A run of one variant: ``variant`` alone when no seeds were asked for."""
+    return variant if seeds is None else f"{variant}-seed{seed}"
 
 
-def summarise(variants: list[dict[str, Any]], cfg: EvalSettings, paper: bool) -> dict[str, Any]:
-    """Add each variant's differences to the full recipe; pick the main metric(s)."""
-    full = next((v for v in variants if v["name"] == FULL), None)
-    names: list[str] = []
-    for v in variants:
-        for values in v["metrics"].values():
-            names += [k for k in values if k not in names]
-    for v in variants:
-        v["delta"] = {}
-        for point, values in v["metrics"].items():
-            ref = full["metrics"].get(point, {}) if full else {}
-            v["delta"][point] = {k: values[k] - ref[k] for k in values
-                                 if k in ref and math.isfinite(values[k] - ref[k])}
-        v["paper_fid"] = paper_fid(v["name"]) if paper else None
-    return {"main_metrics": main_metrics(names), "metric_names": names,
-            "points": [_point_key(s, w) for s in cfg.steps for w in cfg.guidance]}
-
-
-def _fmt(value: float | None, metric: str, signed: bool = False) -> str:
-    """Shares (accuracy, precision, recall) with 4 decimals, scores and distances with 2."""
-    if value is None or not math.isfinite(value):
-        return "-"
-    digits = 4 if metric in FRACTIONS else 2
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
-def _steps_of(point: str) -> int:
-    return int(point.split("@")[0])
-
-
-def _guidance_of(point: str) -> str:
-    return point.split("@")[1]
-
-
-def _point_title(point: str) -> str:
-    steps, w = point.split("@")
-    return f"{steps} step{'s' if steps != '1' else ''}, w={w}"
-
-
-def results_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"ismctl ablate: {report['recipe']} ({report['mode']}), "
-                        f"{report['eval']['num_samples']} samples per point; "
-                        "delta = variant - full iSM")
-    table.add_column("variant", style="bold")
-    cols = [(p, m) for p in report["points"] for m in report["main_metrics"]]
-    for point, metric in cols:
-        table.add_column(f"{_point_title(point)}\n{metric} (delta)", justify="right")
-    for v in report["variants"]:
-        row = [v["label"]]
-        for point, metric in cols:
-            value = v["metrics"].get(point, {}).get(metric)
-            delta = v["delta"].get(point, {}).get(metric)
-            text = _fmt(value, metric)
-            if v["name"] != FULL and delta is not None:
-                text += f" ({_fmt(delta, metric, signed=True)})"
-            row.append(text)
-        table.add_row(*row)
-    return table
-
-
-def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Ablation: {report['recipe']} ({report['mode']})", ""]
-    ev = report["eval"]
-    ws = ", ".join(f"{w:g} (CFG scale {1 + w:g})" for w in ev["guidance"])
-    lines += [f"Every variant evaluated with the same settings: {ev['num_samples']} samples per "
-              f"point, seed {ev['seed']}, guidance w = {ws}; delta = variant - full iSM "
-              f"(lower is better except {', '.join(sorted(HIGHER_IS_BETTER))}).", ""]
-    main = report["main_metrics"]
-    header = ["variant"]
-    for point in report["points"]:
-        for metric in main:
-            header += [f"{_point_title(point)} {metric}", "delta"]
-            if report["paper"] and metric == "fid":
-                header.append("paper")
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for v in report["variants"]:
-        row = [v["label"]]
-        for point in report["points"]:
-            for metric in main:
-                row.append(_fmt(v["metrics"].get(point, {}).get(metric), metric))
-                delta = None if v["name"] == FULL else v["delta"].get(point, {}).get(metric)
-                row.append(_fmt(delta, metric, signed=True))
-                if report["paper"] and metric == "fid":
-                    paper = (v["paper_fid"] or {}).get(_steps_of(point))
-                    row.append(_fmt(paper, metric))
-        lines.append("| " + " | ".join(row) + " |")
-    if report["paper"]:
-        lines += ["", f"Paper column: {PAPER_NOTE}; this run: train.steps = "
-                      f"{report['train_steps']}."]
-    lines += ["", "## All metrics", ""]
-    names = report["metric_names"]
-    lines += ["| variant | steps | w | " + " | ".join(names) + " |",
-              "|" + "---|" * (len(names) + 3)]
-    for v in report["variants"]:
-        for point in report["points"]:
-            values = v["metrics"].get(point, {})
-            lines.append(f"| {v['label']} | {_steps_of(point)} | {_guidance_of(point)} | "
-                         + " | ".join(_fmt(values.get(n), n) for n in names) + " |")
-    lines += ["", "## Variants", ""]
-    for v in report["variants"]:
-        off = ", ".join(v["disabled"]) or "none"
-        lines.append(f"- `{v['name']}` ({v['label']}): off = {off}; recipe `{v['recipe']}`, "
-                     f"results `{v['results']}`")
-    for note in report["notes"]:
-        lines.append(f"- note: {note}")
-    return "\n".join(lines) + "\n"
-
-
-def write_chart(path: Path, report: dict[str, Any]) -> Path:
-    """Grouped bars of the main metric(s): one group per (steps, w), one bar per variant,
-    the paper's FID as black ticks where it exists; the legend sits below the plots."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    main, points, variants = report["main_metrics"], report["points"], report["variants"]
-    wide = max(6.0, 0.45 * len(points) * max(1, len(variants)))
-    fig = Figure(figsize=(wide, 3.2 * len(main) + 1.0), dpi=120, layout="constrained")
-    FigureCanvasAgg(fig)
-    width = 0.8 / max(1, len(variants))
-    paper_labelled = False
-    for row, metric in enumerate(main):
-        ax = fig.add_subplot(len(main), 1, row + 1)
-        for i, v in enumerate(variants):
-            xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(points))]
-            ys = [v["metrics"].get(p, {}).get(metric, math.nan) for p in points]
-            ax.bar(xs, ys, width, label=v["label"] if row == 0 else None, color=f"C{i % 10}")
-            paper = v.get("paper_fid") or {}
-            ticks = [(x, paper[_steps_of(p)]) for x, p in zip(xs, points, strict=True)
-                     if metric == "fid" and _steps_of(p) in paper]
-            if ticks:
-                ax.scatter(*zip(*ticks, strict=True), marker="_", s=150, color="black",
-                           zorder=3, label=None if paper_labelled else "paper (SPEC 3)")
-                paper_labelled = True
-        ax.set_xticks(range(len(points)), [_point_title(p) for p in points])
-        ax.set_ylabel(metric)
-        ax.grid(True, axis="y", alpha=0.3)
-        if row == 0:
-            ax.set_title(f"ablation of {Path(report['recipe']).name} ({report['mode']})")
-    fig.legend(loc="outside lower center", ncols=min(3, len(variants) + paper_labelled),
-               fontsize="small")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+def _point_guidance(recipe: Recipe, cfg: EvalSettings) -> list[float]:
+    # An sm variant is sampled by its authors' protocol (SPEC 2): the conditional output,
+    # plus the d = 0 CFG entry at 128 steps; its guidance is fixed by its training.
+    return cfg.guidance if recipe.objective.mode == "ism" else [0.0]
 
 
 def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative: bool,
                  launch: str | None = None, nproc_per_node: int = 1,
                  overrides: list[str] | None = None, out: str | Path | None = None,
                  eval_num_samples: int | None = None, progress: bool = True,
-                 inception_weights: str | None = None) -> dict[str, Any]:
+                 inception_weights: str | None = None, seeds: list[int] | None = None,
+                 sweep: str | None = None) -> dict[str, Any]:
     """Plan, train, evaluate and compare the ablation variants; returns the report dict
     (also written as ``ablation.json``, ``ablation.md`` and ``ablation.png`` in the folder)."""
     if launch not in (None, "torchrun"):
         raise UserError(f"--launch {launch}: expected 'torchrun' (or nothing: in this process)")
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node {nproc_per_node}: must be >= 1")
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise UserError(f"--seeds {seeds}: give distinct seeds, e.g. 0,1,2")
     path = recipe_path or DEFAULT_RECIPE
     base = load_recipe(path, overrides)
-    variants = plan_variants(base, disable, cumulative)
+    if sweep is not None:
+        if disable or cumulative:
+            raise UserError("--sweep is exclusive with --disable and --cumulative")
+        variants, mode = plan_sweep(base, sweep), "sweep"
+        reference = variants[0][0]
+    else:
+        variants = plan_variants(base, disable, cumulative)
+        mode, reference = ("cumulative" if cumulative else "disable"), FULL
     folder = Path(out) if out is not None else Path(base.run.root) / f"ablate-{Path(path).stem}"
     cfg = eval_settings(base, eval_num_samples, inception_weights)
-    paper = is_paper_setting(base)
+    paper = is_paper_setting(base) and sweep is None
+    train_seeds = seeds if seeds is not None else [base.train.seed]
     console = Console()
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    for index, (name, recipe) in enumerate(variants, start=1):
-        recipe = recipe.model_copy(update={"run": recipe.run.model_copy(
-            update={"root": str(folder)})})
-        yaml_path, run_dir = folder / f"{name}.yaml", folder / name
-        _check_stored_recipe(yaml_path, recipe, run_dir)
-        save_recipe(recipe, yaml_path)
-        label = variant_label(name, cumulative)
-        head = f"[bold]ablate[/] {index}/{len(variants)} {name} ({label})"
-        if _final_step(run_dir) == recipe.train.steps:
-            console.print(f"{head}: trained, final checkpoint found")
-        else:
-            console.print(f"{head}: training")
-            _train_variant(recipe, yaml_path, launch, nproc_per_node, progress)
-        results_path = run_dir / "eval" / "results.json"
-        key_path = run_dir / "eval" / "ablation-settings.json"
-        key = cfg.key(recipe.train.steps)
-        if (results_path.is_file() and key_path.is_file()
-                and json.loads(key_path.read_text()) == key):
-            console.print(f"{head}: evaluated, {results_path} found")
-            results = json.loads(results_path.read_text())
-        else:
-            console.print(f"{head}: evaluating")
-            results = _eval_variant(run_dir, results_path, cfg, launch, nproc_per_node, progress)
-            atomic_write_text(key_path, json.dumps(key, indent=2) + "\n")
-        notes += [n for n in results.get("notes", []) if n not in notes]
-        metrics = point_metrics(results)
-        rows.append({"name": name, "label": label, "disabled": _disabled_of(name),
-                     "recipe": str(yaml_path), "run_dir": str(run_dir),
-                     "results": str(results_path),
-                     "metrics": {_point_key(s, w): v for (s, w), v in metrics.items()}})
+    total = len(variants) * len(train_seeds)
+    select = None
+    for v_index, (name, recipe) in enumerate(variants):
+        label = name if sweep is not None else variant_label(name, cumulative)
+        runs, results_list = [], []
+        for s_index, seed in enumerate(train_seeds):
+            rname = run_name(name, seed, seeds)
+            run = recipe.model_copy(update={
+                "run": recipe.run.model_copy(update={"root": str(folder), "name": rname}),
+                "train": recipe.train.model_copy(update={"seed": seed})})
+            yaml_path, run_dir = folder / f"{rname}.yaml", folder / rname
+            _check_stored_recipe(yaml_path, run, run_dir)
+            save_recipe(run, yaml_path)
+            head = (f"[bold]ablate[/] {v_index * len(train_seeds) + s_index + 1}/{total} "
+                    f"{rname} ({label})")
+            if _final_step(run_dir) == run.train.steps:
+                console.print(f"{head}: trained, final checkpoint found")
+            else:
+                console.print(f"{head}: training")
+                _train_variant(run, yaml_path, launch, nproc_per_node, progress)
+            results = _evaluated(run, run_dir, cfg, launch, nproc_per_node, progress, console,
+                                 head)
+            notes += [n for n in results.get("notes", []) if n not in notes]
+            select = select or results.get("select_by")
+            runs.append({"seed": seed, "run_dir": str(run_dir), "recipe": str(yaml_path),
+                         "results": str(run_dir / "eval" / "results.json")})
+            results_list.append(results)
+        rows.append({"name": name, "label": label,
+                     "disabled": [] if sweep is not None else _disabled_of(name),
+                     "recipe": runs[0]["recipe"], "runs": runs,
+                     **aggregate(results_list, select)})
+        if paper:
+            rows[-1]["paper_fid"] = paper_fid(name)
     report: dict[str, Any] = {
-        "recipe": str(path), "mode": "cumulative" if cumulative else "disable",
-        "disabled": parse_components(disable), "folder": str(folder), "paper": paper,
+        "recipe": str(path), "mode": mode, "disabled": parse_components(disable),
+        "sweep": sweep, "folder": str(folder), "paper": paper, "seeds": train_seeds,
         "train_steps": base.train.steps, "overrides": list(overrides or []),
         "eval": {"steps": cfg.steps, "guidance": cfg.guidance, "num_samples": cfg.num_samples,
                  "metrics": cfg.metrics, "ref": cfg.ref, "seed": cfg.seed},
-        "reference_variant": FULL, "notes": notes, "variants": rows,
+        "select_by": select, "reference_variant": reference, "notes": notes, "variants": rows,
     }
-    report.update(summarise(rows, cfg, paper))
+    report.update(summarise(rows, reference))
+    report["main_metrics"] = main_values(report["value_names"], select)
     write_json(folder / "ablation.json", report)
-    atomic_write_text(folder / "ablation.md", markdown(report))
+    note = (f"Paper FID: {PAPER_NOTE}; this run: train.steps = {base.train.steps}."
+            if paper else "")
+    atomic_write_text(folder / "ablation.md", markdown(report, note))
     write_chart(folder / "ablation.png", report)
     console.print(results_table(report))
-    for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
+    for n in notes:
+        console.print(f"[yellow]note:[/] {n}")
     console.print(f"[green]wrote[/] {folder}/ablation.{{json,md,png}}")
     return report
+
+
+def _evaluated(recipe: Recipe, run_dir: Path, cfg: EvalSettings, launch: str | None,
+               nproc: int, progress: bool, console: Console, head: str) -> dict[str, Any]:
+    """The run's evaluation results, computed unless stored with the same settings."""
+    results_path = run_dir / "eval" / "results.json"
+    key_path = run_dir / "eval" / "ablation-settings.json"
+    guidance = _point_guidance(recipe, cfg)
+    key = {**cfg.key(recipe.train.steps), "guidance": guidance}
+    if (results_path.is_file() and key_path.is_file()
+            and json.loads(key_path.read_text()) == key):
+        console.print(f"{head}: evaluated, {results_path} found")
+        return json.loads(results_path.read_text())
+    console.print(f"{head}: evaluating")
+    results = _eval_variant(run_dir, results_path, cfg, guidance, launch, nproc, progress)
+    atomic_write_text(key_path, json.dumps(key, indent=2) + "\n")
+    return results

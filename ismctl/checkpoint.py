@@ -32,6 +32,7 @@ from ismctl.distributed import resolve_device
 from ismctl.ema import unwrap_model
 from ismctl.errors import UserError
 from ismctl.model import ShortcutDiT, build_model
+from ismctl.protocol import run_sampler
 from ismctl.recipe import Recipe, load_recipe
 
 WEIGHT_FILES = {"online": "online.safetensors", "target": "target_ema.safetensors",
@@ -134,9 +135,16 @@ class LoadedRun:
     device: torch.device
 
 
+def run_recipe(path: str | Path | None) -> Recipe:
+    """The resolved recipe saved with a run (``path`` as in :func:`resolve_checkpoint`)."""
+    run_dir, _ = resolve_checkpoint(path)
+    return load_recipe(run_dir / "recipe.yaml")
+
+
 def load_for_sampling(path: str | Path | None, which: str = "inference",
-                      device: str = "auto") -> LoadedRun:
-    """Load a run's weights for sampling: the inference EMA by default (SPEC 3.4)."""
+                      device: str | None = "auto") -> LoadedRun:
+    """Load a run's weights for sampling: the inference EMA by default (SPEC 3.4).
+    ``device`` None takes the recipe's ``train.device``."""
     if which not in WEIGHT_FILES:
         raise UserError(f"--which {which!r}: choose from {', '.join(WEIGHT_FILES)}")
     run_dir, ckpt = resolve_checkpoint(path)
@@ -146,12 +154,12 @@ def load_for_sampling(path: str | Path | None, which: str = "inference",
     if not weights.is_file():
         # An EMA switched off in the recipe is not saved: its role falls to the online weights.
         weights = ckpt / WEIGHT_FILES["online"]
-    dev = resolve_device(device)
+    dev = resolve_device(recipe.train.device if device is None else device)
     model = model_from_recipe(recipe, manifest)
     load_weights(model, weights)
     model.to(dev).eval().requires_grad_(False)
     return LoadedRun(
         model=model, recipe=recipe, manifest=manifest, run_dir=run_dir, checkpoint=ckpt,
         step=int(_STEP_DIR.match(ckpt.name).group(1)), sha256=file_sha256(weights),
-        mode="cfg" if recipe.objective.mode == "sm" else "intrinsic", device=dev,
+        mode=run_sampler(recipe), device=dev,
     )

@@ -31,13 +31,6 @@ def _int_list(text: str, what: str) -> list[int]:
         raise UserError(f"{what} {text!r}: expected comma-separated integers, e.g. 1,4,128") from exc
 
 
-def _float_list(text: str, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise UserError(f"{what} {text!r}: expected comma-separated numbers, e.g. 0,1.0") from exc
-
-
 @app.command("prepare-latents")
 def prepare_latents_cmd(
     src: Annotated[str, typer.Argument(help="ImageFolder root (e.g. imagenet/train) or 'digits'.")],
@@ -82,62 +75,74 @@ def train(
 def sample(
     run: Annotated[Path, typer.Argument(help="Run directory or checkpoint folder.")],
     steps: Annotated[int, typer.Option(help="Sampling steps N (a power of two, 1..128).")] = 4,
-    guidance: Annotated[float, typer.Option(help=GUIDANCE_HELP)] = 1.0,
+    guidance: Annotated[float | None, typer.Option(help=GUIDANCE_HELP + " Default: the best w that `ismctl eval` found for N steps, else the recipe's eval.default_guidance.")] = None,
+    double_guidance: Annotated[bool, typer.Option(help="sm runs: apply CFG on top of the guidance baked into the shortcuts (guides twice; not the authors' protocol).")] = False,
     num: Annotated[int, typer.Option(help="Number of images.")] = 64,
     class_: Annotated[int | None, typer.Option("--class", help="Class index for every image (default: class-balanced).")] = None,
     out: Annotated[Path, typer.Option(help="Output .png (grid) or .npz (ADM format).")] = Path("samples.png"),
     which: Annotated[str, typer.Option(help="Weights: inference (EMA), target (EMA) or online.")] = "inference",
-    seed: Annotated[int, typer.Option(help="Noise and label seed.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per sampling batch.")] = 256,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    seed: Annotated[int | None, typer.Option(help="Noise and label seed (default: the recipe's eval.seed).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per sampling batch (default: the recipe's eval.batch_size).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the recipe's train.device).")] = None,
 ) -> None:
     """Generate images from a trained run."""
     import torch
 
     from ismctl.checkpoint import load_for_sampling
     from ismctl.generate import arrange_by_class, generate_images, save_grid
+    from ismctl.protocol import choose_point
 
     loaded = load_for_sampling(run, which=which, device=device)
+    ev = loaded.recipe.eval
     if class_ is not None and not 0 <= class_ < loaded.manifest.num_classes:
         raise UserError(f"--class {class_}: out of range 0..{loaded.manifest.num_classes - 1}")
+    if out.suffix not in (".png", ".npz"):
+        raise UserError(f"--out {out}: use a .png (grid) or .npz (ADM samples) file name")
+    point, source = choose_point(loaded.recipe, loaded.run_dir, steps, guidance, double_guidance)
     labels = None if class_ is None else torch.full((num,), class_, dtype=torch.long)
-    images, labels = generate_images(loaded, num, steps, guidance, seed, batch_size, labels=labels,
-                                     progress=True)
+    images, labels = generate_images(loaded, num, steps, point.guidance,
+                                     ev.seed if seed is None else seed,
+                                     batch_size or ev.batch_size, labels=labels, progress=True,
+                                     sampler=point.sampler)
     if out.suffix == ".npz":
         from ismctl.evaluation.npz import write_samples_npz
 
         write_samples_npz(out, images.numpy(), labels.numpy())
-    elif out.suffix == ".png":
+    else:
         grid, nrow = arrange_by_class(images, labels, loaded.manifest.num_classes)
         save_grid(grid, out, nrow=nrow)
-    else:
-        raise UserError(f"--out {out}: use a .png (grid) or .npz (ADM samples) file name")
-    console.print(f"[green]wrote[/] {out} ({num} images, {steps} step(s), w={guidance:g}, "
-                  f"weights: {which}, step {loaded.step})")
+    console.print(f"[green]wrote[/] {out} ({num} images, {point.label()}, guidance from "
+                  f"{source}, weights: {which}, step {loaded.step})")
 
 
 @app.command("eval")
 def eval_cmd(
     run: Annotated[Path | None, typer.Argument(help="Run or checkpoint (default: the latest run).")] = None,
-    steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "1,4,128",
-    guidance: Annotated[str | None, typer.Option(help=GUIDANCE_HELP + " Comma-separated; default from the recipe.")] = None,
-    num_samples: Annotated[int, typer.Option(help="Samples per (steps, guidance) point.")] = 50_000,
-    ref: Annotated[str | None, typer.Option(help="Reference: ADM .npz, image folder, or (default) the training shards.")] = None,
-    metrics: Annotated[str | None, typer.Option(help="fid,isc,prc,fd-dinov2 (digits adds acc,fd-digits).")] = None,
+    steps: Annotated[str | None, typer.Option(help="Comma-separated step counts (default: the recipe's eval.steps).")] = None,
+    guidance: Annotated[str | None, typer.Option(help=GUIDANCE_HELP + " Numbers and START:STOP:STEP ranges, e.g. 0:4:0.5 (default: the recipe's eval.guidance). The best per step count is reported and remembered.")] = None,
+    double_guidance: Annotated[bool, typer.Option(help="sm runs: apply CFG on top of the guidance baked into the shortcuts (guides twice; not the authors' protocol).")] = False,
+    select_by: Annotated[str | None, typer.Option(help="Value that picks the best w per step count (default: fid, else fd-dinov2, else cfd-digits, ...).")] = None,
+    remember: Annotated[bool, typer.Option(help="Store the best w per step count in the run for `ismctl sample` (latest checkpoint only).")] = True,
+    num_samples: Annotated[int | None, typer.Option(help="Samples per point (default: the recipe's eval.num_samples).")] = None,
+    ref: Annotated[str | None, typer.Option(help="Reference: ADM .npz, image folder, or (default: the recipe's eval.ref, else) the training shards.")] = None,
+    metrics: Annotated[str | None, typer.Option(help="fid,isc,prc,fd-dinov2 (digits adds acc,fd-digits,cfd-digits; default: the recipe's eval.metrics).")] = None,
     out: Annotated[Path | None, typer.Option(help="results.json path (default: in the run directory).")] = None,
     inception_weights: Annotated[str | None, typer.Option(help="Local Inception-v3 weights file (offline FID).")] = None,
     save_npz: Annotated[bool, typer.Option(help="Also write each sample set as an ADM .npz.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Sampling batch size per rank.")] = 250,
-    seed: Annotated[int, typer.Option(help="Seed of noise and labels.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int | None, typer.Option(help="Sampling batch size per rank (default: the recipe's eval.batch_size).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of noise and labels (default: the recipe's eval.seed).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the recipe's train.device).")] = None,
 ) -> None:
     """FID / IS / precision-recall at chosen step counts and guidance strengths."""
     from ismctl.evaluation import evaluate
+    from ismctl.guidance import parse_guidance
 
-    evaluate(None if run is None else str(run), _int_list(steps, "--steps"),
-             None if guidance is None else _float_list(guidance, "--guidance"), num_samples,
+    evaluate(None if run is None else str(run),
+             None if steps is None else _int_list(steps, "--steps"),
+             None if guidance is None else parse_guidance(guidance), num_samples,
              ref, None if metrics is None else [m.strip() for m in metrics.split(",")],
-             out, inception_weights, save_npz, batch_size, seed, device=device)
+             out, inception_weights, save_npz, batch_size, seed, device=device,
+             double_guidance=double_guidance, select_by=select_by, remember=remember)
 
 
 @app.command()
@@ -147,20 +152,24 @@ def ablate(
     cumulative: Annotated[bool, typer.Option(help="The paper's table: baseline, then each component added in turn.")] = False,
     launch: Annotated[str | None, typer.Option(help="'torchrun': train/evaluate each variant as a torchrun job.")] = None,
     nproc_per_node: Annotated[int, typer.Option(help="GPUs per variant with --launch torchrun.")] = 1,
+    sweep: Annotated[str | None, typer.Option(help="One variant per value of a recipe field, e.g. guidance.w_max=2,3.5,5 (brackets keep list values: loss.detail_weights=[4,2,1],2).")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Training seeds, one run per variant and seed, e.g. 0,1,2 (tables show mean +- sd).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override applied to every variant (repeatable).")] = None,
     out: Annotated[Path | None, typer.Option(help="Ablation folder (default runs/ablate-<recipe>).")] = None,
     eval_num_samples: Annotated[int | None, typer.Option(help="Samples per evaluation point (default: the recipe's).")] = None,
     inception_weights: Annotated[str | None, typer.Option(help="Local Inception-v3 weights file (offline FID).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Train and evaluate recipe variants with iSM components switched off."""
+    """Train and evaluate recipe variants (iSM components switched off, or a swept field),
+    each at its own best guidance per step count, over one or more seeds."""
     from ismctl.ablate import run_ablation
 
     run_ablation(None if recipe is None else str(recipe),
                  None if disable is None else [c.strip() for c in disable.split(",") if c.strip()],
                  cumulative, launch=launch, nproc_per_node=nproc_per_node, overrides=set_,
                  out=out, eval_num_samples=eval_num_samples, inception_weights=inception_weights,
-                 progress=progress)
+                 progress=progress, seeds=None if seeds is None else _int_list(seeds, "--seeds"),
+                 sweep=sweep)
 
 
 @app.command()

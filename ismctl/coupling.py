@@ -7,6 +7,13 @@ them. ``K = 1`` is minibatch OT (Tong et al. 2023), ``K = 0`` independent pairin
 assignment is a permutation (each noise sample used exactly once), unlike sampling from a
 transport plan.
 
+Class-conditional data: an assignment over the whole pool lets the matched noise carry the
+class (noise near a "1" goes to a "1"), so the network can read the class off ``x0`` and
+learns to ignore the label (SPEC 3.3). ``within_class`` (the default of the recipes) solves
+one assignment per class instead: the data of class ``c`` is matched with the noise drawn in
+the same slots, so the noise a class receives is still i.i.d. N(0, I) and independent of the
+label, while each class's paths are straightened as before.
+
 Solving a pool of ``n`` pairs costs up to ``O(n^3)`` on the CPU (SPEC 3.3: seconds at
 n = 4096), so the coupler runs in data-loader worker processes, off the training step:
 plain torch on the CPU plus scipy, and a picklable object holding no lambdas.
@@ -51,25 +58,39 @@ def ot_assignment(x0: Tensor, x1: Tensor) -> Tensor:
     return perm
 
 
-def pair_pool(x0: Tensor, x1: Tensor) -> Tensor:
-    """``x0`` reordered so that ``x0_out[i]`` is the noise matched to ``x1[i]``."""
-    return x0[ot_assignment(x0, x1).to(x0.device)]
+def pair_pool(x0: Tensor, x1: Tensor, y: Tensor | None = None) -> Tensor:
+    """``x0`` reordered so that ``x0_out[i]`` is the noise matched to ``x1[i]``.
+
+    With labels ``y`` the assignment is solved within each class: rows of class ``c`` only
+    exchange noise among themselves, so the noise keeps no trace of the label.
+    """
+    if y is None:
+        return x0[ot_assignment(x0, x1).to(x0.device)]
+    perm = torch.arange(x0.shape[0])
+    labels = y.detach().cpu()
+    for c in labels.unique():
+        rows = torch.nonzero(labels == c).squeeze(1)
+        perm[rows] = rows[ot_assignment(x0[rows.to(x0.device)], x1[rows.to(x1.device)])]
+    return x0[perm.to(x0.device)]
 
 
 class SOTCoupler:
     """Turn ``(x1, y)`` batches into ``(x0, x1, y)`` batches with pooled OT noise.
 
     ``pool_batches = K``: 0 independent pairing, 1 per-batch OT, K > 1 one assignment over
-    K batches. Noise is standard normal, drawn batch by batch from ``generator`` (the global
-    torch RNG when None) in the batches' shape, so the drawn noise does not depend on K; only
-    its pairing does. A trailing pool cut short by the end of the data is still paired.
+    K batches (``within_class``: one per class of the pool). Noise is standard normal, drawn
+    batch by batch from ``generator`` (the global torch RNG when None) in the batches' shape,
+    so the drawn noise does not depend on K; only its pairing does. A trailing pool cut short
+    by the end of the data is still paired.
     """
 
-    def __init__(self, pool_batches: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, pool_batches: int, generator: torch.Generator | None = None,
+                 within_class: bool = False) -> None:
         if pool_batches < 0:
             raise ValueError(f"pool_batches must be >= 0, got {pool_batches}")
         self.pool_batches = pool_batches
         self.generator = generator
+        self.within_class = within_class
 
     def noise_like(self, x1: Tensor) -> Tensor:
         noise = torch.randn(x1.shape, generator=self.generator, dtype=torch.float32)
@@ -92,6 +113,7 @@ class SOTCoupler:
         sizes = [x1.shape[0] for _, x1, _ in pool]
         noise = torch.cat([x0 for x0, _, _ in pool])
         data = torch.cat([x1 for _, x1, _ in pool])
-        matched = pair_pool(noise, data).split(sizes)
+        labels = torch.cat([y for _, _, y in pool]) if self.within_class else None
+        matched = pair_pool(noise, data, labels).split(sizes)
         for x0, (_, x1, y) in zip(matched, pool, strict=True):
             yield x0, x1, y

@@ -24,9 +24,11 @@ from ismctl.sampler import balanced_labels, sample, sample_noise
 
 def generate_images(run: LoadedRun, num: int, steps: int, guidance: float, seed: int,
                     batch_size: int, labels: torch.Tensor | None = None, progress: bool = False,
-                    rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                    rank: int = 0, world_size: int = 1,
+                    sampler: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample and decode; returns uint8 images (n, H, W, C) and labels (n,) for this rank's
-    share (indices ``rank::world_size``) of the ``num`` requested samples."""
+    share (indices ``rank::world_size``) of the ``num`` requested samples. ``sampler`` is a
+    mode of :func:`ismctl.sampler.sample` (default: the run's own, ``run.mode``)."""
     man = run.manifest
     if labels is None:
         labels = balanced_labels(num, man.num_classes, seed)
@@ -40,7 +42,7 @@ def generate_images(run: LoadedRun, num: int, steps: int, guidance: float, seed:
         for chunk in indices.split(batch_size):
             noise = sample_noise(chunk, shape, seed).to(run.device)
             x = sample(run.model, noise, labels[chunk].to(run.device), steps, guidance,
-                       mode=run.mode, base_steps=run.recipe.objective.base_steps,
+                       mode=sampler or run.mode, base_steps=run.recipe.objective.base_steps,
                        autocast_dtype=autocast, num_classes=man.num_classes)
             images.append(encoder.decode(x.float()).cpu())
             bar.advance(len(chunk))

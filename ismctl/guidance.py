@@ -50,6 +50,37 @@ def interval_weight(t: Tensor, w: Tensor, interval_start: float) -> Tensor:
     return torch.where(t >= interval_start, w, torch.zeros_like(w))
 
 
+def parse_guidance(text: str) -> list[float]:
+    """Guidance strengths from the command line: comma-separated numbers and/or inclusive
+    ranges ``START:STOP:STEP`` (``0:4:0.5`` is 0, 0.5, ..., 4), in order, duplicates dropped."""
+    out: list[float] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            fields = [float(v) for v in item.split(":")]
+        except ValueError as exc:
+            raise UserError(f"--guidance {text!r}: {item!r} is not a number or START:STOP:STEP "
+                            "(e.g. 0,1.0 or 0:4:0.5)") from exc
+        if len(fields) == 1:
+            values = fields
+        elif len(fields) == 3 and fields[2] > 0 and fields[1] >= fields[0]:
+            start, stop, step = fields
+            count = math.floor((stop - start) / step + 1e-9) + 1
+            values = [round(start + i * step, 10) for i in range(count)]
+        else:
+            raise UserError(f"--guidance {text!r}: a range is START:STOP:STEP with STEP > 0 and "
+                            f"STOP >= START, got {item!r}")
+        for w in values:
+            if not (math.isfinite(w) and w >= 0):
+                raise UserError(f"--guidance {text!r}: w must be >= 0 (CFG scale 1 + w)")
+            if w not in out:
+                out.append(w)
+    if not out:
+        raise UserError(f"--guidance {text!r}: give at least one strength")
+    return out
+
+
 def scale_to_w(s: float) -> float:
     """Classic CFG scale s to the delta strength w = s - 1."""
     return s - 1.0

@@ -74,10 +74,12 @@ class LossCfg(Section):
     levels: int = Field(5, ge=0, description="Decomposition levels L, capped by the input size (wavelet loss only).")
     approx_weight: float = Field(1.0, ge=0.0, description="Weight of the coarsest approximation band (wavelet loss only).")
     detail_weights: float | list[float] = Field(2.0, description="Weight of detail bands: one number, or one per level finest-first (wavelet loss only).")
+    energy_norm: bool = Field(False, description="Divide each band's error by the target's energy per coefficient in that band, a batch estimate (wavelet loss only).")
 
 
 class CouplingCfg(Section):
     pool_batches: int = Field(32, ge=0, description="sOT pool size K in batches: 0 independent pairing, 1 minibatch OT, K>1 pooled (SPEC 3.3).")
+    within_class: bool = Field(True, description="Solve the assignment within each class of the pool, so the noise stays independent of the label; False pairs across classes (label-blind).")
 
 
 class EMACfg(Section):
@@ -112,7 +114,7 @@ class RunCfg(Section):
     log_every: int = Field(100, gt=0, description="Steps between metric lines in metrics.jsonl.")
     sample_every: int = Field(10_000, gt=0, description="Steps between PNG sample grids (1 and 4 steps).")
     sample_num: int = Field(64, gt=0, description="Images per periodic sample grid.")
-    sample_guidance: float = Field(1.0, ge=0.0, description="Guidance w of periodic grids (CFG scale 1 + w).")
+    sample_guidance: float | None = Field(None, ge=0.0, description="Guidance w of periodic grids (CFG scale 1 + w); None takes eval.default_guidance per step count.")
     ckpt_every: int = Field(10_000, gt=0, description="Steps between checkpoints.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the milestones.")
     keep_every: int = Field(100_000, ge=0, description="Also keep every checkpoint whose step is a multiple of this; 0 keeps none.")
@@ -120,7 +122,8 @@ class RunCfg(Section):
 
 class EvalCfg(Section):
     steps: list[int] = Field([1, 4, 128], description="Sampling step counts to evaluate.")
-    guidance: list[float] = Field([1.0], description="Guidance strengths w to evaluate (CFG scale 1 + w).")
+    guidance: list[float] = Field([1.0], description="Guidance strengths w to evaluate (CFG scale 1 + w); the best per step count is remembered. sm runs: [0] (guidance is baked in).")
+    default_guidance: dict[int, float] = Field({1: 1.0, 4: 1.0, 128: 1.0}, description="Guidance w per step count for `ismctl sample` and training grids until `ismctl eval` has picked one; other step counts take the nearest listed.")
     num_samples: int = Field(50_000, gt=0, description="Samples per (steps, guidance) point (class-balanced).")
     metrics: list[str] = Field(["fid", "isc", "prc"], description="Metrics to compute: fid, isc, prc, fd-dinov2 (digits also: acc, fd-digits).")
     ref: str | None = Field(None, description="Reference statistics: ADM .npz, image folder, or None for the prepared shards.")

@@ -2,15 +2,24 @@
 
     x <- x + d F(x, t_i, d, c, w),  t_i = i / N
 
-``intrinsic`` (iSM) feeds the guidance strength w to the network: one pass per step.
-``cfg`` (the sm baseline) runs the label and the null rows with w = 0 and combines them as
-v_c + w (v_c - v_null), i.e. CFG scale s = 1 + w: two passes per step.
+Samplers (the ``mode`` argument):
+
+- ``intrinsic`` (iSM) feeds the guidance strength w to the network: one pass per step.
+- ``conditional`` (the sm baseline, its authors' protocol, SPEC 2): one pass with the label and
+  w = 0. An sm network has CFG baked into its shortcuts by its training targets, so this
+  output is already guided; ``w`` must be 0.
+- ``cfg`` runs the label and the null rows with w = 0 and combines them as
+  v_c + w (v_c - v_null), i.e. CFG scale s = 1 + w: two passes per step. On an sm network
+  this guides twice (baked-in guidance, then CFG on top): reachable, never the default.
+- ``flow-cfg`` is ``cfg`` on the instantaneous velocity (d = 0) instead of the jump of size
+  1/N: N Euler steps of classic flow matching with CFG. The sm authors' separate 128-step CFG
+  entry samples exactly this (their d = 0 and d = 1/128 share one embedding, SPEC 1).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -20,6 +29,10 @@ from torch import Tensor, nn
 from ismctl.ema import unwrap_model
 from ismctl.errors import UserError
 from ismctl.guidance import cfg_combine
+
+Mode = Literal["intrinsic", "conditional", "cfg", "flow-cfg"]
+MODES: tuple[str, ...] = get_args(Mode)
+TWO_PASS = ("cfg", "flow-cfg")
 
 
 def check_steps(steps: int, base_steps: int) -> None:
@@ -40,27 +53,32 @@ def _null_class(model: nn.Module, num_classes: int | None) -> int:
 
 @torch.no_grad()
 def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, guidance: float = 0.0,
-           mode: Literal["intrinsic", "cfg"] = "intrinsic", base_steps: int = 128,
+           mode: Mode = "intrinsic", base_steps: int = 128,
            autocast_dtype: torch.dtype | None = None, num_classes: int | None = None) -> Tensor:
     """Integrate ``noise`` (B, C, H, W) to samples in ``steps`` shortcut jumps.
 
-    ``guidance`` is w in the delta convention (CFG scale 1 + w). In cfg mode the null label is
-    ``num_classes``, read from ``model.num_classes`` when not given. ``autocast_dtype`` (e.g.
+    ``guidance`` is w in the delta convention (CFG scale 1 + w); ``mode`` is one of the samplers
+    in the module docstring. The two-pass modes take the null label ``num_classes``, read from
+    ``model.num_classes`` when not given. ``autocast_dtype`` (e.g.
     bfloat16) applies on CUDA only; the state is integrated in the dtype of ``noise``. The model
     runs in eval mode and gets its previous mode back afterwards.
     """
     check_steps(steps, base_steps)
-    if mode not in ("intrinsic", "cfg"):
-        raise UserError(f"sampling mode: expected 'intrinsic' or 'cfg', got {mode!r}")
+    if mode not in MODES:
+        raise UserError(f"sampling mode: expected one of {', '.join(MODES)}, got {mode!r}")
     if guidance < 0:
         raise UserError(f"guidance: w must be >= 0 (CFG scale 1 + w), got {guidance}")
+    if mode == "conditional" and guidance != 0:
+        raise UserError(f"guidance {guidance:g}: the conditional sampler takes w = 0 (an sm "
+                        "network's guidance is baked into its shortcuts); use cfg to add more")
     batch = noise.shape[0]
-    null = _null_class(model, num_classes) if mode == "cfg" else 0
+    two_pass = mode in TWO_PASS
+    null = _null_class(model, num_classes) if two_pass else 0
     use_autocast = autocast_dtype is not None and noise.device.type == "cuda"
     autocast = (torch.autocast("cuda", dtype=autocast_dtype) if use_autocast
                 else contextlib.nullcontext())
-    d = torch.full((batch,), 1.0 / steps, device=noise.device)
-    if mode == "intrinsic":
+    d = torch.full((batch,), 0.0 if mode == "flow-cfg" else 1.0 / steps, device=noise.device)
+    if not two_pass:
         w = torch.full((batch,), float(guidance), device=noise.device)
     else:
         w = torch.zeros(2 * batch, device=noise.device)
@@ -74,7 +92,7 @@ def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, guidance
         for i in range(steps):
             t = torch.full((batch,), i / steps, device=noise.device)
             with autocast:
-                if mode == "intrinsic":
+                if not two_pass:
                     v = model(x, t, d, labels, w)
                 else:
                     # Label and null rows in one call: the two CFG passes share a batch.

@@ -42,6 +42,7 @@ from ismctl.losses import build_loss
 from ismctl.model import forward_flops
 from ismctl.objective import shortcut_loss
 from ismctl.progress import progress_bar
+from ismctl.protocol import choose_point, run_sampler
 from ismctl.recipe import Recipe, save_recipe
 
 # Dense bf16 peak FLOP/s by device name, for the MFU estimate (nanoGPT-style).
@@ -165,7 +166,8 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
         seed=cfg.seed, rank=info.rank * cfg.grad_accum + m, world_size=slots,
         num_workers=workers,
         shuffle_buffer=recipe.data.shuffle_buffer, flip=recipe.data.flip and manifest.flip,
-        start_batch=start_step)) for m in range(cfg.grad_accum)]
+        start_batch=start_step, within_class=recipe.coupling.within_class))
+        for m in range(cfg.grad_accum)]
     gen = torch.Generator(dev)
     use_bf16 = dev.type == "cuda" and cfg.precision == "bf16"
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16
@@ -191,11 +193,13 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
     def sample_grids(step: int) -> None:
         run = LoadedRun(model=ema.inference, recipe=recipe, manifest=manifest, run_dir=run_dir,
                         checkpoint=run_dir, step=step, sha256="", device=dev,
-                        mode="cfg" if recipe.objective.mode == "sm" else "intrinsic")
+                        mode=run_sampler(recipe))
         for steps in (1, 4):
-            images, labels = generate_images(run, recipe.run.sample_num, steps,
-                                             recipe.run.sample_guidance, seed=cfg.seed,
-                                             batch_size=recipe.run.sample_num)
+            w = recipe.run.sample_guidance
+            point, _ = choose_point(recipe, run_dir, steps, w if run.mode == "intrinsic" else None)
+            images, labels = generate_images(run, recipe.run.sample_num, steps, point.guidance,
+                                             seed=cfg.seed, batch_size=recipe.run.sample_num,
+                                             sampler=point.sampler)
             grid, nrow = arrange_by_class(images, labels, manifest.num_classes)
             save_grid(grid, run_dir / "samples" / f"step-{step:07d}-{steps}s.png", nrow=nrow)
 

@@ -15,14 +15,12 @@ import pytest
 
 from ismctl.ablate import (
     ORDER,
-    EvalSettings,
     disable,
-    markdown,
     paper_fid,
+    plan_sweep,
     plan_variants,
-    summarise,
-    write_chart,
 )
+from ismctl.ablate_report import aggregate, main_values, markdown, summarise, write_chart
 from ismctl.errors import UserError
 from ismctl.recipe import Recipe, load_recipe
 
@@ -155,33 +153,81 @@ def test_paper_numbers_belong_to_the_cumulative_rows() -> None:
     assert paper_fid("baseline") is None
 
 
+def _results(points: dict[tuple[int, float, str], dict[str, float]]) -> dict[str, Any]:
+    return {"points": [{"steps": st, "guidance": w, "sampler": sa, "metrics": m}
+                       for (st, w, sa), m in points.items()]}
+
+
+def test_aggregate_picks_the_best_mean_point_per_step_count() -> None:
+    # Seed 0 alone would pick w = 2 at one step (lowest single value); the mean picks w = 1.
+    seeds = [_results({(1, 1.0, "intrinsic"): {"fid": 5.0, "acc": 0.9},
+                       (1, 2.0, "intrinsic"): {"fid": 4.0, "acc": 0.95},
+                       (4, 1.0, "intrinsic"): {"fid": 3.0, "acc": 0.9}}),
+             _results({(1, 1.0, "intrinsic"): {"fid": 5.0, "acc": 0.8},
+                       (1, 2.0, "intrinsic"): {"fid": 7.0, "acc": 0.85},
+                       (4, 1.0, "intrinsic"): {"fid": 2.0, "acc": 0.7}})]
+    agg = aggregate(seeds, "fid")
+    assert agg["best"] == {"1": "1@1", "4": "4@1"}
+    stat = agg["points"]["1@2"]["fid"]
+    assert stat["mean"] == pytest.approx(5.5) and stat["sd"] == pytest.approx(math.sqrt(4.5))
+    assert agg["points"]["4@1"]["seeds"]["acc"] == [0.9, 0.7]
+    # Higher is better for accuracy: the best point flips.
+    assert aggregate(seeds, "acc")["best"]["1"] == "1@2"
+    # A two-pass entry is its own point.
+    sm = aggregate([_results({(128, 0.0, "conditional"): {"fid": 4.0},
+                              (128, 0.5, "flow-cfg"): {"fid": 3.0}})], "fid")
+    assert sm["best"] == {"128": "128@0.5/flow-cfg"}
+
+
 def test_report_deltas_markdown_and_chart(tmp_path: Path) -> None:
-    cfg = EvalSettings(steps=[1, 4], guidance=[1.0], num_samples=10, metrics=["fid"], ref=None,
-                       batch_size=10, seed=0, device="cpu", inception_weights=None)
-    full = {"1@1": {"fid": 6.0, "isc": 100.0}, "4@1": {"fid": 2.0, "isc": 200.0}}
-    worse = {"1@1": {"fid": 7.5, "isc": 90.0}, "4@1": {"fid": 2.25, "isc": 210.0}}
-    rows = [{"name": "full", "label": "full iSM", "disabled": [], "recipe": "a.yaml",
-             "results": "a.json", "metrics": full},
-            {"name": "no-twin-ema", "label": "without twin EMA", "disabled": ["twin-ema"],
-             "recipe": "b.yaml", "results": "b.json", "metrics": worse}]
+    full = aggregate([_results({(1, 1.0, "intrinsic"): {"fid": 6.0, "isc": 100.0},
+                                (4, 1.0, "intrinsic"): {"fid": 2.0, "isc": 200.0}}),
+                      _results({(1, 1.0, "intrinsic"): {"fid": 8.0, "isc": 110.0},
+                                (4, 1.0, "intrinsic"): {"fid": 2.5, "isc": 210.0}})], "fid")
+    worse = aggregate([_results({(1, 1.0, "intrinsic"): {"fid": 9.0, "isc": 90.0},
+                                 (1, 2.0, "intrinsic"): {"fid": 7.5, "isc": 90.0},
+                                 (4, 1.0, "intrinsic"): {"fid": 2.25, "isc": 210.0}}),
+                       _results({(1, 1.0, "intrinsic"): {"fid": 9.0, "isc": 90.0},
+                                 (1, 2.0, "intrinsic"): {"fid": 9.5, "isc": 90.0},
+                                 (4, 1.0, "intrinsic"): {"fid": 2.75, "isc": 210.0}})], "fid")
+    rows = [{"name": "full", "label": "full iSM", "recipe": "a.yaml", "paper_fid": {1: 6.56},
+             "runs": [{"run_dir": "runs/full-seed0"}, {"run_dir": "runs/full-seed1"}], **full},
+            {"name": "no-twin-ema", "label": "without twin EMA", "recipe": "b.yaml",
+             "paper_fid": {1: 7.97, 4: 2.23},
+             "runs": [{"run_dir": "runs/b-seed0"}, {"run_dir": "runs/b-seed1"}], **worse}]
     report = {"recipe": "recipes/ism_xl.yaml", "mode": "disable", "paper": True,
-              "train_steps": 250_000, "notes": [], "variants": rows,
-              "eval": {"steps": [1, 4], "guidance": [1.0], "num_samples": 10, "seed": 0}}
-    report.update(summarise(rows, cfg, paper=True))
-    assert report["main_metrics"] == ["fid"]
-    assert report["points"] == ["1@1", "4@1"]
-    for point in full:
-        for metric in full[point]:
-            assert math.isclose(rows[1]["delta"][point][metric],
-                                worse[point][metric] - full[point][metric])
-            assert rows[0]["delta"][point][metric] == 0.0
-    assert rows[1]["paper_fid"] == {1: 7.97, 4: 2.23}
+              "seeds": [0, 1], "select_by": "fid", "reference_variant": "full", "notes": [],
+              "variants": rows,
+              "eval": {"steps": [1, 4], "guidance": [1.0, 2.0], "num_samples": 10, "seed": 0}}
+    report.update(summarise(rows, "full"))
+    report["main_metrics"] = main_values(report["value_names"], "fid")
+    assert report["main_metrics"] == ["fid"] and report["steps"] == [1, 4]
+    # Each variant at its own best point: w = 2 for the ablated variant at one step.
+    assert rows[1]["at_best"]["1"]["point"] == "1@2"
+    assert rows[1]["delta"]["1"]["fid"] == pytest.approx(8.5 - 7.0)
+    assert rows[0]["delta"]["4"]["fid"] == 0.0
     text = markdown(report)
     assert "without twin EMA" in text and "+1.50" in text and "7.97" in text
-    assert "| full iSM | 4 | 1 | 2.00 | 200.00 |" in text
+    assert "7.00 ± 1.41" in text and "8.50 ± 1.41 (+1.50)" in text
+    assert "`runs/b-seed1`" in text
     png = write_chart(tmp_path / "ablation.png", report)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(report, allow_nan=False)
+
+
+def test_sweep_plans_one_variant_per_value(quickstart: Recipe) -> None:
+    plan = plan_sweep(quickstart, "guidance.w_max=2,3.5")
+    assert [name for name, _ in plan] == ["guidance.w_max=2", "guidance.w_max=3.5"]
+    assert changes(quickstart, plan[0][1]) == {"guidance.w_max": 2.0,
+                                               "run.name": "guidance.w_max=2"}
+    lists = plan_sweep(quickstart, "loss.detail_weights=[4,2,1],2")
+    assert [r.loss.detail_weights for _, r in lists] == [[4.0, 2.0, 1.0], 2.0]
+    with pytest.raises(UserError, match="at least two"):
+        plan_sweep(quickstart, "guidance.w_max=2")
+    with pytest.raises(UserError, match="w_max"):
+        plan_sweep(quickstart, "guidance.w_max=2,-1")
+    with pytest.raises(UserError, match="same recipe"):
+        plan_sweep(quickstart, "guidance.w_max=2,2.0")
 
 
 @pytest.fixture(scope="module")
@@ -201,13 +247,14 @@ def test_run_ablation_end_to_end_on_digits(digits_data: Path, tmp_path: Path) ->
     overrides = [f"data.path={digits_data}", "train.steps=20", "optim.warmup_steps=0",
                  "run.log_every=10", "run.sample_every=1000", "run.sample_num=10",
                  "run.ckpt_every=1000", "eval.steps=[1,4]", "eval.guidance=[1.0]",
-                 "eval.metrics=[acc,fd-digits]", "eval.batch_size=100"]
+                 "eval.metrics=[acc,fd-digits,cfd-digits]", "eval.batch_size=100"]
     report = run_ablation(str(RECIPES / "quickstart.yaml"), None, cumulative=True,
                           overrides=overrides, out=out, eval_num_samples=100, progress=False)
     names = ["baseline", "no-interval-guidance+wavelet+sot+twin-ema", "no-wavelet+sot+twin-ema",
              "no-sot+twin-ema", "no-twin-ema", "full"]
     assert [v["name"] for v in report["variants"]] == names
-    assert report["main_metrics"] == ["fd-digits", "acc"]
+    assert report["select_by"] == "cfd-digits"
+    assert report["main_metrics"] == ["cfd-digits", "fd-digits", "acc"]
     stored = json.loads((out / "ablation.json").read_text())
     text = (out / "ablation.md").read_text()
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
@@ -216,13 +263,43 @@ def test_run_ablation_end_to_end_on_digits(digits_data: Path, tmp_path: Path) ->
         assert (out / f"{name}.yaml").is_file()
         assert (out / name / "checkpoints" / "step-0000020").is_dir()
         assert variant["label"] in text
-        for point in ("1@1", "4@1"):
-            values = variant["metrics"][point]
-            assert 0.0 <= values["acc"] <= 1.0 and values["fd-digits"] >= 0.0
+        assert sorted(variant["best"]) == ["1", "4"]
+    # The sm baseline is sampled by its authors' protocol: conditional output, w = 0.
+    assert set(stored["variants"][0]["points"]) == {"1@0", "4@0"}
+    assert set(stored["variants"][-1]["points"]) == {"1@0", "1@1", "4@0", "4@1"}
     assert load_recipe(out / "baseline.yaml").objective.mode == "sm"
     # Resumable: a second run finds every checkpoint and result and changes nothing.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
     again = run_ablation(str(RECIPES / "quickstart.yaml"), None, cumulative=True,
                          overrides=overrides, out=out, eval_num_samples=100, progress=False)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamps
-    assert again["variants"][0]["metrics"] == report["variants"][0]["metrics"]
+    assert again["variants"][0]["points"] == report["variants"][0]["points"]
+
+
+@pytest.mark.slow
+def test_sweep_with_seeds_trains_one_run_per_value_and_seed(digits_data: Path,
+                                                            tmp_path: Path) -> None:
+    from ismctl.ablate import run_ablation
+
+    out = tmp_path / "sweep"
+    overrides = [f"data.path={digits_data}", "train.steps=10", "optim.warmup_steps=0",
+                 "run.log_every=10", "run.sample_every=1000", "run.sample_num=10",
+                 "run.ckpt_every=1000", "eval.steps=[1]", "eval.guidance=[0,1]",
+                 "eval.metrics=[acc]", "eval.batch_size=50"]
+    report = run_ablation(str(RECIPES / "quickstart.yaml"), None, False, overrides=overrides,
+                          out=out, eval_num_samples=50, progress=False, seeds=[3, 4],
+                          sweep="guidance.w_max=1,2")
+    assert [v["name"] for v in report["variants"]] == ["guidance.w_max=1", "guidance.w_max=2"]
+    for v in report["variants"]:
+        assert [r["seed"] for r in v["runs"]] == [3, 4]
+        for r in v["runs"]:
+            recipe = load_recipe(r["recipe"])
+            assert recipe.train.seed == r["seed"]
+            assert recipe.guidance.w_max == float(v["name"].split("=")[1])
+            assert Path(r["run_dir"]).name == f"{v['name']}-seed{r['seed']}"
+        # Two seeds per point, and the mean and sd are theirs.
+        acc = v["points"]["1@1"]["acc"]
+        seeds = v["points"]["1@1"]["seeds"]["acc"]
+        assert len(seeds) == 2 and acc["mean"] == pytest.approx(sum(seeds) / 2)
+    assert report["reference_variant"] == "guidance.w_max=1"
+    assert "± " in (out / "ablation.md").read_text()

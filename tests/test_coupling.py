@@ -184,3 +184,62 @@ def test_bad_input() -> None:
         ot_assignment(torch.zeros(3, 2), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="pool_batches"):
         SOTCoupler(-1)
+
+
+def _constrained_brute_force(x0: np.ndarray, x1: np.ndarray, y: np.ndarray) -> list[int]:
+    """The cheapest permutation that pairs each data row only with noise of a slot of the
+    same class, by enumerating every permutation."""
+    allowed = [p for p in itertools.permutations(range(len(y)))
+               if all(y[p[i]] == y[i] for i in range(len(y)))]
+    return list(min(allowed, key=lambda p: _pair_cost(x0, x1, p)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_within_class_pairing_equals_constrained_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=7)
+    x0, x1 = rng.standard_normal((7, 2, 2)), rng.standard_normal((7, 2, 2)) + 1.0
+    paired = pair_pool(torch.from_numpy(x0), torch.from_numpy(x1), torch.from_numpy(y))
+    best = _constrained_brute_force(x0, x1, y)
+    np.testing.assert_array_equal(paired.numpy(), x0[best])
+    # Without the labels the optimum is free to mix classes, and is cheaper or equal.
+    free = pair_pool(torch.from_numpy(x0), torch.from_numpy(x1)).numpy()
+    assert ((free - x1) ** 2).sum() <= ((paired.numpy() - x1) ** 2).sum() + 1e-9
+
+
+def test_within_class_with_one_label_is_plain_ot() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(20, 4, generator=gen), torch.randn(20, 4, generator=gen) + 1
+    torch.testing.assert_close(pair_pool(x0, x1, torch.zeros(20, dtype=torch.long)),
+                               pair_pool(x0, x1), rtol=0, atol=0)
+
+
+def _label_signal(noise: torch.Tensor, labels: torch.Tensor) -> float:
+    """Accuracy of a nearest-class-mean classifier fitted on half of the (noise, label)
+    pairs and scored on the other half: 1 / classes when the noise says nothing."""
+    flat, half = noise.reshape(len(noise), -1), len(noise) // 2
+    classes = labels.unique()
+    means = torch.stack([flat[:half][labels[:half] == c].mean(0) for c in classes])
+    pred = classes[torch.cdist(flat[half:], means).argmin(1)]
+    return float((pred == labels[half:]).float().mean())
+
+
+def test_within_class_pairing_keeps_the_noise_blind_to_the_label() -> None:
+    """On the digits, label-blind pooled OT makes the paired noise predict the class (so a
+    network can ignore the label); per-class assignment leaves it at chance (SPEC 3.3)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x1 = torch.from_numpy(digits.images[:1600] / 8.0 - 1.0).float()[:, None]
+    y = torch.from_numpy(digits.target[:1600]).long()
+    batches = list(zip(x1.split(64), y.split(64), strict=True))
+
+    def paired_noise(within_class: bool) -> torch.Tensor:
+        coupler = SOTCoupler(8, torch.Generator().manual_seed(0), within_class=within_class)
+        return torch.cat([x0 for x0, _, _ in coupler(batches)])
+
+    blind, per_class = _label_signal(paired_noise(False), y), _label_signal(paired_noise(True), y)
+    independent = _label_signal(torch.cat(_drawn_noise(batches, 0)), y)
+    # Chance is 0.1 (10 classes, 800 scored pairs: sd about 0.01).
+    assert blind > 0.25
+    assert per_class < 0.15 and independent < 0.15

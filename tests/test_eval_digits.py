@@ -10,6 +10,7 @@ from ismctl.evaluation.digits_classifier import (
     FEATURES,
     LOGITS,
     class_accuracy,
+    class_conditional_fd,
     classifier_path,
     digits_dataset,
     load_digits_classifier,
@@ -104,3 +105,38 @@ def test_fd_digits_real_vs_real_is_zero_and_noise_is_far(real_features):
     half = frechet_distance(*feature_stats(feats[FEATURES][::2]),
                             *feature_stats(feats[FEATURES][1::2]))
     assert far > 10 * half > 0
+
+
+def _sqrt_psd_trace(a: np.ndarray, b: np.ndarray) -> float:
+    """tr((A B)^(1/2)) through the symmetric form A^(1/2) B A^(1/2) (numpy eigh only)."""
+    vals, vecs = np.linalg.eigh(a)
+    root = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+    inner = np.linalg.eigvalsh(root @ b @ root)
+    return float(np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+def test_class_conditional_fd_matches_a_per_class_numpy_reference(real_features):
+    images, labels, feats = real_features
+    f = feats[FEATURES].astype(np.float64)
+    assert abs(class_conditional_fd(f, labels)) < 1e-3
+    # Every other digit of each class, scored against all digits of that class.
+    rows = np.arange(len(labels)) % 2 == 0
+    want = []
+    for c in range(10):
+        gen, real = f[rows & (labels == c)], f[labels == c]
+        mu1, mu2 = gen.mean(0), real.mean(0)
+        s1, s2 = np.cov(gen, rowvar=False), np.cov(real, rowvar=False)
+        want.append((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2)
+                    - 2 * _sqrt_psd_trace(s1, s2))
+    assert class_conditional_fd(f[rows], labels[rows]) == pytest.approx(np.mean(want), rel=1e-4)
+
+
+def test_class_conditional_fd_sees_wrong_classes_that_fd_digits_misses(real_features):
+    _, labels, feats = real_features
+    f = feats[FEATURES]
+    ref = feature_stats(f)
+    # Real digits under rotated labels: the same image set, so the unconditional distance is
+    # zero, but every class receives another digit.
+    rotated = (labels + 1) % 10
+    assert frechet_distance(*feature_stats(f), *ref) < 1e-4
+    assert class_conditional_fd(f, rotated) > 100 * max(class_conditional_fd(f, labels), 1e-3)

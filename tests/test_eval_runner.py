@@ -30,6 +30,8 @@ class TemplateNet(nn.Module):
         images, labels = digits_dataset()
         first = [int(np.flatnonzero(labels == c)[0]) for c in range(10)]
         templates = torch.from_numpy(images[first]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        # The null label (index 10) heads for the mean template.
+        templates = torch.cat([templates, templates.mean(0, keepdim=True)])
         self.register_buffer("templates", templates)
         self.num_classes = 10
 
@@ -98,7 +100,8 @@ def test_digits_without_inception_notes_and_defaults(run, tmp_path, monkeypatch)
     monkeypatch.setattr(inception, "fid_helper_weights_path", lambda: None)
     results = evaluate(None, [1], [1.0], 20, None, None, tmp_path / "r.json", None,
                        save_npz=False, batch_size=8, seed=0, device="cpu", progress=False)
-    assert results["metrics"] == ["acc", "fd-digits"]
+    assert results["metrics"] == ["acc", "fd-digits", "cfd-digits"]
+    assert results["select_by"] == "cfd-digits"
     assert any("fid, isc, prc skipped" in n for n in results["notes"])
     assert "npz" not in results["points"][0]
 
@@ -144,3 +147,58 @@ def test_two_ranks_give_the_single_process_results(tmp_path):
     with np.load(p1["npz"]) as a, np.load(p2["npz"]) as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+
+
+class GuidedTemplateNet(TemplateNet):
+    """Lands on the template of the requested class only at w = 1 (else on the next class):
+    a network whose best guidance strength is known."""
+
+    def forward(self, x, t, d, c, w):
+        target = torch.where(torch.isclose(w, torch.ones_like(w)), c, (c + 1) % 10)
+        return (self.templates[target] - x) / (1 - t).view(-1, 1, 1, 1)
+
+
+def test_best_guidance_per_step_count_is_reported_and_remembered(run, tmp_path):
+    from ismctl.protocol import choose_point, read_best
+
+    run.model = GuidedTemplateNet()
+    (run.checkpoint).mkdir(parents=True)
+    results = evaluate(None, [1, 4], [0.0, 1.0, 2.0], 30, None, ["acc", "fd-digits", "cfd-digits"],
+                       tmp_path / "r.json", None, save_npz=False, batch_size=30, seed=0,
+                       device="cpu", progress=False)
+    assert results["select_by"] == "cfd-digits"
+    for steps in ("1", "4"):
+        best = results["best"][steps]
+        assert best["guidance"] == 1.0 and best["sampler"] == "intrinsic"
+        assert best["candidates"] == 3 and best["checkpoint_step"] == 42
+    remembered = read_best(run.run_dir)
+    assert remembered[4]["guidance"] == 1.0
+    point, source = choose_point(run.recipe, run.run_dir, 4)
+    assert point.guidance == 1.0 and "guidance.json" in source
+    # Step counts never evaluated fall back to the recipe's default table.
+    point, source = choose_point(run.recipe.model_copy(update={"eval": run.recipe.eval.model_copy(
+        update={"default_guidance": {1: 2.5, 128: 0.5}})}), run.run_dir, 32)
+    assert point.guidance == 0.5 and "default" in source
+    # Selecting by accuracy (higher is better) picks the same strength.
+    by_acc = evaluate(None, [1], [0.0, 1.0], 30, None, ["acc"], tmp_path / "a.json", None,
+                      save_npz=False, batch_size=30, seed=0, device="cpu", progress=False,
+                      select_by="acc", remember=False)
+    assert by_acc["best"]["1"]["guidance"] == 1.0
+
+
+def test_sm_runs_follow_the_authors_protocol(run, tmp_path):
+    from ismctl.recipe import load_recipe
+
+    run.recipe = load_recipe("recipes/sm_b.yaml")
+    run.mode = "conditional"
+    results = evaluate(None, [1, 128], None, 20, None, ["acc"], tmp_path / "r.json", None,
+                       save_npz=False, batch_size=20, seed=0, device="cpu", progress=False)
+    assert [(p["steps"], p["guidance"], p["sampler"]) for p in results["points"]] == [
+        (1, 0.0, "conditional"), (128, 0.0, "conditional"), (128, 0.5, "flow-cfg")]
+    with pytest.raises(UserError, match="double-guidance"):
+        evaluate(None, [1], [1.0], 20, None, ["acc"], tmp_path / "r.json", None, False, 20, 0,
+                 device="cpu", progress=False)
+    doubled = evaluate(None, [1], [0.0, 1.0], 20, None, ["acc"], tmp_path / "d.json", None,
+                       False, 20, 0, device="cpu", progress=False, double_guidance=True)
+    assert [(p["guidance"], p["sampler"]) for p in doubled["points"]] == [(0.0, "cfg"),
+                                                                           (1.0, "cfg")]

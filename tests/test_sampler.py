@@ -190,3 +190,42 @@ def test_labels_are_class_balanced_and_checked() -> None:
     with pytest.raises(UserError):
         generate(net, 3, (1, 2, 2), NUM_CLASSES, 1, 0.0, "intrinsic", 0, 2, "cpu",
                  labels=torch.tensor([0, 1, 7]))
+
+
+def test_conditional_sampler_is_one_unguided_pass_with_the_label() -> None:
+    net = FieldNet(_constant_field)
+    noise = torch.zeros(3, 1, 2, 2)
+    labels = torch.tensor([0, 1, 2])
+    x = sample(net, noise, labels, 2, guidance=0.0, mode="conditional")
+    assert [c["rows"] for c in net.calls] == [3, 3]
+    for call in net.calls:
+        torch.testing.assert_close(call["y"], labels)
+        torch.testing.assert_close(call["w"], torch.zeros(3))
+        torch.testing.assert_close(call["d"], torch.full((3,), 0.5))
+    torch.testing.assert_close(x, torch.full_like(x, 3.0))
+    with pytest.raises(UserError, match="w = 0"):
+        sample(net, noise, labels, 2, guidance=1.0, mode="conditional")
+
+
+def test_flow_cfg_integrates_the_instantaneous_velocity_with_cfg() -> None:
+    """flow-cfg asks for d = 0 at every step (the d > 0 rows of this field are wrong on
+    purpose), combines label and null rows, and at 128 steps lands on the exact flow."""
+
+    def field(x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        exact = exact_velocity(x, t.double())
+        return torch.where(_col(d) == 0, exact, exact + 100.0)
+
+    n = 4_000
+    noise = torch.randn(n, 4, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    labels = torch.zeros(n, dtype=torch.long)
+    net = FieldNet(field)
+    x = sample(net, noise, labels, 128, guidance=0.5, mode="flow-cfg")
+    assert [c["rows"] for c in net.calls] == [2 * n] * 128
+    assert all(bool((c["d"] == 0).all()) for c in net.calls)
+    torch.testing.assert_close(net.calls[0]["y"], torch.cat([labels, torch.full((n,), NULL)]))
+    # Label and null rows agree in this field, so CFG changes nothing: the exact flow map.
+    assert ((x - (MU + SD * noise)).abs().max(0).values.flatten()
+            < 0.06 * SD.flatten().clamp(min=1)).all()
+    constant = FieldNet(_constant_field)
+    y = sample(constant, torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), 4, 0.5, mode="flow-cfg")
+    torch.testing.assert_close(y, torch.full_like(y, 4.0))

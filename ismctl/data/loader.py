@@ -89,10 +89,11 @@ class PairedLatents(IterableDataset):
 
     def __init__(self, root: Path, manifest: Manifest, batch_size: int, pool_batches: int,
                  seed: int, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
-                 flip: bool, start_batch: int) -> None:
+                 flip: bool, start_batch: int, within_class: bool = False) -> None:
         super().__init__()
         self.root, self.manifest = root, manifest
         self.batch_size, self.pool_batches = batch_size, pool_batches
+        self.within_class = within_class
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = max(1, num_workers)
         self.shuffle_buffer, self.flip, self.start_batch = shuffle_buffer, flip, start_batch
@@ -132,7 +133,8 @@ class PairedLatents(IterableDataset):
             latent_gen = _generator(mix_seed(*key, LATENT))
             batches = [self._batch(list(itertools.islice(samples, bs)), latent_gen)
                        for _ in range(n)]
-            coupler = SOTCoupler(self.pool_batches, generator=_generator(mix_seed(*key, NOISE)))
+            coupler = SOTCoupler(self.pool_batches, generator=_generator(mix_seed(*key, NOISE)),
+                                 within_class=self.within_class)
             for i, triple in enumerate(coupler(batches)):
                 if p * pool + i >= position:
                     yield triple
@@ -150,15 +152,16 @@ class TrainLoader:
     """Infinite stream of already-paired ``(x0, x1, y)`` micro-batches for one rank.
 
     ``x0`` is noise matched to ``x1`` by the sOT coupler over pools of ``pool_batches`` batches
-    (0: independent noise), ``x1`` a drawn latent times the scale factor, ``y`` long labels.
-    ``num_workers=0`` runs everything in the calling process. ``start_batch=n`` continues
-    exactly where a loader that already yielded ``n`` batches would be; every ``iter()``
-    starts again from there.
+    (0: independent noise; ``within_class``: one assignment per class of the pool), ``x1`` a
+    drawn latent times the scale factor, ``y`` long labels. ``num_workers=0`` runs everything
+    in the calling process. ``start_batch=n`` continues exactly where a loader that already
+    yielded ``n`` batches would be; every ``iter()`` starts again from there.
     """
 
     def __init__(self, path: str | Path, batch_size: int, pool_batches: int, seed: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 shuffle_buffer: int = 10_000, flip: bool = True, start_batch: int = 0) -> None:
+                 shuffle_buffer: int = 10_000, flip: bool = True, start_batch: int = 0,
+                 within_class: bool = False) -> None:
         if batch_size < 1 or pool_batches < 0 or num_workers < 0 or start_batch < 0:
             raise UserError(f"TrainLoader: invalid batch_size={batch_size}, pool_batches="
                             f"{pool_batches}, num_workers={num_workers} or "
@@ -174,7 +177,7 @@ class TrainLoader:
         self.batches_per_epoch = batches_per_rank(self.manifest.count, world_size, batch_size)
         self.dataset = PairedLatents(self.root, self.manifest, batch_size, pool_batches, seed,
                                      rank, world_size, num_workers, shuffle_buffer,
-                                     flip and self.manifest.flip, start_batch)
+                                     flip and self.manifest.flip, start_batch, within_class)
         # A worker emits a whole pool at once and then needs time to build the next one; with
         # room for a pool of prefetched batches per worker, that work overlaps the training
         # step instead of stalling the strictly round-robin DataLoader.

@@ -7,7 +7,10 @@ builds the same weights in a few seconds; they are cached on disk. It gives
 - ``acc``: the share of generated images the classifier assigns to the class they were
   generated for (does the image show the requested digit?), and
 - ``fd-digits``: the Frechet distance in its 128-d penultimate feature space against the
-  real digits (an FID analogue for 8x8 images, where Inception features mean little).
+  real digits (an FID analogue for 8x8 images, where Inception features mean little), and
+- ``cfd-digits``: the same distance per class (the samples generated for class ``c`` against
+  the real digits of class ``c``), averaged over the classes. Unlike ``fd-digits`` it sees
+  samples of the wrong class, and a model that ignores its label cannot score well on it.
 
 Pixels are the dataset's 0..16 intensities mapped to uint8 by ``round(v * 255 / 16)`` and then
 to [-1, 1] by ``u / 127.5 - 1``, the range the pixel-space model generates. Images that are
@@ -17,6 +20,7 @@ not 8x8 are area-resized to 8x8; colour images are averaged to one channel.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from ismctl.evaluation.cache import cache_dir
+from ismctl.evaluation.frechet import feature_stats, frechet_distance
 from ismctl.fileio import atomic_path
 
 DIGITS_NAME = "digits-cnn"
@@ -161,6 +166,31 @@ def load_digits_classifier(path: Path | None = None) -> tuple[DigitsNet, float]:
 def class_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Share of samples whose arg-max class is the class they were generated for."""
     return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
+
+
+@functools.lru_cache(maxsize=1)
+def class_reference_stats() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Per class, the mean and covariance of the classifier features of all real digits."""
+    net, _ = load_digits_classifier()
+    images, labels = digits_dataset()
+    with torch.no_grad(), _single_thread():
+        feats = net.features(to_unit_range(torch.from_numpy(images).permute(0, 3, 1, 2)))
+    feats = feats.numpy()
+    return tuple(feature_stats(feats[labels == c]) for c in range(int(labels.max()) + 1))
+
+
+def class_conditional_fd(features: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over classes of the Frechet distance between the features of the samples generated
+    for that class and those of its real digits (classes with < 2 samples are skipped)."""
+    labels = np.asarray(labels)
+    dists = []
+    for c, (mu, sigma) in enumerate(class_reference_stats()):
+        rows = features[labels == c]
+        if len(rows) >= 2:
+            dists.append(frechet_distance(*feature_stats(rows), mu, sigma))
+    if not dists:
+        raise ValueError("cfd-digits: no class has two samples")
+    return float(np.mean(dists))
 
 
 class DigitsFeatureExtractor(FeatureExtractorBase):

@@ -27,11 +27,18 @@ from ismctl.evaluation.inception import (
     missing_weights_message,
 )
 
-METRICS = ("fid", "isc", "prc", "fd-dinov2", "acc", "fd-digits")
+METRICS = ("fid", "isc", "prc", "fd-dinov2", "acc", "fd-digits", "cfd-digits")
 INCEPTION_METRICS = ("fid", "isc", "prc")
-DIGITS_METRICS = ("acc", "fd-digits")
+DIGITS_METRICS = ("acc", "fd-digits", "cfd-digits")
 ALIASES = {"is": "isc", "pr": "prc", "fd_dinov2": "fd-dinov2", "fd_digits": "fd-digits",
-           "accuracy": "acc", "fd-dino": "fd-dinov2"}
+           "accuracy": "acc", "fd-dino": "fd-dinov2", "cfd_digits": "cfd-digits"}
+# Values where larger is better; every other one (FID and the other distances) is lower.
+HIGHER_IS_BETTER = frozenset({"isc", "acc", "precision", "recall"})
+# The value that picks the best guidance per step count when none is named. On the digits
+# the class-conditional distance comes first: it sees both wrong classes and lost diversity,
+# while Inception features of 8x8 digits mean little.
+SELECT_PREFERENCE = ("fid", "fd-dinov2", "isc")
+DIGITS_SELECT_PREFERENCE = ("cfd-digits", "fd-digits", "acc")
 POOL = "2048"
 INCEPTION_LOGITS = "logits_unbiased"
 DINOV2_LAYER = "dinov2"
@@ -94,7 +101,7 @@ def plan_metrics(
         plan.groups["dinov2"] = Group(ExtractorSpec(DINOV2_NAME), [DINOV2_LAYER], DINOV2_LAYER)
     if wanted & set(DIGITS_METRICS):
         load_digits_classifier()
-        layers = [FEATURES] if "fd-digits" in wanted else []
+        layers = [FEATURES] if wanted & {"fd-digits", "cfd-digits"} else []
         layers += [LOGITS] if "acc" in wanted else []
         plan.groups["digits"] = Group(
             ExtractorSpec(DIGITS_NAME, classifier_path()), layers,
@@ -102,6 +109,20 @@ def plan_metrics(
         )
     plan.metrics = [m for m in names if m in wanted]
     return plan
+
+
+def selection_metric(values: list[str], requested: str | None = None,
+                     digits: bool = False) -> str:
+    """The value that ranks guidance strengths: ``requested`` (checked), else the first
+    computed one of the preference lists (the digits list first for the digits)."""
+    if requested is not None:
+        name = ALIASES.get(requested.strip().lower(), requested.strip().lower())
+        if name not in values:
+            raise UserError(f"--select-by {requested}: not among the computed values "
+                            f"({', '.join(values)})")
+        return name
+    order = (DIGITS_SELECT_PREFERENCE if digits else ()) + SELECT_PREFERENCE
+    return next((m for m in order if m in values), values[0])
 
 
 def _plan_inception(plan: MetricPlan, wanted: set[str], names: list[str], digits: bool,

@@ -1,8 +1,10 @@
-"""Presenting an evaluation: a rich table, ``results.json``, a metric-vs-steps plot.
+"""Presenting an evaluation: a rich table, ``results.json``, a metric-vs-guidance plot.
 
-The table has one row per step count and one column per (guidance, metric value); guidance
-is the delta convention ``w`` (CFG scale ``s = 1 + w``). The plot is drawn with matplotlib's
-object API on an Agg canvas (no pyplot, no global backend switch), steps on a log2 axis.
+The table has one row per evaluated point (steps, guidance w, sampler) and one column per
+metric value; the best point of each step count (by the selection metric) is starred.
+Guidance is the delta convention ``w`` (CFG scale ``s = 1 + w``). The plot shows the
+selection metric against w, one curve per step count, drawn with matplotlib's object API on
+an Agg canvas (no pyplot, no global backend switch).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ VALUES = {
     "fd-dinov2": ("fd-dinov2",),
     "acc": ("acc",),
     "fd-digits": ("fd-digits",),
+    "cfd-digits": ("cfd-digits",),
 }
-PLOT_PREFERENCE = ("fid", "fd-digits", "fd-dinov2")
 
 
 def value_names(metrics: list[str]) -> list[str]:
@@ -40,24 +42,30 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def is_best(results: dict[str, Any], point: dict[str, Any]) -> bool:
+    best = results.get("best", {}).get(str(point["steps"]))
+    return bool(best) and (best["guidance"], best["sampler"]) == (point["guidance"],
+                                                                  point["sampler"])
+
+
 def results_table(results: dict[str, Any]) -> Table:
     settings = results["settings"]
     names = value_names(results["metrics"])
     table = Table(title=f"ismctl eval: {results['checkpoint']['path']} "
                         f"(step {results['checkpoint']['step']}, "
                         f"{settings['num_samples']} samples per point)",
-                  caption="w: guidance strength (delta convention), CFG scale s = 1 + w")
+                  caption="w: guidance strength (delta convention), CFG scale s = 1 + w; "
+                          f"* best {results.get('select_by', '')} per step count")
     table.add_column("steps", justify="right", style="bold")
-    for w in settings["guidance"]:
-        for name in names:
-            table.add_column(f"w={w:g}\n{name}", justify="right")
-    by_point = {(p["steps"], p["guidance"]): p["metrics"] for p in results["points"]}
-    for s in settings["steps"]:
-        row = [str(s)]
-        for w in settings["guidance"]:
-            values = by_point.get((s, w), {})
-            row += [_fmt(values.get(name)) for name in names]
-        table.add_row(*row)
+    table.add_column("w", justify="right")
+    table.add_column("sampler")
+    for name in names:
+        table.add_column(name, justify="right")
+    for p in sorted(results["points"], key=lambda p: (p["steps"], p["sampler"], p["guidance"])):
+        star = "*" if is_best(results, p) else ""
+        table.add_row(str(p["steps"]), f"{p['guidance']:g}{star}", p["sampler"],
+                      *[_fmt(p["metrics"].get(name)) for name in names],
+                      style="bold" if star else None)
     return table
 
 
@@ -74,36 +82,39 @@ def write_results_json(path: str | Path, results: dict[str, Any]) -> Path:
     return path
 
 
-def plot_metric(results: dict[str, Any]) -> str | None:
-    """The metric the plot shows: FID, else fd-digits, else FD-DINOv2 (None: nothing to plot)."""
-    return next((m for m in PLOT_PREFERENCE if m in results["metrics"]), None)
-
-
 def write_plot(path: str | Path, results: dict[str, Any]) -> Path | None:
-    """Metric against steps (log2 axis), one line per guidance strength."""
+    """The selection metric against w, one line per step count (two-pass entries as
+    separate markers); the best point of each step count is ringed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    metric = plot_metric(results)
+    metric = results.get("select_by")
     if metric is None:
         return None
-    steps = results["settings"]["steps"]
     fig = Figure(figsize=(5.5, 4.0), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for w in results["settings"]["guidance"]:
-        pts = sorted((p["steps"], p["metrics"].get(metric)) for p in results["points"]
-                     if p["guidance"] == w and p["metrics"].get(metric) is not None)
-        if pts:
-            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o",
-                    label=f"w={w:g} (CFG {1 + w:g})")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(steps, [str(s) for s in steps])
-    ax.set_xlabel("sampling steps")
+    for i, steps in enumerate(results["settings"]["steps"]):
+        for sampler in sorted({p["sampler"] for p in results["points"]}):
+            pts = sorted((p["guidance"], p["metrics"].get(metric), is_best(results, p))
+                         for p in results["points"]
+                         if p["steps"] == steps and p["sampler"] == sampler
+                         and p["metrics"].get(metric) is not None)
+            if not pts:
+                continue
+            two_pass = sampler in ("cfg", "flow-cfg")
+            label = f"{steps} step{'s' if steps != 1 else ''}" + (f" ({sampler})" if two_pass
+                                                                  else "")
+            ax.plot([w for w, _, _ in pts], [v for _, v, _ in pts], color=f"C{i % 10}",
+                    marker="s" if two_pass else "o", linestyle=":" if two_pass else "-",
+                    label=label)
+            ax.scatter([w for w, _, b in pts if b], [v for _, v, b in pts if b], s=160,
+                       facecolors="none", edgecolors=f"C{i % 10}", zorder=3)
+    ax.set_xlabel("guidance w (CFG scale 1 + w)")
     ax.set_ylabel(metric.upper() if metric == "fid" else metric)
-    ax.set_title(f"{metric} vs steps, {results['settings']['num_samples']} samples")
+    ax.set_title(f"{metric} vs guidance, {results['settings']['num_samples']} samples")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

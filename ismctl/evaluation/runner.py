@@ -1,12 +1,19 @@
 """``ismctl eval``: metrics of one checkpoint at chosen step counts and guidance strengths.
 
-For every (steps, guidance w) point: generate ``num_samples`` class-balanced samples (under
-``torchrun`` each rank its strided share), run every feature extractor the metrics need on
-them, gather the features on rank 0 and score them against reference statistics computed
-once (and cached). Guidance is in the delta convention: CFG scale ``s = 1 + w`` (SPEC 1).
+The points to sample come from the run's protocol (``ismctl/protocol.py``): every (steps, w)
+of the grid for an iSM run; for an sm run its authors' protocol, the conditional output at
+every step count plus two-pass CFG at the training scale on the d = 0 velocity at 128 steps.
+For every point: generate ``num_samples`` class-balanced samples (under ``torchrun`` each rank
+its strided share), run every feature extractor the metrics need on them, gather the
+features on rank 0 and score them against reference statistics computed once (and cached).
+Guidance is in the delta convention: CFG scale ``s = 1 + w`` (SPEC 1).
 
-Outputs next to ``results.json``: a metric-vs-steps plot, one sample grid per point, and
-with ``save_npz`` the ADM ``.npz`` of every sample set.
+Per step count the best point by the selection metric (FID, else the class-conditional
+digits distance, ...) is reported and, for the run's latest checkpoint, remembered in the
+run directory for ``ismctl sample``.
+
+Outputs next to ``results.json``: a metric-vs-guidance plot (one curve per step count), one
+sample grid per point, and with ``save_npz`` the ADM ``.npz`` of every sample set.
 """
 
 from __future__ import annotations
@@ -26,22 +33,30 @@ from rich.console import Console
 
 import ismctl
 from ismctl.errors import UserError
-from ismctl.evaluation.digits_classifier import FEATURES, LOGITS, class_accuracy
+from ismctl.evaluation.digits_classifier import (
+    FEATURES,
+    LOGITS,
+    class_accuracy,
+    class_conditional_fd,
+)
 from ismctl.evaluation.dinov2 import DINOV2_NAME, build_dinov2
 from ismctl.evaluation.features import extract_features, iter_batches
 from ismctl.evaluation.gather import gather_objects, interleave
 from ismctl.evaluation.npz import write_samples_npz
 from ismctl.evaluation.plan import (
     DINOV2_LAYER,
+    HIGHER_IS_BETTER,
     INCEPTION_LOGITS,
     POOL,
     MetricPlan,
     plan_metrics,
+    selection_metric,
 )
 from ismctl.evaluation.reference import ReferenceStats, load_reference
-from ismctl.evaluation.report import print_results, write_plot, write_results_json
+from ismctl.evaluation.report import print_results, value_names, write_plot, write_results_json
 from ismctl.evaluation.scores import frechet_to_reference, inception_score, precision_recall
 from ismctl.evaluation.sources import BUILTIN_DIGITS
+from ismctl.protocol import Point, best_points, plan_points, remember_best
 
 GRID_MAX = 100
 # Feature extraction runs at 299x299 (Inception) whatever the sample size: large batches
@@ -101,6 +116,8 @@ def point_metrics(plan: MetricPlan, feats: dict[str, dict[str, np.ndarray]], lab
         out["acc"] = class_accuracy(feats["digits"][LOGITS], labels)
     if "fd-digits" in m:
         out["fd-digits"] = frechet_to_reference(feats["digits"][FEATURES], refs["digits"])
+    if "cfd-digits" in m:
+        out["cfd-digits"] = class_conditional_fd(feats["digits"][FEATURES], labels)
     return out
 
 
@@ -120,6 +137,8 @@ class Settings:
 
     steps: list[int]
     guidance: list[float]
+    points: list[Point]
+    double_guidance: bool
     num_samples: int
     batch_size: int
     seed: int
@@ -127,6 +146,8 @@ class Settings:
     out: Path
     save_npz: bool
     progress: bool
+    select_by: str | None
+    remember: bool
 
 
 def evaluate(
@@ -141,18 +162,26 @@ def evaluate(
     save_npz: bool,
     batch_size: int | None,
     seed: int | None,
-    device: str = "auto",
+    device: str | None = "auto",
     progress: bool = True,
+    double_guidance: bool = False,
+    select_by: str | None = None,
+    remember: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a run or checkpoint; returns the results dict (empty on ranks other than 0).
 
     ``None`` for steps, guidance, num_samples, batch_size, seed or metrics takes the run
-    recipe's ``eval`` section; ``ref`` None takes the recipe's ``eval.ref``, else the built-in
-    digits for a digits run, else the prepared shards of ``data.path``.
+    recipe's ``eval`` section, ``device`` None its ``train.device``; ``ref`` None takes the
+    recipe's ``eval.ref``, else the built-in digits for a digits run, else the prepared shards
+    of ``data.path``. ``double_guidance`` samples an sm run with CFG on top of its baked-in
+    guidance; ``select_by`` names the value that picks the best point per step count;
+    ``remember`` stores those picks in the run.
     """
-    from ismctl.checkpoint import load_for_sampling
+    from ismctl.checkpoint import load_for_sampling, run_recipe
     from ismctl.distributed import init_distributed, shutdown
 
+    if device is None:
+        device = run_recipe(path).train.device
     owns_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(device)
     try:
@@ -160,9 +189,14 @@ def evaluate(
         run = load_for_sampling(path, device=str(info.device))
         ev = run.recipe.eval
         digits = is_digits(run.manifest)
+        steps = list(steps or ev.steps)
+        guidance = [float(w) for w in (guidance if guidance is not None else ev.guidance)]
+        check_points(steps, guidance, run.recipe.objective.base_steps)
         cfg = Settings(
-            steps=list(steps or ev.steps),
-            guidance=[float(w) for w in (guidance if guidance is not None else ev.guidance)],
+            steps=steps,
+            guidance=guidance,
+            points=plan_points(run.recipe, steps, guidance, double_guidance),
+            double_guidance=double_guidance,
             num_samples=int(num_samples or ev.num_samples),
             batch_size=int(batch_size or ev.batch_size),
             seed=ev.seed if seed is None else int(seed),
@@ -170,12 +204,14 @@ def evaluate(
             out=Path(out) if out is not None else default_out(run),
             save_npz=save_npz,
             progress=progress and info.is_main,
+            select_by=select_by,
+            remember=remember,
         )
         if cfg.num_samples < 2 or cfg.batch_size < 1:
             raise UserError(f"--num-samples {cfg.num_samples} / --batch-size {cfg.batch_size}: "
                             "need at least 2 samples and a batch of at least 1")
-        check_points(cfg.steps, cfg.guidance, run.recipe.objective.base_steps)
         plan = plan_metrics(metrics, list(ev.metrics), digits, inception_weights)
+        selection_metric(value_names(plan.metrics), select_by, digits)
         w_max = run.recipe.guidance.w_max
         if run.mode == "intrinsic" and (far := [w for w in cfg.guidance if w > w_max]):
             plan.notes.append(f"guidance {', '.join(f'{w:g}' for w in far)} above the trained "
@@ -212,34 +248,37 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
     reference_s = time.perf_counter() - t_ref
 
     points: list[dict[str, Any]] = []
-    for s in cfg.steps:
-        for w in cfg.guidance:
-            t0 = time.perf_counter()
-            images, labels = generate_images(run, cfg.num_samples, s, w, cfg.seed,
-                                             cfg.batch_size, progress=cfg.progress, rank=rank,
-                                             world_size=world)
-            t1 = time.perf_counter()
-            local = {key: extract_features(ext, iter_batches(images, fbatch), device)
-                     for key, ext in extractors.items()}
-            t2 = time.perf_counter()
-            shared = gather_objects((local, labels.numpy(),
-                                     images.numpy() if cfg.save_npz else None))
-            if not info.is_main:
-                continue
-            point = _score_point(run, plan, cfg, refs, s, w, shared, images, labels)
-            point["timings"] = {"generate_s": t1 - t0, "features_s": t2 - t1,
-                                "metrics_s": time.perf_counter() - t2,
-                                "images_per_s": cfg.num_samples / max(t1 - t0, 1e-9)}
-            points.append(point)
-            if cfg.progress:
-                console.print(f"steps={s} w={w:g}: " + ", ".join(
-                    f"{k}={v:.4g}" for k, v in point["metrics"].items()))
+    for pt in cfg.points:
+        t0 = time.perf_counter()
+        images, labels = generate_images(run, cfg.num_samples, pt.steps, pt.guidance, cfg.seed,
+                                         cfg.batch_size, progress=cfg.progress, rank=rank,
+                                         world_size=world, sampler=pt.sampler)
+        t1 = time.perf_counter()
+        local = {key: extract_features(ext, iter_batches(images, fbatch), device)
+                 for key, ext in extractors.items()}
+        t2 = time.perf_counter()
+        shared = gather_objects((local, labels.numpy(),
+                                 images.numpy() if cfg.save_npz else None))
+        if not info.is_main:
+            continue
+        point = _score_point(run, plan, cfg, refs, pt, shared, images, labels)
+        point["timings"] = {"generate_s": t1 - t0, "features_s": t2 - t1,
+                            "metrics_s": time.perf_counter() - t2,
+                            "images_per_s": cfg.num_samples / max(t1 - t0, 1e-9)}
+        points.append(point)
+        if cfg.progress:
+            console.print(f"{pt.label()}: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in point["metrics"].items()))
 
     if not info.is_main:
         barrier()
         return {}
     results = _results(run, plan, points, refs, cfg, world, str(device))
     results["timings"] = {"reference_s": reference_s, "total_s": time.perf_counter() - t_start}
+    if cfg.remember and _is_latest(run):
+        chosen = {int(s): b for s, b in results["best"].items() if b["candidates"] > 1}
+        if chosen:
+            results["remembered"] = str(remember_best(run.run_dir, chosen))
     plot = write_plot(cfg.out.parent / f"{cfg.out.stem}-plot.png", results)
     results["plot"] = str(plot) if plot is not None else None
     write_results_json(cfg.out, results)
@@ -250,8 +289,16 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
     return results
 
 
+def _is_latest(run: Any) -> bool:
+    """The evaluated weights are the inference EMA of the run's newest checkpoint."""
+    from ismctl.checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(Path(run.run_dir))
+    return bool(ckpts) and ckpts[-1][1].resolve() == Path(run.checkpoint).resolve()
+
+
 def _score_point(run: Any, plan: MetricPlan, cfg: Settings, refs: dict[str, ReferenceStats],
-                 steps: int, w: float, shared: list[Any], images: torch.Tensor,
+                 pt: Point, shared: list[Any], images: torch.Tensor,
                  labels: torch.Tensor) -> dict[str, Any]:
     """Rank 0: metrics of the gathered sample set, its grid and (optionally) its .npz."""
     from ismctl.generate import arrange_by_class, save_grid
@@ -259,14 +306,15 @@ def _score_point(run: Any, plan: MetricPlan, cfg: Settings, refs: dict[str, Refe
     feats = {key: {layer: interleave([p[0][key][layer] for p in shared]) for layer in layers}
              for key, layers in shared[0][0].items()}
     all_labels = interleave([p[1] for p in shared])
-    tag = f"{steps}steps-w{w:g}"
+    tag = pt.tag()
     grid = cfg.out.parent / f"{cfg.out.stem}-grid-{tag}.png"
     # The grid shows the first samples of rank 0's share, one class per column when few.
     shown, nrow = arrange_by_class(images[:GRID_MAX], labels[:GRID_MAX],
                                    run.manifest.num_classes)
     save_grid(shown, grid, nrow)
     point: dict[str, Any] = {
-        "steps": steps, "guidance": w, "cfg_scale": 1.0 + w, "num_samples": cfg.num_samples,
+        "steps": pt.steps, "guidance": pt.guidance, "cfg_scale": 1.0 + pt.guidance,
+        "sampler": pt.sampler, "num_samples": cfg.num_samples,
         "metrics": point_metrics(plan, feats, all_labels, refs), "grid": str(grid),
     }
     if cfg.save_npz:
@@ -280,7 +328,8 @@ def _results(run: Any, plan: MetricPlan, points: list[dict[str, Any]],
              refs: dict[str, ReferenceStats], cfg: Settings, world_size: int,
              device: str) -> dict[str, Any]:
     settings = {
-        "steps": cfg.steps, "guidance": cfg.guidance, "num_samples": cfg.num_samples,
+        "steps": cfg.steps, "guidance": cfg.guidance, "double_guidance": cfg.double_guidance,
+        "num_samples": cfg.num_samples,
         "batch_size": cfg.batch_size, "seed": cfg.seed, "world_size": world_size,
         "device": device, "sampling_mode": run.mode,
         "guidance_convention": "delta: guided v = v_c + w (v_c - v_null), CFG scale 1 + w",
@@ -290,6 +339,9 @@ def _results(run: Any, plan: MetricPlan, points: list[dict[str, Any]],
                         "layers": g.layers} for key, g in plan.groups.items()}
     if plan.inception is not None and "inception" in extractors:
         extractors["inception"]["found_by"] = plan.inception.source
+    select = selection_metric(value_names(plan.metrics), cfg.select_by, is_digits(run.manifest))
+    best = {str(s): b for s, b in
+            best_points(points, select, select not in HIGHER_IS_BETTER, run.step).items()}
     return {
         "ismctl_version": ismctl.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -311,5 +363,7 @@ def _results(run: Any, plan: MetricPlan, points: list[dict[str, Any]],
             for key, r in refs.items()}},
         "notes": plan.notes,
         "points": points,
+        "select_by": select,
+        "best": best,
         "results_json": str(cfg.out),
     }

@@ -86,4 +86,5 @@ def _build_wavelet(cfg: LossCfg, input_size: int) -> LossFn:
         levels=depth,
         approx_weight=cfg.approx_weight,
         detail_weights=weights,
+        energy_norm=cfg.energy_norm,
     )

@@ -17,14 +17,15 @@ with ``dA``, ``dD_l`` the coefficient differences of prediction and target. Beca
 transform is orthonormal, equal weights of 1 give plain MSE exactly (Parseval), so the band
 weights are the whole content of the loss.
 
-Default weighting: approx 1, every detail band 2, at every level. Relative to MSE this
-doubles the price of error in every high-frequency band while the coarsest approximation
-(on 32x32 latents with L = 5, the per-channel mean) keeps its MSE weight. Why: a plain MSE
-on velocity targets is dominated by their low-frequency energy, so the small-scale structure
-that makes one-step samples sharp is under-fit (the low-frequency bias iSM counters). A
-uniform factor over all detail levels adds that emphasis without singling out one scale;
-the paper does not publish its weights, so this is our documented choice, and both numbers
-are recipe fields (``loss.approx_weight``, ``loss.detail_weights``, one per level allowed).
+Weights. One factor on every detail band is (almost) MSE: at the maximum depth the
+approximation band is the per-channel mean, so ``approx 1, details 2`` is
+``2 MSE - mean error^2`` and Adam ignores the factor 2 (SPEC 3.2). What changes what the
+network learns is the *relative* price of the scales: per-level detail weights
+(``loss.detail_weights``, finest first) and/or ``loss.energy_norm``, which divides each
+band's error by the target's energy per coefficient in that band, so that a scale with little
+signal (the fine detail of a velocity target, next to its coarse structure) is not drowned
+out by the scales that carry most of the energy. The recipes' choice is the one the digits
+study in ``docs/ablation_digits.md`` selected; the paper does not publish its weights.
 """
 
 from __future__ import annotations
@@ -153,6 +154,24 @@ def idwt2(approx: Tensor, details: list[Tensor], wavelet: str = "haar") -> Tenso
     return x.reshape(batch, channels, *x.shape[-2:])
 
 
+def band_energies(x: Tensor, wavelet: str, levels: int) -> list[Tensor]:
+    """Per-sample squared norms (B,) of the DWT bands of ``x`` (B, C, H, W): the detail bands
+    of each level (three orientations together), finest first, then the approximation."""
+    batch, channels, height, width = x.shape
+    approx = x.reshape(batch * channels, height, width)
+    out = []
+    for _ in range(levels):
+        y = _analysis(approx, wavelet)
+        h, w = y.shape[-2] // 2, y.shape[-1] // 2
+        squares = y.square()
+        # Detail bands = everything but the top-left quadrant: bottom half + top-right.
+        detail = squares[:, h:].reshape(batch, -1).sum(1)
+        out.append(detail + squares[:, :h, w:].reshape(batch, -1).sum(1))
+        approx = y[:, :h, :w]
+    out.append(approx.square().reshape(batch, -1).sum(1))
+    return out
+
+
 def wavelet_loss(
     pred: Tensor,
     target: Tensor,
@@ -160,11 +179,15 @@ def wavelet_loss(
     levels: int = 5,
     approx_weight: float = 1.0,
     detail_weights: float | Sequence[float] = 2.0,
+    energy_norm: bool = False,
 ) -> Tensor:
     """Per-sample band-weighted squared error (B,), see the module docstring.
 
     ``levels`` is capped by :func:`max_levels` of the input; ``detail_weights`` is one
     number or one per level finest-first (entries past the capped depth are unused).
+    ``energy_norm`` divides each band's error by the target's mean energy per coefficient in
+    that band (a batch estimate, no gradient), so every scale is priced relative to its own
+    signal rather than in absolute terms.
     """
     diff = residual(pred, target)
     batch, channels, height, width = diff.shape
@@ -175,20 +198,19 @@ def wavelet_loss(
         weights = [float(w) for w in detail_weights]
     if len(weights) < depth:
         raise ValueError(f"{len(weights)} detail weights for {depth} wavelet levels")
-    # The DWT is linear: transforming the residual once halves the work and equals the
-    # difference of the coefficients of pred and target. Autocast would run the matrix
-    # products in half precision, which the loss should not inherit.
+    weights = [*weights[:depth], float(approx_weight)]
+    # The DWT is linear: transforming the residual once equals the difference of the
+    # coefficients of pred and target. Autocast would run the matrix products in half
+    # precision, which the loss should not inherit.
     with torch.autocast(device_type=diff.device.type, enabled=False):
-        approx = diff.reshape(batch * channels, height, width)
-        total = diff.new_zeros(batch)
-        for weight in weights[:depth]:
-            y = _analysis(approx, wavelet)
-            h, w = y.shape[-2] // 2, y.shape[-1] // 2
-            squares = y.square()
-            # Detail bands = everything but the top-left quadrant: bottom half + top-right.
-            detail = squares[:, h:].reshape(batch, -1).sum(1)
-            detail = detail + squares[:, :h, w:].reshape(batch, -1).sum(1)
-            total = total + weight * detail
-            approx = y[:, :h, :w]
-        total = total + approx_weight * approx.square().reshape(batch, -1).sum(1)
+        errors = band_energies(diff, wavelet, depth)
+        if energy_norm:
+            with torch.no_grad():
+                sizes = [3 * channels * (height >> lv) * (width >> lv)
+                         for lv in range(1, depth + 1)]
+                sizes.append(channels * (height >> depth) * (width >> depth))
+                signal = band_energies(target.detach().to(diff.dtype), wavelet, depth)
+                weights = [w / (e.mean() / n).clamp_min(1e-12)
+                           for w, e, n in zip(weights, signal, sizes, strict=True)]
+        total = sum(w * e for w, e in zip(weights, errors, strict=True))
     return total / (channels * height * width)

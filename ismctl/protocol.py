@@ -1,0 +1,150 @@
+"""How a run is sampled: the sampler and the guidance strength for each step count.
+
+- iSM runs take w as a network input (SPEC 3.1): any w >= 0, one pass per step, and the best
+  w differs per step count (a 1-step jump needs another strength than a 128-step path).
+- sm runs follow their authors' protocol (SPEC 2): the shortcuts already carry the CFG of
+  their training targets, so every step count samples the conditional output alone (w = 0);
+  the 128-step entry is joined by a separate one with two-pass CFG at the training scale on
+  the d = 0 velocity. CFG on top of the baked-in guidance (``double_guidance``) guides twice
+  and is only reachable on request.
+
+``ismctl eval`` picks the best point per step count and remembers it in the run directory
+(``guidance.json``); ``ismctl sample`` without ``--guidance`` uses it, else the recipe's
+``eval.default_guidance``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ismctl.errors import UserError
+from ismctl.fileio import atomic_write_text
+from ismctl.guidance import scale_to_w
+from ismctl.recipe import Recipe
+
+BEST_FILE = "guidance.json"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One way to sample: N steps, guidance w (CFG scale 1 + w) and the sampler."""
+
+    steps: int
+    guidance: float
+    sampler: str
+
+    def tag(self) -> str:
+        """File-name tag, e.g. ``4steps-w1`` (the sampler named when it is a two-pass one)."""
+        extra = f"-{self.sampler}" if self.sampler in ("cfg", "flow-cfg") else ""
+        return f"{self.steps}steps-w{self.guidance:g}{extra}"
+
+    def label(self) -> str:
+        return f"{self.steps} step{'s' if self.steps != 1 else ''}, w={self.guidance:g}" + (
+            f" ({self.sampler})" if self.sampler in ("cfg", "flow-cfg") else "")
+
+
+def run_sampler(recipe: Recipe, double_guidance: bool = False) -> str:
+    """The one-pass sampler of a run: intrinsic guidance for ism, the conditional output for
+    sm; ``double_guidance`` turns sm sampling into CFG on top of its baked-in guidance."""
+    if recipe.objective.mode == "ism":
+        if double_guidance:
+            raise UserError("--double-guidance: only for sm runs (an iSM run takes w as a "
+                            "network input; there is no baked-in guidance to add to)")
+        return "intrinsic"
+    return "cfg" if double_guidance else "conditional"
+
+
+def plan_points(recipe: Recipe, steps: list[int], guidance: list[float],
+                double_guidance: bool = False) -> list[Point]:
+    """Every (steps, w, sampler) an evaluation samples, in order.
+
+    sm runs without ``double_guidance`` accept only w = 0 and get the flow-CFG entry at the
+    training scale when the finest step count (``objective.base_steps``) is requested.
+    """
+    sampler = run_sampler(recipe, double_guidance)
+    if sampler == "conditional":
+        if any(w != 0 for w in guidance):
+            raise UserError(
+                f"--guidance {','.join(f'{w:g}' for w in guidance)}: an sm run is sampled "
+                "from its conditional output (w = 0; CFG at scale "
+                f"{recipe.guidance.cfg_scale:g} is baked into its shortcuts); pass "
+                "--double-guidance to apply CFG on top")
+        points = [Point(s, 0.0, "conditional") for s in steps]
+        if recipe.objective.base_steps in steps:
+            points.append(Point(recipe.objective.base_steps,
+                                scale_to_w(recipe.guidance.cfg_scale), "flow-cfg"))
+        return points
+    return [Point(s, float(w), sampler) for s in steps for w in guidance]
+
+
+def default_guidance(recipe: Recipe, steps: int) -> float:
+    """The recipe's ``eval.default_guidance`` for ``steps``; an unlisted step count takes the
+    nearest listed one on a log2 scale (the coarser on a tie)."""
+    table = recipe.eval.default_guidance
+    if not table:
+        return 0.0
+    nearest = min(table, key=lambda s: (abs(math.log2(s) - math.log2(steps)), s))
+    return float(table[nearest])
+
+
+def read_best(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """The remembered best point per step count (empty when none was chosen yet)."""
+    path = Path(run_dir) / BEST_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return {int(k): v for k, v in data["best"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path}: not a guidance file written by `ismctl eval` ({exc})") from exc
+
+
+def remember_best(run_dir: Path, best: dict[int, dict[str, Any]]) -> Path:
+    """Merge ``best`` (step count -> point record) into the run's remembered choices."""
+    merged = read_best(run_dir)
+    merged.update(best)
+    path = Path(run_dir) / BEST_FILE
+    body = {"about": "best guidance per step count, chosen by `ismctl eval`; "
+                     "`ismctl sample` uses it when --guidance is not given",
+            "best": {str(k): merged[k] for k in sorted(merged)}}
+    atomic_write_text(path, json.dumps(body, indent=2) + "\n")
+    return path
+
+
+def choose_point(recipe: Recipe, run_dir: Path, steps: int, guidance: float | None = None,
+                 double_guidance: bool = False) -> tuple[Point, str]:
+    """The point ``ismctl sample`` uses and where it came from: the given w, else the run's
+    remembered best for ``steps``, else the recipe default (w = 0 for sm runs)."""
+    sampler = run_sampler(recipe, double_guidance)
+    if guidance is not None:
+        return plan_points(recipe, [steps], [guidance], double_guidance)[0], "command line"
+    if not double_guidance and (best := read_best(run_dir).get(steps)) is not None:
+        return Point(steps, float(best["guidance"]), best["sampler"]), (
+            f"{BEST_FILE} (best {best['metric']} at step {best['checkpoint_step']})")
+    w = 0.0 if sampler == "conditional" else default_guidance(recipe, steps)
+    return Point(steps, w, sampler), "recipe eval.default_guidance"
+
+
+def best_points(points: list[dict[str, Any]], metric: str, lower_is_better: bool,
+                checkpoint_step: int) -> dict[int, dict[str, Any]]:
+    """Per step count, the evaluated point with the best ``metric`` (ties: smaller w)."""
+    best: dict[int, dict[str, Any]] = {}
+    for p in points:
+        value = p["metrics"].get(metric)
+        if value is None or not math.isfinite(value):
+            continue
+        score = value if lower_is_better else -value
+        cur = best.get(p["steps"])
+        if cur is None or (score, p["guidance"]) < (cur["_score"], cur["guidance"]):
+            best[p["steps"]] = {"guidance": p["guidance"], "sampler": p["sampler"],
+                                "metric": metric, "value": value,
+                                "candidates": 0, "checkpoint_step": checkpoint_step,
+                                "_score": score}
+    for s, rec in best.items():
+        rec.pop("_score")
+        rec["candidates"] = sum(1 for p in points if p["steps"] == s)
+    return best

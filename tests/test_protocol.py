@@ -1,0 +1,93 @@
+"""How runs are sampled: guidance grids, the sm authors' protocol, remembered best w."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ismctl.errors import UserError
+from ismctl.guidance import parse_guidance
+from ismctl.protocol import (
+    Point,
+    best_points,
+    choose_point,
+    default_guidance,
+    plan_points,
+    read_best,
+    remember_best,
+)
+from ismctl.recipe import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_parse_guidance_numbers_and_ranges() -> None:
+    assert parse_guidance("0,1.5") == [0.0, 1.5]
+    assert parse_guidance("0:2:0.5") == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert parse_guidance("0:1:0.3") == [0.0, 0.3, 0.6, 0.9]
+    assert parse_guidance("3, 0:1:1, 3") == [3.0, 0.0, 1.0]
+    for bad in ("", "a", "1:0:0.5", "0:1:0", "0:1", "-1", "nan"):
+        with pytest.raises(UserError, match="--guidance"):
+            parse_guidance(bad)
+
+
+def test_ism_points_are_the_full_grid() -> None:
+    ism = load_recipe(RECIPES / "ism_b.yaml")
+    points = plan_points(ism, [1, 128], [0.0, 2.0])
+    assert points == [Point(1, 0.0, "intrinsic"), Point(1, 2.0, "intrinsic"),
+                      Point(128, 0.0, "intrinsic"), Point(128, 2.0, "intrinsic")]
+    with pytest.raises(UserError, match="only for sm"):
+        plan_points(ism, [1], [0.0], double_guidance=True)
+
+
+def test_sm_points_follow_the_authors_protocol() -> None:
+    sm = load_recipe(RECIPES / "sm_b.yaml")
+    assert plan_points(sm, [1, 4], [0.0]) == [Point(1, 0.0, "conditional"),
+                                              Point(4, 0.0, "conditional")]
+    # At 128 steps a second entry: two-pass CFG at the training scale 1.5 on d = 0.
+    assert plan_points(sm, [128], [0.0])[-1] == Point(128, 0.5, "flow-cfg")
+    with pytest.raises(UserError, match="double-guidance"):
+        plan_points(sm, [1], [0.0, 1.0])
+    assert plan_points(sm, [1], [0.0, 1.0], double_guidance=True) == [
+        Point(1, 0.0, "cfg"), Point(1, 1.0, "cfg")]
+
+
+def test_default_guidance_takes_the_nearest_listed_step_count() -> None:
+    recipe = load_recipe(RECIPES / "ism_b.yaml", ["eval.default_guidance={1: 2.0, 8: 1.0}"])
+    assert default_guidance(recipe, 1) == 2.0
+    assert default_guidance(recipe, 2) == 2.0  # log2 distance 1 to both 1... and 3 to 8
+    assert default_guidance(recipe, 4) == 1.0
+    assert default_guidance(recipe, 128) == 1.0
+
+
+def test_best_points_and_remembering(tmp_path: Path) -> None:
+    points = [{"steps": 1, "guidance": w, "sampler": "intrinsic", "metrics": {"fid": f}}
+              for w, f in ((0.0, 9.0), (1.0, 5.0), (2.0, 5.0), (3.0, 7.0))]
+    points.append({"steps": 4, "guidance": 1.0, "sampler": "intrinsic",
+                   "metrics": {"fid": float("nan")}})
+    best = best_points(points, "fid", lower_is_better=True, checkpoint_step=7)
+    # A tie goes to the smaller w; a step count without a finite value has no best.
+    assert list(best) == [1] and best[1]["guidance"] == 1.0 and best[1]["candidates"] == 4
+    assert best_points(points, "fid", False, 7)[1]["guidance"] == 0.0
+    recipe = load_recipe(RECIPES / "ism_b.yaml")
+    assert read_best(tmp_path) == {}
+    remember_best(tmp_path, best)
+    remember_best(tmp_path, {4: {**best[1], "guidance": 3.0}})
+    assert {s: r["guidance"] for s, r in read_best(tmp_path).items()} == {1: 1.0, 4: 3.0}
+    point, source = choose_point(recipe, tmp_path, 1)
+    assert point == Point(1, 1.0, "intrinsic") and "guidance.json" in source
+    assert choose_point(recipe, tmp_path, 1, guidance=2.5)[0].guidance == 2.5
+    assert choose_point(recipe, tmp_path, 2)[0].guidance == recipe.eval.default_guidance[1]
+    (tmp_path / "guidance.json").write_text(json.dumps({"nope": 1}))
+    with pytest.raises(UserError, match="guidance.json"):
+        read_best(tmp_path)
+
+
+def test_sm_sampling_defaults_to_the_conditional_output(tmp_path: Path) -> None:
+    sm = load_recipe(RECIPES / "sm_b.yaml")
+    assert choose_point(sm, tmp_path, 4)[0] == Point(4, 0.0, "conditional")
+    with pytest.raises(UserError, match="double-guidance"):
+        choose_point(sm, tmp_path, 4, guidance=1.0)
+    assert choose_point(sm, tmp_path, 4, 1.0, double_guidance=True)[0] == Point(4, 1.0, "cfg")

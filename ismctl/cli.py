@@ -119,7 +119,7 @@ def sample(
 def eval_cmd(
     run: Annotated[Path | None, typer.Argument(help="Run or checkpoint (default: the latest run).")] = None,
     steps: Annotated[str | None, typer.Option(help="Comma-separated step counts (default: the recipe's eval.steps).")] = None,
-    guidance: Annotated[str | None, typer.Option(help=GUIDANCE_HELP + " Numbers and START:STOP:STEP ranges, e.g. 0:4:0.5 (default: the recipe's eval.guidance). The best per step count is reported and remembered.")] = None,
+    guidance: Annotated[str | None, typer.Option(help=GUIDANCE_HELP + " Numbers and START:STOP:STEP ranges, e.g. 0:4:0.5 (default: the recipe's eval.guidance); the best per step count is reported and remembered. 'best': each step count at its remembered best.")] = None,
     double_guidance: Annotated[bool, typer.Option(help="sm runs: apply CFG on top of the guidance baked into the shortcuts (guides twice; not the authors' protocol).")] = False,
     select_by: Annotated[str | None, typer.Option(help="Value that picks the best w per step count (default: fid, else fd-dinov2, else cfd-digits, ...).")] = None,
     remember: Annotated[bool, typer.Option(help="Store the best w per step count in the run for `ismctl sample` (latest checkpoint only).")] = True,
@@ -139,10 +139,11 @@ def eval_cmd(
 
     evaluate(None if run is None else str(run),
              None if steps is None else _int_list(steps, "--steps"),
-             None if guidance is None else parse_guidance(guidance), num_samples,
+             None if guidance in (None, "best") else parse_guidance(guidance), num_samples,
              ref, None if metrics is None else [m.strip() for m in metrics.split(",")],
              out, inception_weights, save_npz, batch_size, seed, device=device,
-             double_guidance=double_guidance, select_by=select_by, remember=remember)
+             double_guidance=double_guidance, select_by=select_by, remember=remember,
+             at_best=guidance == "best")
 
 
 @app.command()

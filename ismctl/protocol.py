@@ -115,6 +115,17 @@ def remember_best(run_dir: Path, best: dict[int, dict[str, Any]]) -> Path:
     return path
 
 
+def remembered_points(run_dir: Path, steps: list[int]) -> list[Point]:
+    """The remembered best point of each step count; a step count without one is an error."""
+    best = read_best(run_dir)
+    if missing := [s for s in steps if s not in best]:
+        raise UserError(
+            f"--guidance best: {run_dir}/{BEST_FILE} has no best w for "
+            f"{', '.join(map(str, missing))} step(s); evaluate a grid first, e.g. "
+            f"ismctl eval {run_dir} --steps {','.join(map(str, missing))} --guidance 0:4:0.5")
+    return [Point(s, float(best[s]["guidance"]), best[s]["sampler"]) for s in steps]
+
+
 def choose_point(recipe: Recipe, run_dir: Path, steps: int, guidance: float | None = None,
                  double_guidance: bool = False) -> tuple[Point, str]:
     """The point ``ismctl sample`` uses and where it came from: the given w, else the run's

@@ -179,6 +179,14 @@ def test_best_guidance_per_step_count_is_reported_and_remembered(run, tmp_path):
     point, source = choose_point(run.recipe.model_copy(update={"eval": run.recipe.eval.model_copy(
         update={"default_guidance": {1: 2.5, 128: 0.5}})}), run.run_dir, 32)
     assert point.guidance == 0.5 and "default" in source
+    # A later evaluation (say FID-50K) at the remembered points only.
+    again = evaluate(None, [4, 1], None, 30, None, ["acc"], tmp_path / "b.json", None,
+                     save_npz=False, batch_size=30, seed=0, device="cpu", progress=False,
+                     at_best=True)
+    assert [(p["steps"], p["guidance"]) for p in again["points"]] == [(4, 1.0), (1, 1.0)]
+    with pytest.raises(UserError, match="no best w for 2 step"):
+        evaluate(None, [2], None, 30, None, ["acc"], tmp_path / "c.json", None, False, 30, 0,
+                 device="cpu", progress=False, at_best=True)
     # Selecting by accuracy (higher is better) picks the same strength.
     by_acc = evaluate(None, [1], [0.0, 1.0], 30, None, ["acc"], tmp_path / "a.json", None,
                       save_npz=False, batch_size=30, seed=0, device="cpu", progress=False,

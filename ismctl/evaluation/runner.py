@@ -56,7 +56,7 @@ from ismctl.evaluation.reference import ReferenceStats, load_reference
 from ismctl.evaluation.report import print_results, value_names, write_plot, write_results_json
 from ismctl.evaluation.scores import frechet_to_reference, inception_score, precision_recall
 from ismctl.evaluation.sources import BUILTIN_DIGITS
-from ismctl.protocol import Point, best_points, plan_points, remember_best
+from ismctl.protocol import Point, best_points, plan_points, remember_best, remembered_points
 
 GRID_MAX = 100
 # Feature extraction runs at 299x299 (Inception) whatever the sample size: large batches
@@ -167,6 +167,7 @@ def evaluate(
     double_guidance: bool = False,
     select_by: str | None = None,
     remember: bool = True,
+    at_best: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run or checkpoint; returns the results dict (empty on ranks other than 0).
 
@@ -175,7 +176,9 @@ def evaluate(
     recipe's ``eval.ref``, else the built-in digits for a digits run, else the prepared shards
     of ``data.path``. ``double_guidance`` samples an sm run with CFG on top of its baked-in
     guidance; ``select_by`` names the value that picks the best point per step count;
-    ``remember`` stores those picks in the run.
+    ``remember`` stores those picks in the run; ``at_best`` evaluates each step count at the
+    point remembered by an earlier grid evaluation instead of a guidance list (e.g. FID-50K
+    where a cheaper grid chose w).
     """
     from ismctl.checkpoint import load_for_sampling, run_recipe
     from ismctl.distributed import init_distributed, shutdown
@@ -190,12 +193,18 @@ def evaluate(
         ev = run.recipe.eval
         digits = is_digits(run.manifest)
         steps = list(steps or ev.steps)
-        guidance = [float(w) for w in (guidance if guidance is not None else ev.guidance)]
+        if at_best:
+            points = remembered_points(run.run_dir, steps)
+            guidance = sorted({p.guidance for p in points})
+        else:
+            guidance = [float(w) for w in (guidance if guidance is not None else ev.guidance)]
         check_points(steps, guidance, run.recipe.objective.base_steps)
+        if not at_best:
+            points = plan_points(run.recipe, steps, guidance, double_guidance)
         cfg = Settings(
             steps=steps,
             guidance=guidance,
-            points=plan_points(run.recipe, steps, guidance, double_guidance),
+            points=points,
             double_guidance=double_guidance,
             num_samples=int(num_samples or ev.num_samples),
             batch_size=int(batch_size or ev.batch_size),

@@ -45,6 +45,7 @@ from ismctl.ablate_report import aggregate, main_values, markdown, results_table
 from ismctl.ablate_report import write_chart as write_chart
 from ismctl.errors import UserError
 from ismctl.fileio import atomic_write_text, write_json
+from ismctl.protocol import Grid
 from ismctl.recipe import Recipe, apply_override, load_recipe, recipe_from_dict, save_recipe
 
 DEFAULT_RECIPE = "recipes/ism_xl.yaml"
@@ -221,7 +222,7 @@ class EvalSettings:
     """Identical for every variant, so the table compares like with like."""
 
     steps: list[int]
-    guidance: list[float]
+    guidance: Grid
     num_samples: int
     metrics: list[str]
     ref: str | None
@@ -230,16 +231,19 @@ class EvalSettings:
     device: str
     inception_weights: str | None
 
-    def key(self, checkpoint_step: int) -> dict[str, Any]:
-        return {"steps": self.steps, "guidance": self.guidance, "num_samples": self.num_samples,
-                "metrics": self.metrics, "ref": self.ref, "seed": self.seed,
-                "inception_weights": self.inception_weights, "checkpoint_step": checkpoint_step}
+    def key(self, checkpoint_step: int, guidance: Grid) -> dict[str, Any]:
+        """The settings as stored next to a result (JSON round-tripped, so that a stored key
+        compares equal to a fresh one)."""
+        return json.loads(json.dumps({
+            "steps": self.steps, "guidance": guidance, "num_samples": self.num_samples,
+            "metrics": self.metrics, "ref": self.ref, "seed": self.seed,
+            "inception_weights": self.inception_weights, "checkpoint_step": checkpoint_step}))
 
 
 def eval_settings(recipe: Recipe, num_samples: int | None,
                   inception_weights: str | None) -> EvalSettings:
     e = recipe.eval
-    return EvalSettings(steps=list(e.steps), guidance=list(e.guidance),
+    return EvalSettings(steps=list(e.steps), guidance=e.guidance,
                         num_samples=num_samples or e.num_samples, metrics=list(e.metrics),
                         ref=e.ref, batch_size=e.batch_size, seed=e.seed,
                         device=recipe.train.device, inception_weights=inception_weights)
@@ -300,12 +304,14 @@ def _train_variant(recipe: Recipe, yaml_path: Path, launch: str | None, nproc: i
     train(recipe, str(yaml_path), resume=True, overwrite=False, progress=progress)
 
 
-def _eval_variant(run_dir: Path, out: Path, cfg: EvalSettings, guidance: list[float],
+def _eval_variant(run_dir: Path, out: Path, cfg: EvalSettings, guidance: Grid,
                   launch: str | None, nproc: int, progress: bool) -> dict[str, Any]:
     if launch == "torchrun":
+        # A per-step-count grid cannot be said on the command line: the run's recipe holds it.
+        grid = [] if isinstance(guidance, dict) else [
+            "--guidance", ",".join(f"{w:g}" for w in guidance)]
         cmd = [*_torchrun(nproc), "eval", str(run_dir), "--steps", ",".join(map(str, cfg.steps)),
-               "--guidance", ",".join(f"{w:g}" for w in guidance),
-               "--num-samples", str(cfg.num_samples), "--metrics", ",".join(cfg.metrics),
+               *grid, "--num-samples", str(cfg.num_samples), "--metrics", ",".join(cfg.metrics),
                "--out", str(out), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed),
                "--device", cfg.device]
         if cfg.ref:
@@ -360,7 +366,7 @@ def run_name(variant: str, seed: int, seeds: list[int] | None) -> str:
     return variant if seeds is None else f"{variant}-seed{seed}"
 
 
-def _point_guidance(recipe: Recipe, cfg: EvalSettings) -> list[float]:
+def _point_guidance(recipe: Recipe, cfg: EvalSettings) -> Grid:
     # An sm variant is sampled by its authors' protocol (SPEC 2): the conditional output,
     # plus the d = 0 CFG entry at 128 steps; its guidance is fixed by its training.
     return cfg.guidance if recipe.objective.mode == "ism" else [0.0]
@@ -458,7 +464,7 @@ def _evaluated(recipe: Recipe, run_dir: Path, cfg: EvalSettings, launch: str | N
     results_path = run_dir / "eval" / "results.json"
     key_path = run_dir / "eval" / "ablation-settings.json"
     guidance = _point_guidance(recipe, cfg)
-    key = {**cfg.key(recipe.train.steps), "guidance": guidance}
+    key = cfg.key(recipe.train.steps, guidance)
     if (results_path.is_file() and key_path.is_file()
             and json.loads(key_path.read_text()) == key):
         console.print(f"{head}: evaluated, {results_path} found")

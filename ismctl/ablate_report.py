@@ -18,6 +18,7 @@ from rich.table import Table
 
 from ismctl.evaluation.plan import HIGHER_IS_BETTER
 from ismctl.fileio import atomic_path
+from ismctl.protocol import describe_grid
 
 FRACTIONS = frozenset({"acc", "precision", "recall"})
 # The values shown in the main table, after the selection metric: FID alone on images, the
@@ -173,7 +174,7 @@ def markdown(report: dict[str, Any], paper_note: str = "") -> str:
     ev = report["eval"]
     ref = report["reference_variant"]
     lines = [f"# Ablation: {report['recipe']} ({report['mode']})", ""]
-    ws = ", ".join(f"{w:g}" for w in ev["guidance"])
+    ws = describe_grid(ev["guidance"])
     lines += [
         f"Training seeds {', '.join(map(str, seeds))}; every run evaluated with the same "
         f"settings ({ev['num_samples']} samples per point, evaluation seed {ev['seed']}, "

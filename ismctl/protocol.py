@@ -27,6 +27,9 @@ from ismctl.guidance import scale_to_w
 from ismctl.recipe import Recipe
 
 BEST_FILE = "guidance.json"
+# A guidance grid: one list for every step count, or one list per step count (a 128-step
+# point costs 128 times a 1-step one, so a coarser grid there saves most of the time).
+Grid = list[float] | dict[int, list[float]]
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,31 @@ def run_sampler(recipe: Recipe, double_guidance: bool = False) -> str:
     return "cfg" if double_guidance else "conditional"
 
 
-def plan_points(recipe: Recipe, steps: list[int], guidance: list[float],
+def _nearest(keys: list[int], steps: int) -> int:
+    """The listed step count nearest to ``steps`` on a log2 scale (the coarser on a tie)."""
+    return min(keys, key=lambda s: (abs(math.log2(s) - math.log2(steps)), s))
+
+
+def grid_for(guidance: Grid, steps: int) -> list[float]:
+    """The strengths to evaluate at ``steps``: the list, or the nearest step count's list."""
+    if isinstance(guidance, dict):
+        return [float(w) for w in guidance[_nearest(list(guidance), steps)]]
+    return [float(w) for w in guidance]
+
+
+def all_strengths(guidance: Grid) -> list[float]:
+    values = (w for ws in guidance.values() for w in ws) if isinstance(guidance, dict) else guidance
+    return sorted({float(w) for w in values})
+
+
+def describe_grid(guidance: Grid) -> str:
+    if isinstance(guidance, dict):
+        return "; ".join(f"{s} steps: {', '.join(f'{w:g}' for w in ws)}"
+                         for s, ws in sorted(guidance.items(), key=lambda kv: int(kv[0])))
+    return ", ".join(f"{w:g}" for w in guidance)
+
+
+def plan_points(recipe: Recipe, steps: list[int], guidance: Grid,
                 double_guidance: bool = False) -> list[Point]:
     """Every (steps, w, sampler) an evaluation samples, in order.
 
@@ -67,9 +94,9 @@ def plan_points(recipe: Recipe, steps: list[int], guidance: list[float],
     """
     sampler = run_sampler(recipe, double_guidance)
     if sampler == "conditional":
-        if any(w != 0 for w in guidance):
+        if any(w != 0 for w in all_strengths(guidance)):
             raise UserError(
-                f"--guidance {','.join(f'{w:g}' for w in guidance)}: an sm run is sampled "
+                f"--guidance {describe_grid(guidance)}: an sm run is sampled "
                 "from its conditional output (w = 0; CFG at scale "
                 f"{recipe.guidance.cfg_scale:g} is baked into its shortcuts); pass "
                 "--double-guidance to apply CFG on top")
@@ -78,17 +105,14 @@ def plan_points(recipe: Recipe, steps: list[int], guidance: list[float],
             points.append(Point(recipe.objective.base_steps,
                                 scale_to_w(recipe.guidance.cfg_scale), "flow-cfg"))
         return points
-    return [Point(s, float(w), sampler) for s in steps for w in guidance]
+    return [Point(s, w, sampler) for s in steps for w in grid_for(guidance, s)]
 
 
 def default_guidance(recipe: Recipe, steps: int) -> float:
     """The recipe's ``eval.default_guidance`` for ``steps``; an unlisted step count takes the
     nearest listed one on a log2 scale (the coarser on a tie)."""
     table = recipe.eval.default_guidance
-    if not table:
-        return 0.0
-    nearest = min(table, key=lambda s: (abs(math.log2(s) - math.log2(steps)), s))
-    return float(table[nearest])
+    return float(table[_nearest(list(table), steps)]) if table else 0.0
 
 
 def read_best(run_dir: Path) -> dict[int, dict[str, Any]]:

@@ -122,7 +122,7 @@ class RunCfg(Section):
 
 class EvalCfg(Section):
     steps: list[int] = Field([1, 4, 128], description="Sampling step counts to evaluate.")
-    guidance: list[float] = Field([1.0], description="Guidance strengths w to evaluate (CFG scale 1 + w); the best per step count is remembered. sm runs: [0] (guidance is baked in).")
+    guidance: list[float] | dict[int, list[float]] = Field([1.0], description="Guidance strengths w to evaluate (CFG scale 1 + w): one list, or one per step count (others take the nearest); the best per step count is remembered. sm runs: [0] (guidance is baked in).")
     default_guidance: dict[int, float] = Field({1: 1.0, 4: 1.0, 128: 1.0}, description="Guidance w per step count for `ismctl sample` and training grids until `ismctl eval` has picked one; other step counts take the nearest listed.")
     num_samples: int = Field(50_000, gt=0, description="Samples per (steps, guidance) point (class-balanced).")
     metrics: list[str] = Field(["fid", "isc", "prc"], description="Metrics to compute: fid, isc, prc, fd-dinov2 (digits also: acc, fd-digits).")

@@ -14,6 +14,8 @@ from ismctl.protocol import (
     best_points,
     choose_point,
     default_guidance,
+    describe_grid,
+    grid_for,
     plan_points,
     read_best,
     remember_best,
@@ -91,3 +93,14 @@ def test_sm_sampling_defaults_to_the_conditional_output(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="double-guidance"):
         choose_point(sm, tmp_path, 4, guidance=1.0)
     assert choose_point(sm, tmp_path, 4, 1.0, double_guidance=True)[0] == Point(4, 1.0, "cfg")
+
+
+def test_per_step_count_grids() -> None:
+    grid = {1: [0.0, 0.5, 1.0], 128: [0.0, 1.0]}
+    assert grid_for(grid, 1) == [0.0, 0.5, 1.0] and grid_for(grid, 4) == [0.0, 0.5, 1.0]
+    assert grid_for(grid, 64) == [0.0, 1.0] and grid_for([2.0], 64) == [2.0]
+    ism = load_recipe(RECIPES / "ism_b.yaml", ["eval.guidance={1: [0, 0.5], 128: [1]}"])
+    assert ism.eval.guidance == {1: [0.0, 0.5], 128: [1.0]}
+    assert plan_points(ism, [1, 128], ism.eval.guidance) == [
+        Point(1, 0.0, "intrinsic"), Point(1, 0.5, "intrinsic"), Point(128, 1.0, "intrinsic")]
+    assert describe_grid({"128": [1.0], "4": [0.0]}) == "4 steps: 0; 128 steps: 1"

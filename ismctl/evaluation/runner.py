@@ -56,7 +56,15 @@ from ismctl.evaluation.reference import ReferenceStats, load_reference
 from ismctl.evaluation.report import print_results, value_names, write_plot, write_results_json
 from ismctl.evaluation.scores import frechet_to_reference, inception_score, precision_recall
 from ismctl.evaluation.sources import BUILTIN_DIGITS
-from ismctl.protocol import Point, best_points, plan_points, remember_best, remembered_points
+from ismctl.protocol import (
+    Grid,
+    Point,
+    all_strengths,
+    best_points,
+    plan_points,
+    remember_best,
+    remembered_points,
+)
 
 GRID_MAX = 100
 # Feature extraction runs at 299x299 (Inception) whatever the sample size: large batches
@@ -81,7 +89,7 @@ def default_out(run: Any) -> Path:
     return Path(run.run_dir) / "eval" / f"step-{run.step:07d}" / "results.json"
 
 
-def check_points(steps: list[int], guidance: list[float], base_steps: int) -> None:
+def check_points(steps: list[int], guidance: Grid, base_steps: int) -> None:
     from ismctl.sampler import check_steps
 
     if not steps:
@@ -90,7 +98,9 @@ def check_points(steps: list[int], guidance: list[float], base_steps: int) -> No
         raise UserError("--guidance: give at least one guidance strength")
     for s in steps:
         check_steps(s, base_steps)
-    for w in guidance:
+    if isinstance(guidance, dict) and not all(guidance.values()):
+        raise UserError("eval.guidance: every step count needs at least one strength")
+    for w in all_strengths(guidance):
         if not (math.isfinite(w) and w >= 0):
             raise UserError(f"--guidance {w}: w must be >= 0 (CFG scale s = 1 + w)")
 
@@ -136,7 +146,7 @@ class Settings:
     """The resolved evaluation request (CLI values, else the recipe's ``eval`` section)."""
 
     steps: list[int]
-    guidance: list[float]
+    guidance: Grid
     points: list[Point]
     double_guidance: bool
     num_samples: int
@@ -153,7 +163,7 @@ class Settings:
 def evaluate(
     path: str | None,
     steps: list[int] | None,
-    guidance: list[float] | None,
+    guidance: Grid | None,
     num_samples: int | None,
     ref: str | None,
     metrics: list[str] | None,
@@ -197,7 +207,7 @@ def evaluate(
             points = remembered_points(run.run_dir, steps)
             guidance = sorted({p.guidance for p in points})
         else:
-            guidance = [float(w) for w in (guidance if guidance is not None else ev.guidance)]
+            guidance = guidance if guidance is not None else ev.guidance
         check_points(steps, guidance, run.recipe.objective.base_steps)
         if not at_best:
             points = plan_points(run.recipe, steps, guidance, double_guidance)
@@ -222,7 +232,8 @@ def evaluate(
         plan = plan_metrics(metrics, list(ev.metrics), digits, inception_weights)
         selection_metric(value_names(plan.metrics), select_by, digits)
         w_max = run.recipe.guidance.w_max
-        if run.mode == "intrinsic" and (far := [w for w in cfg.guidance if w > w_max]):
+        far = [w for w in all_strengths(cfg.guidance) if w > w_max]
+        if run.mode == "intrinsic" and far:
             plan.notes.append(f"guidance {', '.join(f'{w:g}' for w in far)} above the trained "
                               f"w_max {w_max:g}: extrapolated")
         return _evaluate(run, plan, cfg, info, t_start)

@@ -196,3 +196,37 @@ def test_low_precision_inputs_give_float32_loss() -> None:
     assert loss.dtype == torch.float32
     ref = wavelet_loss(pred.bfloat16().float(), target.bfloat16().float())
     torch.testing.assert_close(loss, ref)
+
+
+def _pywt_energy_norm_loss(pred: np.ndarray, target: np.ndarray, wavelet: str, levels: int,
+                           approx_w: float, detail_w: list[float]) -> np.ndarray:
+    """Reference: each level's weight divided by the batch's mean squared target coefficient
+    in that level's bands, from pywt's coefficients."""
+    diff = pywt.wavedec2(pred - target, wavelet, mode="periodization", level=levels)
+    sig = pywt.wavedec2(target, wavelet, mode="periodization", level=levels)
+    total = approx_w / (sig[0] ** 2).mean() * (diff[0] ** 2).sum(axis=(1, 2, 3))
+    # wavedec2 lists details coarsest-first; weights are finest-first.
+    for level, (dbands, sbands) in enumerate(zip(reversed(diff[1:]), reversed(sig[1:]),
+                                                 strict=True)):
+        energy = np.mean(np.concatenate([(b**2).ravel() for b in sbands]))
+        total += detail_w[level] / energy * sum((b**2).sum(axis=(1, 2, 3)) for b in dbands)
+    return total / np.prod(pred.shape[1:])
+
+
+@pytest.mark.parametrize("wavelet", ["haar", "db2"])
+def test_energy_norm_matches_pywt(wavelet: str) -> None:
+    pred = _random((5, 2, 16, 16), 11)
+    # A target with most of its energy at coarse scales, like a velocity of smooth images.
+    smooth = torch.nn.functional.interpolate(_random((5, 2, 4, 4), 12) * 4, size=16)
+    target = smooth + 0.2 * _random((5, 2, 16, 16), 13)
+    levels = 3 if wavelet == "haar" else 2
+    weights = [1.0, 2.0, 0.5][:levels]
+    loss = wavelet_loss(pred, target, wavelet, levels, 1.5, weights, energy_norm=True)
+    ref = _pywt_energy_norm_loss(pred.numpy(), target.numpy(), wavelet, levels, 1.5, weights)
+    np.testing.assert_allclose(loss.numpy(), ref, rtol=1e-10)
+    # The normaliser is a constant of the batch: no gradient flows through the target.
+    pred.requires_grad_(True)
+    target.requires_grad_(True)
+    wavelet_loss(pred, target, wavelet, levels, 1.0, 1.0, energy_norm=True).sum().backward()
+    assert target.grad is not None and pred.grad is not None
+    torch.testing.assert_close(target.grad, -pred.grad)

@@ -184,3 +184,28 @@ def test_two_ranks_match_one_process(digits: Path, tmp_path: Path) -> None:
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
     assert losses(tmp_path / "single") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-4)
+
+
+def test_bf16_training_tracks_fp32_and_keeps_fp32_state(digits: Path, tmp_path: Path) -> None:
+    """train.precision: bf16 on the CPU: the network runs under bf16 autocast (the losses move
+    off the fp32 run's) but tracks fp32 closely; weights, EMA copies and the AdamW moments
+    are stored in float32."""
+    runner = CliRunner()
+    for precision in ("fp32", "bf16"):
+        res = runner.invoke(app, ["train", QUICK, "--no-progress",
+                                  f"--set=train.precision={precision}",
+                                  *tiny_overrides(digits, tmp_path, precision, 8)])
+        assert res.exit_code == 0, res.output
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert sorted(bf16) == sorted(fp32) == list(range(1, 9))
+    assert bf16 != fp32, "bf16 autocast had no effect"
+    for step, value in fp32.items():
+        assert bf16[step] == pytest.approx(value, rel=5e-3), step
+    ckpt = list_checkpoints(tmp_path / "bf16")[-1][1]
+    for name in ("online", "target_ema", "inference_ema"):
+        weights = load_file(str(ckpt / f"{name}.safetensors"))
+        assert {v.dtype for v in weights.values()} == {torch.float32}, name
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    moments = [v for s in state["optimizer"]["state"].values() for k, v in s.items()
+               if k in ("exp_avg", "exp_avg_sq")]
+    assert moments and {m.dtype for m in moments} == {torch.float32}

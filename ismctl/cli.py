@@ -203,17 +203,30 @@ def ablate(
 
 @app.command()
 def bench(
-    out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench.json"),
+    out: Annotated[Path | None, typer.Option(help="JSON output file (default bench.json; gpu-check.json with --full).")] = None,
     presets: Annotated[str | None, typer.Option(help="Comma-separated presets (default: tiny/2,B/2 on CPU; B/2,XL/2 on GPU).")] = None,
     quick: Annotated[bool, typer.Option(help="A reduced run (tiny preset, few iterations).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     threads: Threads = None,
+    full: Annotated[bool, typer.Option(help="The GPU check: B/2 and XL/2, eager/compiled x fp32/bf16, plus a 200-step run (needs CUDA).")] = False,
 ) -> None:
     """Step-time split, component overheads, loader and sampling throughput, MFU on GPU."""
     from ismctl.bench import run_bench
 
-    run_bench(out, None if presets is None else [p.strip() for p in presets.split(",")],
-              quick=quick, device=device, threads=threads)
+    names = None if presets is None else [p.strip() for p in presets.split(",")]
+    if full:
+        from ismctl.gpu_check import PRESETS, CheckFailed, run_gpu_check
+        from ismctl.runtime import set_threads
+
+        set_threads(threads)
+        try:
+            run_gpu_check(out or Path("gpu-check.json"), names or PRESETS, device=device)
+        except CheckFailed as exc:
+            Console(stderr=True).print(f"[bold red]gpu-check failed:[/] {exc}", soft_wrap=True,
+                                       highlight=False)
+            raise typer.Exit(1) from exc
+        return
+    run_bench(out or Path("bench.json"), names, quick=quick, device=device, threads=threads)
 
 
 def main() -> None:

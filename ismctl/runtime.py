@@ -34,20 +34,31 @@ def usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def default_threads() -> int:
-    """``OMP_NUM_THREADS`` when set, else half the usable cores shared among the processes of
-    this node (torchrun's ``LOCAL_WORLD_SIZE``), at least one.
+def busy_cores() -> int:
+    """Cores already busy with other work: the 1-minute load average, rounded."""
+    try:
+        return int(os.getloadavg()[0] + 0.5)
+    except (AttributeError, OSError):
+        return 0
 
-    The networks' small CPU ops spend more time synchronising threads than computing once the
-    cores are busy; half leaves room for the data-loader workers (sOT runs there) and for
-    whatever else shares the machine. Torch's own default, every core, oversubscribes a shared
-    2-core machine badly.
+
+def default_threads() -> int:
+    """``OMP_NUM_THREADS`` when set, else the cores not busy with other work when the command
+    starts, shared among the processes of this node (torchrun's ``LOCAL_WORLD_SIZE``), at
+    least one.
+
+    Torch's own default, one thread per core, oversubscribes a machine that other jobs share:
+    every parallel region then waits for its slowest thread, whose core is taken. Measured on a
+    loaded 2-core machine (``make bench``, sampling paths): two threads ran the quickstart's
+    sampler at half the speed of one. On an idle machine all cores are used, as before. Set
+    ``--threads`` (or ``OMP_NUM_THREADS``) for a fixed count, e.g. for bitwise-repeatable runs.
     """
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, usable_cores() // 2 // max(1, local))
+    free = max(1, usable_cores() - busy_cores())
+    return max(1, free // max(1, local))
 
 
 def set_threads(threads: int | None) -> int:

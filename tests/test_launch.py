@@ -91,10 +91,18 @@ def test_default_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr("ismctl.runtime.usable_cores", lambda: 16)
-    assert default_threads() == 8
+    monkeypatch.setattr("ismctl.runtime.busy_cores", lambda: 0)
+    assert default_threads() == 16
+    monkeypatch.setattr("ismctl.runtime.busy_cores", lambda: 6)
+    assert default_threads() == 10
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert default_threads() == 2
+    # A 2-core machine with one core taken by another job: one thread, never zero.
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr("ismctl.runtime.usable_cores", lambda: 2)
+    monkeypatch.setattr("ismctl.runtime.busy_cores", lambda: 1)
+    assert default_threads() == 1
+    monkeypatch.setattr("ismctl.runtime.busy_cores", lambda: 5)
     assert default_threads() == 1
 
 

@@ -72,3 +72,26 @@ def test_bf16_runs_the_network_in_bf16_and_everything_else_in_fp32() -> None:
 def test_unknown_precision_is_a_user_error() -> None:
     with pytest.raises(UserError, match="train.precision"):
         autocast_dtype("fp16")
+
+
+def test_ism_training_step_reads_nothing_back_from_the_device(host_reads) -> None:
+    """Objective draws, both target passes, online forward, loss, backward, clipping, AdamW and
+    the twin EMA: an eager iSM step only queues work, so a GPU never waits for the host.
+    AdamW is the fused kernel, as the trainer uses on a GPU (the CPU's for-loop AdamW reads its
+    step counter, a host tensor)."""
+    torch.manual_seed(0)
+    model = build_model("tiny/2", SIZE, 1, CLASSES)
+    ema = TwinEMA(model, target_decay=0.5, inference_decay=0.9)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    loss_fn = build_loss(LossCfg(levels=3), SIZE)
+    gen = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(2, BATCH, 1, SIZE, SIZE, generator=gen)
+    y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
+    with host_reads() as reads:
+        parts = shortcut_loss(model, ema.target, x0, x1, y, ObjectiveCfg(), GuidanceCfg(),
+                              loss_fn, CLASSES, gen)
+        parts["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model)
+    assert reads.ops == []

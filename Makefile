@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -41,5 +41,9 @@ demo: install
 bench: install
 	$(ISMCTL) bench --out bench.json
 
+# One CUDA GPU: B/2 and XL/2, eager/compiled x fp32/bf16, and a 200-step B/2 run; fails loudly.
+gpu-check: install
+	$(ISMCTL) bench --full --device cuda --out gpu-check.json
+
 clean:
-	rm -rf $(DEMO_DIR) runs bench.json .pytest_cache .ruff_cache
+	rm -rf $(DEMO_DIR) runs bench.json gpu-check.json .pytest_cache .ruff_cache

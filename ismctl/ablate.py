@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from ismctl.ablate_report import aggregate, main_values, markdown, results_table
 from ismctl.ablate_report import write_chart as write_chart
 from ismctl.errors import UserError
 from ismctl.fileio import atomic_write_text, write_json
+from ismctl.launch import Torchrun
 from ismctl.protocol import Grid
 from ismctl.recipe import Recipe, apply_override, load_recipe, recipe_from_dict, save_recipe
 
@@ -287,16 +287,16 @@ def _run_subprocess(cmd: list[str], what: str) -> None:
         raise UserError(f"{what}: `{' '.join(cmd)}` failed with exit code {done.returncode}")
 
 
-def _torchrun(nproc_per_node: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc_per_node}", "-m", "ismctl"]
+def _threads_args(threads: int | None) -> list[str]:
+    return [] if threads is None else ["--threads", str(threads)]
 
 
-def _train_variant(recipe: Recipe, yaml_path: Path, launch: str | None, nproc: int,
-                   progress: bool) -> None:
-    if launch == "torchrun":
+def _train_variant(recipe: Recipe, yaml_path: Path, torchrun: Torchrun | None, progress: bool,
+                   threads: int | None = None) -> None:
+    if torchrun is not None:
         flag = "--progress" if progress else "--no-progress"
-        _run_subprocess([*_torchrun(nproc), "train", str(yaml_path), "--resume", flag],
+        _run_subprocess([*torchrun.command(f"train-{recipe.run.name}"), "train", str(yaml_path),
+                         "--resume", flag, *_threads_args(threads)],
                         f"train {recipe.run.name}")
         return
     from ismctl.trainer import train
@@ -305,12 +305,14 @@ def _train_variant(recipe: Recipe, yaml_path: Path, launch: str | None, nproc: i
 
 
 def _eval_variant(run_dir: Path, out: Path, cfg: EvalSettings, guidance: Grid,
-                  launch: str | None, nproc: int, progress: bool) -> dict[str, Any]:
-    if launch == "torchrun":
+                  torchrun: Torchrun | None, progress: bool,
+                  threads: int | None = None) -> dict[str, Any]:
+    if torchrun is not None:
         # A per-step-count grid cannot be said on the command line: the run's recipe holds it.
         grid = [] if isinstance(guidance, dict) else [
             "--guidance", ",".join(f"{w:g}" for w in guidance)]
-        cmd = [*_torchrun(nproc), "eval", str(run_dir), "--steps", ",".join(map(str, cfg.steps)),
+        cmd = [*torchrun.command(f"eval-{run_dir.name}"), "eval", str(run_dir),
+               "--steps", ",".join(map(str, cfg.steps)),
                *grid, "--num-samples", str(cfg.num_samples), "--metrics", ",".join(cfg.metrics),
                "--out", str(out), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed),
                "--device", cfg.device]
@@ -318,8 +320,9 @@ def _eval_variant(run_dir: Path, out: Path, cfg: EvalSettings, guidance: Grid,
             cmd += ["--ref", cfg.ref]
         if cfg.inception_weights:
             cmd += ["--inception-weights", cfg.inception_weights]
-        _run_subprocess(cmd, f"eval {run_dir.name}")
-        return json.loads(out.read_text())
+        _run_subprocess([*cmd, *_threads_args(threads)], f"eval {run_dir.name}")
+        # Rank 0 of the job wrote the results; only the main node reads and reports them.
+        return json.loads(out.read_text()) if torchrun.is_main_node else {}
     from ismctl.evaluation import evaluate
 
     return evaluate(str(run_dir), cfg.steps, guidance, cfg.num_samples, cfg.ref,
@@ -377,13 +380,24 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
                  overrides: list[str] | None = None, out: str | Path | None = None,
                  eval_num_samples: int | None = None, progress: bool = True,
                  inception_weights: str | None = None, seeds: list[int] | None = None,
-                 sweep: str | None = None) -> dict[str, Any]:
+                 sweep: str | None = None, nodes: Torchrun | None = None,
+                 threads: int | None = None) -> dict[str, Any]:
     """Plan, train, evaluate and compare the ablation variants; returns the report dict
-    (also written as ``ablation.json``, ``ablation.md`` and ``ablation.png`` in the folder)."""
+    (also written as ``ablation.json``, ``ablation.md`` and ``ablation.png`` in the folder).
+
+    ``nodes``: the multi-node part of the torchrun launch (nnodes, node rank, rendezvous); every
+    node runs the same command, and only node 0 writes the report (empty dict elsewhere).
+    """
     if launch not in (None, "torchrun"):
         raise UserError(f"--launch {launch}: expected 'torchrun' (or nothing: in this process)")
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node {nproc_per_node}: must be >= 1")
+    if nodes is not None and nodes.multi_node and launch != "torchrun":
+        raise UserError("--nnodes / --rdzv-endpoint: need --launch torchrun")
+    torchrun = None
+    if launch == "torchrun":
+        torchrun = replace(nodes or Torchrun(), nproc_per_node=nproc_per_node)
+    main_node = torchrun is None or torchrun.is_main_node
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise UserError(f"--seeds {seeds}: give distinct seeds, e.g. 0,1,2")
     path = recipe_path or DEFAULT_RECIPE
@@ -422,20 +436,26 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
                 console.print(f"{head}: trained, final checkpoint found")
             else:
                 console.print(f"{head}: training")
-                _train_variant(run, yaml_path, launch, nproc_per_node, progress)
-            results = _evaluated(run, run_dir, cfg, launch, nproc_per_node, progress, console,
-                                 head)
+                _train_variant(run, yaml_path, torchrun, progress, threads)
+            results = _evaluated(run, run_dir, cfg, torchrun, progress, console, head, threads)
+            if not main_node:
+                continue
             notes += [n for n in results.get("notes", []) if n not in notes]
             select = select or results.get("select_by")
             runs.append({"seed": seed, "run_dir": str(run_dir), "recipe": str(yaml_path),
                          "results": str(run_dir / "eval" / "results.json")})
             results_list.append(results)
+        if not main_node:
+            continue
         rows.append({"name": name, "label": label,
                      "disabled": [] if sweep is not None else _disabled_of(name),
                      "recipe": runs[0]["recipe"], "runs": runs,
                      **aggregate(results_list, select)})
         if paper:
             rows[-1]["paper_fid"] = paper_fid(name)
+    if not main_node:
+        console.print(f"node {torchrun.node_rank}: every variant done; node 0 writes the report")
+        return {}
     report: dict[str, Any] = {
         "recipe": str(path), "mode": mode, "disabled": parse_components(disable),
         "sweep": sweep, "folder": str(folder), "paper": paper, "seeds": train_seeds,
@@ -458,8 +478,9 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
     return report
 
 
-def _evaluated(recipe: Recipe, run_dir: Path, cfg: EvalSettings, launch: str | None,
-               nproc: int, progress: bool, console: Console, head: str) -> dict[str, Any]:
+def _evaluated(recipe: Recipe, run_dir: Path, cfg: EvalSettings, torchrun: Torchrun | None,
+               progress: bool, console: Console, head: str,
+               threads: int | None = None) -> dict[str, Any]:
     """The run's evaluation results, computed unless stored with the same settings."""
     results_path = run_dir / "eval" / "results.json"
     key_path = run_dir / "eval" / "ablation-settings.json"
@@ -470,6 +491,7 @@ def _evaluated(recipe: Recipe, run_dir: Path, cfg: EvalSettings, launch: str | N
         console.print(f"{head}: evaluated, {results_path} found")
         return json.loads(results_path.read_text())
     console.print(f"{head}: evaluating")
-    results = _eval_variant(run_dir, results_path, cfg, guidance, launch, nproc, progress)
-    atomic_write_text(key_path, json.dumps(key, indent=2) + "\n")
+    results = _eval_variant(run_dir, results_path, cfg, guidance, torchrun, progress, threads)
+    if torchrun is None or torchrun.is_main_node:
+        atomic_write_text(key_path, json.dumps(key, indent=2) + "\n")
     return results

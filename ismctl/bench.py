@@ -23,7 +23,9 @@ same load (the machine may be shared):
   (as on an accelerator, the CPU is free for the workers); the emulated step is shorter than
   the real one, so the fraction is an upper bound.
 - ``loader``: latents/s of ``TrainLoader`` (pairing included) at K = 0, 1, 8, 32.
-- ``sampling``: img/s at 1, 4 and 128 steps (intrinsic guidance: one pass per step).
+- ``sampling``: img/s at 1, 4 and 128 steps (intrinsic guidance: one pass per step), and
+  ``sampling.paths``: sample-steps/s of the quickstart's evaluation sampling before (no_grad and
+  a read back from the device per network call), with inference mode, and compiled.
 - ``gpu``: on CUDA the same step code runs in bf16 for B/2 and XL/2 and reports img/s and
   MFU = img/s x forward FLOPs x (3 + target rows per sample) / peak bf16 FLOP/s.
 """
@@ -56,6 +58,7 @@ from ismctl.model import build_model, forward_flops, parse_preset
 from ismctl.objective import shortcut_loss
 from ismctl.progress import progress_bar
 from ismctl.recipe import GuidanceCfg, LossCfg, ObjectiveCfg
+from ismctl.runtime import default_threads
 from ismctl.trainer import PEAK_BF16_FLOPS
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -352,6 +355,102 @@ def sampling_throughput(preset: str, size: int, batch: int, device: torch.device
             "mode": "intrinsic (one pass per step)", "img_s": img_s}
 
 
+@torch.no_grad()
+def sample_before(model: torch.nn.Module, noise: Tensor, labels: Tensor, steps: int,
+                  guidance: float, base_steps: int = 128) -> Tensor:
+    """The sampling loop as it used to run, kept as the reference of ``sampling.paths``:
+    autograd's no_grad instead of inference mode, and the jump sizes checked against the
+    table with a read back from the device on every network call (the model's forward did
+    that). Same arithmetic as :func:`ismctl.sampler.sample`, so the same images."""
+    from ismctl.model import check_jump_sizes
+
+    batch = noise.shape[0]
+    d = torch.full((batch,), 1.0 / steps, device=noise.device)
+    w = torch.full((batch,), float(guidance), device=noise.device)
+    x = noise.clone()
+    for i in range(steps):
+        t = torch.full((batch,), i / steps, device=noise.device)
+        check_jump_sizes(d, base_steps)
+        x = x + (1.0 / steps) * model(x, t, d, labels, w).to(x.dtype)
+    return x
+
+
+def sampling_paths(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Sample-steps per second along the sampler's paths, interleaved in one process.
+
+    The setting is the quickstart's evaluation on a CPU (tiny/2 on 8x8x1 digits, 10 classes,
+    ``eval.batch_size`` 500) and B/2 at batch 256 on a GPU, with random weights (the
+    zero-initialised layers too, so that outputs differ between paths if the arithmetic does).
+    Paths: ``before`` (:func:`sample_before`), ``inference_mode`` (``ismctl.sampler.sample``),
+    ``compiled`` (the same with the torch.compile'd network; compilation timed apart, skipped
+    by the quick run) and, on a CPU with more cores than threads, ``inference_mode_all_cores``.
+    Rates are given from the median and from the fastest of the rounds (load from other
+    processes only adds time), and the largest output difference of each path from ``before``.
+    """
+    from ismctl.runtime import compile_network, usable_cores
+    from ismctl.sampler import sample
+
+    on_gpu = device.type == "cuda"
+    preset, shape, classes = ("B/2", (CHANNELS, 32, 32), NUM_CLASSES) if on_gpu else \
+        ("tiny/2", (1, 8, 8), 10)
+    batch = 32 if quick else (256 if on_gpu else 500)
+    steps, rounds = (2, 2) if quick else (8, 7)
+    torch.manual_seed(0)
+    model = build_model(preset, shape[-1], shape[0], classes).to(device).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    noise = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    labels = (torch.arange(batch) % classes).to(device)
+    dtype = torch.bfloat16 if on_gpu else None
+
+    def run(net: torch.nn.Module) -> Callable[[], Tensor]:
+        return lambda: sample(net, noise, labels, steps, 1.0, autocast_dtype=dtype)
+
+    paths: dict[str, Callable[[], Tensor]] = {
+        "before": lambda: sample_before(model, noise, labels, steps, 1.0),
+        "inference_mode": run(model),
+    }
+    threads, cores = torch.get_num_threads(), usable_cores()
+    if not on_gpu and cores > threads:
+        def all_cores() -> Tensor:
+            with num_threads(cores):
+                return run(model)()
+        paths["inference_mode_all_cores"] = all_cores
+    compile_s = None
+    if not quick:
+        compiled = compile_network(model)
+        start = time.perf_counter()
+        run(compiled)()
+        _sync(device)
+        compile_s = time.perf_counter() - start
+        paths["compiled"] = run(compiled)
+    outputs = {name: fn() for name, fn in paths.items()}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    work = batch * steps
+    rate = {name: work / median(t) for name, t in times.items()}
+    best = {name: work / min(t) for name, t in times.items()}
+    return {
+        "preset": preset, "batch": batch, "shape": list(shape), "steps": steps,
+        "rounds": rounds, "threads": threads, "all_cores": cores,
+        "sample_steps_per_s": rate, "sample_steps_per_s_fastest": best,
+        "speedup_over_before": {name: r / rate["before"] for name, r in rate.items()},
+        "speedup_over_before_fastest": {name: r / best["before"] for name, r in best.items()},
+        "max_abs_diff_from_before": {
+            name: float((out.float() - outputs["before"].float()).abs().max())
+            for name, out in outputs.items()},
+        "compile_s": compile_s,
+        "projected_s_1000_samples_128_steps": {name: 1000 * 128 / r for name, r in best.items()},
+    }
+
+
 def _components(step: dict[str, Any], rig: StepRig, quick: bool) -> dict[str, Any]:
     """Each piece's cost as a share of the iSM step. Load from other processes only adds
     time, so least-disturbed estimates are compared: the fastest timed call of each piece
@@ -453,6 +552,12 @@ def _print(report: dict[str, Any], console: Console) -> None:
     samp = report["sampling"]
     console.print(f"sampling {samp['preset']}, batch {samp['batch']}: " + ", ".join(
         f"{k} step(s) {v:.1f} img/s" for k, v in samp["img_s"].items()))
+    paths = samp["paths"]
+    console.print(f"sampling paths {paths['preset']}, batch {paths['batch']}, "
+                  f"{paths['steps']} steps, fastest of {paths['rounds']}: " + ", ".join(
+                      f"{k} {v:,.0f} sample-steps/s "
+                      f"(x{paths['speedup_over_before_fastest'][k]:.2f})"
+                      for k, v in paths["sample_steps_per_s_fastest"].items()))
     for goal in report["goals"]:
         mark = "[green]met[/]" if goal["met"] else "[red]missed[/]"
         console.print(f"goal {goal['name']}: {goal['value']:.3f} <= {goal['limit']:g} {mark}")
@@ -536,8 +641,8 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
 
     ``quick``: the tiny preset on 16x16 latents with few iterations and small loader pools
     (well under a minute on a CPU), for tests. ``presets`` default: tiny/2 and B/2 on CPU,
-    B/2 and XL/2 on CUDA. ``threads``: torch intra-op threads (default: torch's own; the
-    quick run uses 1).
+    B/2 and XL/2 on CUDA. ``threads``: torch intra-op threads (default:
+    ``runtime.default_threads``; the quick run uses 1).
     """
     load_start = list(os.getloadavg())
     dev = resolve_device(device)
@@ -551,7 +656,7 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
         parse_preset(preset)
     if threads is not None and threads < 1:
         raise UserError(f"bench: --threads {threads}: must be >= 1")
-    threads = threads or (1 if quick else torch.get_num_threads())
+    threads = threads or (1 if quick else default_threads())
     size = 16 if quick else 32
     steps: dict[str, Any] = {}
     components: dict[str, Any] = {}
@@ -583,6 +688,7 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
         sampling = sampling_throughput("B/2" if on_gpu else "tiny/2", size,
                                        8 if quick else (256 if on_gpu else 16), dev,
                                        SAMPLING_STEPS)
+        sampling["paths"] = sampling_paths(dev, quick)
         bar.advance()
 
     notes: list[str] = []

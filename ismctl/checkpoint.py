@@ -34,6 +34,7 @@ from ismctl.errors import UserError
 from ismctl.model import ShortcutDiT, build_model
 from ismctl.protocol import run_sampler
 from ismctl.recipe import Recipe, load_recipe
+from ismctl.runtime import compile_network
 
 WEIGHT_FILES = {"online": "online.safetensors", "target": "target_ema.safetensors",
                 "inference": "inference_ema.safetensors"}
@@ -119,6 +120,7 @@ def model_from_recipe(recipe: Recipe, manifest: Manifest) -> ShortcutDiT:
         num_classes=m.num_classes or manifest.num_classes,
         base_steps=recipe.objective.base_steps,
         dropout=m.dropout,
+        grad_checkpointing=m.grad_checkpointing,
     )
 
 
@@ -142,9 +144,11 @@ def run_recipe(path: str | Path | None) -> Recipe:
 
 
 def load_for_sampling(path: str | Path | None, which: str = "inference",
-                      device: str | None = "auto") -> LoadedRun:
+                      device: str | None = "auto", compile: bool = False) -> LoadedRun:
     """Load a run's weights for sampling: the inference EMA by default (SPEC 3.4).
-    ``device`` None takes the recipe's ``train.device``."""
+    ``device`` None takes the recipe's ``train.device``; ``compile``: the run's ``model`` is
+    the torch.compile'd network (same weights).
+    """
     if which not in WEIGHT_FILES:
         raise UserError(f"--which {which!r}: choose from {', '.join(WEIGHT_FILES)}")
     run_dir, ckpt = resolve_checkpoint(path)
@@ -158,6 +162,7 @@ def load_for_sampling(path: str | Path | None, which: str = "inference",
     model = model_from_recipe(recipe, manifest)
     load_weights(model, weights)
     model.to(dev).eval().requires_grad_(False)
+    model = compile_network(model, compile)
     return LoadedRun(
         model=model, recipe=recipe, manifest=manifest, run_dir=run_dir, checkpoint=ckpt,
         step=int(_STEP_DIR.match(ckpt.name).group(1)), sha256=file_sha256(weights),

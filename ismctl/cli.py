@@ -22,6 +22,8 @@ app = typer.Typer(
 console = Console()
 
 GUIDANCE_HELP = "Guidance strength w (delta convention: classic CFG scale s = 1 + w; w=0 is unguided)."
+Threads = Annotated[int | None, typer.Option(help="torch intra-op threads (default: OMP_NUM_THREADS, else the cores not busy at start, shared by this node's processes).")]
+Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the network first (pays off for many steps or samples).")]
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -42,9 +44,13 @@ def prepare_latents_cmd(
     flip: Annotated[bool, typer.Option(help="Also store the latent of the horizontal flip.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = 4,
+    threads: Threads = None,
 ) -> None:
     """Encode a dataset into webdataset shards + manifest.json (resumable, torchrun-aware)."""
     from ismctl.data.prepare import prepare_latents
+    from ismctl.runtime import set_threads
+
+    set_threads(threads)
 
     manifest = prepare_latents(src, out=out, resolution=resolution, vae=vae,
                                batch_size=batch_size, shard_size=shard_size, flip=flip,
@@ -60,11 +66,14 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run of the same name first.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    threads: Threads = None,
 ) -> None:
     """Train a shortcut model (single process, or DDP under torchrun)."""
     from ismctl.recipe import load_recipe
+    from ismctl.runtime import set_threads
     from ismctl.trainer import train as run_training
 
+    set_threads(threads)
     resolved = load_recipe(recipe, set_)
     run_dir = run_training(resolved, str(recipe), resume=resume, overwrite=overwrite,
                            progress=progress)
@@ -84,6 +93,8 @@ def sample(
     seed: Annotated[int | None, typer.Option(help="Noise and label seed (default: the recipe's eval.seed).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per sampling batch (default: the recipe's eval.batch_size).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the recipe's train.device).")] = None,
+    threads: Threads = None,
+    compile_: Compile = False,
 ) -> None:
     """Generate images from a trained run."""
     import torch
@@ -91,8 +102,10 @@ def sample(
     from ismctl.checkpoint import load_for_sampling
     from ismctl.generate import arrange_by_class, generate_images, save_grid
     from ismctl.protocol import choose_point
+    from ismctl.runtime import set_threads
 
-    loaded = load_for_sampling(run, which=which, device=device)
+    set_threads(threads)
+    loaded = load_for_sampling(run, which=which, device=device, compile=compile_)
     ev = loaded.recipe.eval
     if class_ is not None and not 0 <= class_ < loaded.manifest.num_classes:
         raise UserError(f"--class {class_}: out of range 0..{loaded.manifest.num_classes - 1}")
@@ -132,18 +145,22 @@ def eval_cmd(
     batch_size: Annotated[int | None, typer.Option(help="Sampling batch size per rank (default: the recipe's eval.batch_size).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of noise and labels (default: the recipe's eval.seed).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the recipe's train.device).")] = None,
+    threads: Threads = None,
+    compile_: Compile = False,
 ) -> None:
     """FID / IS / precision-recall at chosen step counts and guidance strengths."""
     from ismctl.evaluation import evaluate
     from ismctl.guidance import parse_guidance
+    from ismctl.runtime import set_threads
 
+    set_threads(threads)
     evaluate(None if run is None else str(run),
              None if steps is None else _int_list(steps, "--steps"),
              None if guidance in (None, "best") else parse_guidance(guidance), num_samples,
              ref, None if metrics is None else [m.strip() for m in metrics.split(",")],
              out, inception_weights, save_npz, batch_size, seed, device=device,
              double_guidance=double_guidance, select_by=select_by, remember=remember,
-             at_best=guidance == "best")
+             at_best=guidance == "best", compile=compile_)
 
 
 @app.command()
@@ -155,37 +172,61 @@ def ablate(
     nproc_per_node: Annotated[int, typer.Option(help="GPUs per variant with --launch torchrun.")] = 1,
     sweep: Annotated[str | None, typer.Option(help="One variant per value of a recipe field, e.g. guidance.w_max=2,3.5,5 (brackets keep list values: loss.detail_weights=[4,2,1],2).")] = None,
     seeds: Annotated[str | None, typer.Option(help="Training seeds, one run per variant and seed, e.g. 0,1,2 (tables show mean +- sd).")] = None,
+    nnodes: Annotated[int, typer.Option(help="Nodes per variant with --launch torchrun; every node runs this command.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's rank, 0..nnodes-1 (node 0 writes the report).")] = 0,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT where the nodes meet (c10d rendezvous), usually node 0's.")] = None,
+    rdzv_id: Annotated[str, typer.Option(help="Rendezvous id prefix shared by all nodes of this ablation.")] = "ismctl-ablate",
+    rdzv_backend: Annotated[str, typer.Option(help="torchrun rendezvous backend.")] = "c10d",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override applied to every variant (repeatable).")] = None,
     out: Annotated[Path | None, typer.Option(help="Ablation folder (default runs/ablate-<recipe>).")] = None,
     eval_num_samples: Annotated[int | None, typer.Option(help="Samples per evaluation point (default: the recipe's).")] = None,
     inception_weights: Annotated[str | None, typer.Option(help="Local Inception-v3 weights file (offline FID).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    threads: Threads = None,
 ) -> None:
     """Train and evaluate recipe variants (iSM components switched off, or a swept field),
     each at its own best guidance per step count, over one or more seeds."""
     from ismctl.ablate import run_ablation
+    from ismctl.launch import Torchrun
+    from ismctl.runtime import set_threads
 
+    set_threads(threads)
+    nodes = Torchrun(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                     rdzv_id=rdzv_id, rdzv_backend=rdzv_backend)
     run_ablation(None if recipe is None else str(recipe),
                  None if disable is None else [c.strip() for c in disable.split(",") if c.strip()],
                  cumulative, launch=launch, nproc_per_node=nproc_per_node, overrides=set_,
                  out=out, eval_num_samples=eval_num_samples, inception_weights=inception_weights,
                  progress=progress, seeds=None if seeds is None else _int_list(seeds, "--seeds"),
-                 sweep=sweep)
+                 sweep=sweep, nodes=nodes, threads=threads)
 
 
 @app.command()
 def bench(
-    out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench.json"),
+    out: Annotated[Path | None, typer.Option(help="JSON output file (default bench.json; gpu-check.json with --full).")] = None,
     presets: Annotated[str | None, typer.Option(help="Comma-separated presets (default: tiny/2,B/2 on CPU; B/2,XL/2 on GPU).")] = None,
     quick: Annotated[bool, typer.Option(help="A reduced run (tiny preset, few iterations).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's).")] = None,
+    threads: Threads = None,
+    full: Annotated[bool, typer.Option(help="The GPU check: B/2 and XL/2, eager/compiled x fp32/bf16, plus a 200-step run (needs CUDA).")] = False,
 ) -> None:
     """Step-time split, component overheads, loader and sampling throughput, MFU on GPU."""
     from ismctl.bench import run_bench
 
-    run_bench(out, None if presets is None else [p.strip() for p in presets.split(",")],
-              quick=quick, device=device, threads=threads)
+    names = None if presets is None else [p.strip() for p in presets.split(",")]
+    if full:
+        from ismctl.gpu_check import PRESETS, CheckFailed, run_gpu_check
+        from ismctl.runtime import set_threads
+
+        set_threads(threads)
+        try:
+            run_gpu_check(out or Path("gpu-check.json"), names or PRESETS, device=device)
+        except CheckFailed as exc:
+            Console(stderr=True).print(f"[bold red]gpu-check failed:[/] {exc}", soft_wrap=True,
+                                       highlight=False)
+            raise typer.Exit(1) from exc
+        return
+    run_bench(out or Path("bench.json"), names, quick=quick, device=device, threads=threads)
 
 
 def main() -> None:

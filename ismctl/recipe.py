@@ -30,6 +30,7 @@ class ModelCfg(Section):
     in_channels: int | None = Field(None, gt=0, description="Input channels; None takes it from the data manifest.")
     num_classes: int | None = Field(None, gt=0, description="Number of classes; None takes it from the data manifest.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout inside attention/MLP blocks.")
+    grad_checkpointing: bool = Field(False, description="Recompute each transformer block in the backward pass instead of storing its activations: far less memory (XL/2 fits its per-GPU batch on smaller cards) for ~1/3 more compute; same gradients.")
 
 
 class DataCfg(Section):
@@ -102,8 +103,8 @@ class OptimCfg(Section):
 class TrainCfg(Section):
     steps: int = Field(800_000, gt=0, description="Optimiser steps.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
-    precision: Literal["fp32", "bf16"] = Field("bf16", description="Autocast precision on GPU (CPU always runs fp32).")
-    compile: bool = Field(False, description="torch.compile the online network (GPU).")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="Autocast precision of the network calls (online, target EMA, periodic samples), on GPU and CPU alike; weights, gradients, optimiser state, EMA copies, losses and the sampler's state stay fp32. bf16 is fast on GPUs and on CPUs with bf16 units, slow on others.")
+    compile: bool = Field(False, description="torch.compile (inductor) the online network, the target-EMA passes and the periodic sampler's network, on any device; the first steps pay the compilation.")
     seed: int = Field(0, description="Global seed (model init, data order, noise).")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
 

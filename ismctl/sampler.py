@@ -51,7 +51,7 @@ def _null_class(model: nn.Module, num_classes: int | None) -> int:
     return int(found)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, guidance: float = 0.0,
            mode: Mode = "intrinsic", base_steps: int = 128,
            autocast_dtype: torch.dtype | None = None, num_classes: int | None = None) -> Tensor:
@@ -59,9 +59,12 @@ def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, guidance
 
     ``guidance`` is w in the delta convention (CFG scale 1 + w); ``mode`` is one of the samplers
     in the module docstring. The two-pass modes take the null label ``num_classes``, read from
-    ``model.num_classes`` when not given. ``autocast_dtype`` (e.g.
-    bfloat16) applies on CUDA only; the state is integrated in the dtype of ``noise``. The model
-    runs in eval mode and gets its previous mode back afterwards.
+    ``model.num_classes`` when not given. ``autocast_dtype`` (e.g. bfloat16) is the network's
+    autocast precision on any device; the state is integrated in the dtype of ``noise``. The
+    model runs in eval mode and gets its previous mode back afterwards.
+
+    ``steps`` is validated here, once, so the loop reads nothing back from the device: under
+    inference mode each step only queues work (``model`` may be a compiled network).
     """
     check_steps(steps, base_steps)
     if mode not in MODES:
@@ -74,9 +77,8 @@ def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, guidance
     batch = noise.shape[0]
     two_pass = mode in TWO_PASS
     null = _null_class(model, num_classes) if two_pass else 0
-    use_autocast = autocast_dtype is not None and noise.device.type == "cuda"
-    autocast = (torch.autocast("cuda", dtype=autocast_dtype) if use_autocast
-                else contextlib.nullcontext())
+    autocast = (torch.autocast(noise.device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None else contextlib.nullcontext())
     d = torch.full((batch,), 0.0 if mode == "flow-cfg" else 1.0 / steps, device=noise.device)
     if not two_pass:
         w = torch.full((batch,), float(guidance), device=noise.device)

@@ -44,9 +44,12 @@ from ismctl.objective import shortcut_loss
 from ismctl.progress import progress_bar
 from ismctl.protocol import choose_point, run_sampler
 from ismctl.recipe import Recipe, save_recipe
+from ismctl.runtime import autocast, autocast_dtype, compile_network
 
-# Dense bf16 peak FLOP/s by device name, for the MFU estimate (nanoGPT-style).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 peak FLOP/s by device name, for the MFU estimate (nanoGPT-style); the first key
+# found in the name wins, so the PCIe/NVL variants come before the H100 SXM entry.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                   "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 class TrainingDiverged(UserError):
@@ -156,8 +159,11 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
     net: torch.nn.Module = model
     if info.enabled:
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if cfg.compile and dev.type == "cuda":
-        net = torch.compile(net)
+    # Compiled on any device: the online network (DDP included) and the target-EMA passes,
+    # each once (ismctl/runtime.py). The periodic sample grids stay eager: a few passes every
+    # run.sample_every steps do not repay a compilation.
+    online = compile_network(net, cfg.compile)
+    target = compile_network(ema.target, cfg.compile)
     loss_fn = build_loss(recipe.loss, model.input_size)
     # Each accumulation slot has its own loader; the recipe's workers are shared among them.
     workers = max(1, recipe.data.num_workers // cfg.grad_accum) if recipe.data.num_workers else 0
@@ -169,9 +175,7 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
         start_batch=start_step, within_class=recipe.coupling.within_class))
         for m in range(cfg.grad_accum)]
     gen = torch.Generator(dev)
-    use_bf16 = dev.type == "cuda" and cfg.precision == "bf16"
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
+    amp = autocast(dev, autocast_dtype(cfg.precision))
     flops, peak = _flops_per_sample(recipe, model), _peak_flops(dev)
 
     def log_line(step: int, sums: dict[str, torch.Tensor], n: int, dt: float,
@@ -244,8 +248,8 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
                 last_micro = m == cfg.grad_accum - 1
                 sync = contextlib.nullcontext() if last_micro or not info.enabled else net.no_sync()
                 with sync:
-                    with autocast:
-                        parts = shortcut_loss(net, ema.target, x0, x1, y, recipe.objective,
+                    with amp:
+                        parts = shortcut_loss(online, target, x0, x1, y, recipe.objective,
                                               recipe.guidance, loss_fn, model.num_classes, gen)
                     (parts["loss"] / cfg.grad_accum).backward()
                 for k, v in parts.items():

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -17,3 +18,26 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read tensor values back to the host: ``.item()``, ``bool()``,
+    ``int()``, ``float()`` (all ``aten._local_scalar_dense``) and ``nonzero`` (its output size
+    depends on the values). On an accelerator each one waits for every queued kernel."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in self.SYNCING:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_reads() -> type[HostReads]:
+    return HostReads

@@ -81,5 +81,11 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     assert all(positive(r["latents_per_s"]) for r in stored["loader"]["results"].values())
     assert set(stored["sampling"]["img_s"]) == {"1", "4", "128"}
     assert all(positive(v) for v in stored["sampling"]["img_s"].values())
+    paths = stored["sampling"]["paths"]
+    assert {"before", "inference_mode"} <= set(paths["sample_steps_per_s"])
+    assert "compiled" not in paths["sample_steps_per_s"]  # the quick run does not compile
+    assert all(positive(v) for v in paths["sample_steps_per_s"].values())
+    # Inference mode and no per-step host read change the speed, not the images.
+    assert paths["max_abs_diff_from_before"]["inference_mode"] == 0.0
     assert "skipped" in stored["gpu"]
     assert all(isinstance(g["met"], bool) and math.isfinite(g["value"]) for g in stored["goals"])

@@ -13,8 +13,10 @@ from ismctl.model import (
     Attention,
     ShortcutDiT,
     build_model,
+    check_jump_sizes,
     d_to_level,
     forward_flops,
+    num_levels,
     parse_preset,
 )
 
@@ -90,9 +92,60 @@ def test_d_to_level_closed_form() -> None:
 
 
 @pytest.mark.parametrize("bad", [0.3, 1 / 256, 2.0, -0.5, float("nan")])
-def test_d_to_level_rejects(bad: float) -> None:
+def test_unknown_jump_sizes_are_rejected(bad: float) -> None:
+    d = torch.tensor([0.5, bad, 1.0])
     with pytest.raises(ValueError, match=f"d={bad}"):
-        d_to_level(torch.tensor([0.5, bad, 1.0]), 128)
+        check_jump_sizes(d, 128)
+    # Without the check, the level points past the table, so the look-up fails loudly
+    # instead of falling back to the d = 0 row.
+    assert d_to_level(d, 128).tolist() == [2, num_levels(128), 1]
+    model = tiny()
+    x, t, _, y, w = inputs(3, 1, 8, 10)
+    with pytest.raises(IndexError):
+        model(x, t, d, y, w)
+
+
+def test_valid_jump_sizes_pass_the_check() -> None:
+    check_jump_sizes(torch.tensor([0.0, *(2.0 ** -torch.arange(8)).tolist()]), 128)
+
+
+def test_forward_reads_nothing_back_from_the_device(host_reads) -> None:
+    """The forward queues work only: no .item(), bool(tensor) or nonzero, in training (with
+    backward) and in inference, so an eager step never waits for the accelerator."""
+    model = perturb(tiny())
+    x, t, d, y, w = inputs(6, 1, 8, 10)
+    with host_reads() as reads:
+        model(x, t, d, y, w).square().mean().backward()
+        with torch.inference_mode():
+            model.eval()(x, t, d, y, w)
+    assert reads.ops == []
+    # The detector does see a read: a forward that validates d on the host would fail above.
+    with host_reads() as reads:
+        check_jump_sizes(d, 128)
+    assert reads.ops
+
+
+def test_grad_checkpointing_gives_the_same_gradients() -> None:
+    """Recomputing each block in the backward pass (dropout included: its RNG state is
+    replayed) changes memory, not values."""
+    plain = perturb(tiny(dropout=0.1))
+    ckpt = perturb(tiny(dropout=0.1, grad_checkpointing=True))
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, d, y, w = inputs(6, 1, 8, 10)
+    grads, block_calls = [], []
+    for model in (plain, ckpt):
+        calls = []
+        model.blocks[0].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        torch.manual_seed(5)
+        out = model.train()(x, t, d, y, w)
+        out.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        grads[-1]["out"] = out.detach()
+        block_calls.append(len(calls))
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    # The checkpointed block ran again in the backward pass.
+    assert block_calls == [1, 2]
 
 
 def test_rejects_bad_shapes() -> None:

@@ -229,3 +229,51 @@ def test_flow_cfg_integrates_the_instantaneous_velocity_with_cfg() -> None:
     constant = FieldNet(_constant_field)
     y = sample(constant, torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), 4, 0.5, mode="flow-cfg")
     torch.testing.assert_close(y, torch.full_like(y, 4.0))
+
+
+@pytest.mark.parametrize(("mode", "guidance"), [("intrinsic", 1.0), ("conditional", 0.0),
+                                                ("cfg", 1.0), ("flow-cfg", 1.0)])
+def test_sampling_loop_reads_nothing_back_from_the_device(mode: str, guidance: float,
+                                                          host_reads) -> None:
+    """The step count is checked once up front; the steps themselves only queue work, with a
+    real network too (its jump-size look-up has no host read)."""
+    from ismctl.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny/2", 8, 1, NUM_CLASSES)
+    noise = torch.randn(4, 1, 8, 8)
+    labels = torch.tensor([0, 1, 2, NULL])
+    with host_reads() as reads:
+        x = sample(model, noise, labels, 8, guidance=guidance, mode=mode)
+    assert reads.ops == []
+    assert x.shape == noise.shape and not x.requires_grad and torch.is_inference(x)
+
+
+class _MatmulField(nn.Module):
+    """A constant velocity of 1e-3 computed by a matrix product, so that autocast runs it in
+    bf16, while the state it is added to stays near 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((1, 1), 1e-3))
+        self.input_dtypes: list[torch.dtype] = []
+
+    def forward(self, x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        self.input_dtypes.append(x.dtype)
+        v = torch.ones(x.numel(), 1, device=x.device) @ self.weight
+        assert v.dtype == torch.bfloat16  # autocast is on around the network
+        return v.reshape(x.shape)
+
+
+def test_bf16_autocast_integrates_the_state_in_float32() -> None:
+    """128 steps of 1e-3 / 128 on a state of 1: float32 keeps every increment (1.001), a bf16
+    state (8-bit mantissa, spacing 2^-7 near 1) would lose them all and stay at 1."""
+    net = _MatmulField()
+    noise = torch.ones(2, 1, 2, 2)
+    x = sample(net, noise, torch.zeros(2, dtype=torch.long), 128,
+               autocast_dtype=torch.bfloat16)
+    assert x.dtype == torch.float32
+    assert set(net.input_dtypes) == {torch.float32}
+    bf16_weight = net.weight.detach().bfloat16().float().item()
+    # float32 rounding of 128 additions stays below 128 x 6e-8; a bf16 state is 1e-3 off.
+    torch.testing.assert_close(x, torch.full_like(noise, 1 + bf16_weight), rtol=0, atol=1e-5)

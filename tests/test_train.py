@@ -184,3 +184,70 @@ def test_two_ranks_match_one_process(digits: Path, tmp_path: Path) -> None:
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
     assert losses(tmp_path / "single") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-4)
+
+
+def test_bf16_training_tracks_fp32_and_keeps_fp32_state(digits: Path, tmp_path: Path) -> None:
+    """train.precision: bf16 on the CPU: the network runs under bf16 autocast (the losses move
+    off the fp32 run's) but tracks fp32 closely; weights, EMA copies and the AdamW moments
+    are stored in float32."""
+    runner = CliRunner()
+    for precision in ("fp32", "bf16"):
+        res = runner.invoke(app, ["train", QUICK, "--no-progress",
+                                  f"--set=train.precision={precision}",
+                                  *tiny_overrides(digits, tmp_path, precision, 8)])
+        assert res.exit_code == 0, res.output
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert sorted(bf16) == sorted(fp32) == list(range(1, 9))
+    assert bf16 != fp32, "bf16 autocast had no effect"
+    for step, value in fp32.items():
+        assert bf16[step] == pytest.approx(value, rel=5e-3), step
+    ckpt = list_checkpoints(tmp_path / "bf16")[-1][1]
+    for name in ("online", "target_ema", "inference_ema"):
+        weights = load_file(str(ckpt / f"{name}.safetensors"))
+        assert {v.dtype for v in weights.values()} == {torch.float32}, name
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    moments = [v for s in state["optimizer"]["state"].values() for k, v in s.items()
+               if k in ("exp_avg", "exp_avg_sq")]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_match_one_process(digits: Path, tmp_path: Path) -> None:
+    """Two torchrun agents on this machine, one process each, meeting at a c10d rendezvous on
+    127.0.0.1 (the multi-node path: --nnodes 2, gloo) against one process with 2 accumulation
+    slots: the same model up to float summation order."""
+    common = ["--no-progress", "--set=train.device=cpu"]
+    single = cli("train", QUICK, *common, "--set=train.grad_accum=2",
+                 *tiny_overrides(digits, tmp_path, "single", 6))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    endpoint = f"127.0.0.1:{_free_port()}"
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=two-nodes",
+         "--local_addr=127.0.0.1", "-m", "ismctl", "train", QUICK, *common,
+         *tiny_overrides(digits, tmp_path, "nodes", 6)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        for _ in range(2)]
+    try:
+        outputs = [agent.communicate(timeout=600) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    for agent, (_, err) in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, err[-3000:]
+    a = load_file(str(list_checkpoints(tmp_path / "single")[-1][1] / "online.safetensors"))
+    b = load_file(str(list_checkpoints(tmp_path / "nodes")[-1][1] / "online.safetensors"))
+    first = load_file(str(list_checkpoints(tmp_path / "nodes")[0][1] / "online.safetensors"))
+    assert any(not torch.equal(b[k], first[k]) for k in b), "training did not move the weights"
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert losses(tmp_path / "single") == pytest.approx(losses(tmp_path / "nodes"), rel=1e-4)

@@ -178,6 +178,7 @@ def evaluate(
     select_by: str | None = None,
     remember: bool = True,
     at_best: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run or checkpoint; returns the results dict (empty on ranks other than 0).
 
@@ -188,7 +189,8 @@ def evaluate(
     guidance; ``select_by`` names the value that picks the best point per step count;
     ``remember`` stores those picks in the run; ``at_best`` evaluates each step count at the
     point remembered by an earlier grid evaluation instead of a guidance list (e.g. FID-50K
-    where a cheaper grid chose w).
+    where a cheaper grid chose w). ``compile``: sample with the torch.compile'd network (same
+    images, up to float rounding).
     """
     from ismctl.checkpoint import load_for_sampling, run_recipe
     from ismctl.distributed import init_distributed, shutdown
@@ -199,7 +201,7 @@ def evaluate(
     info = init_distributed(device)
     try:
         t_start = time.perf_counter()
-        run = load_for_sampling(path, device=str(info.device))
+        run = load_for_sampling(path, device=str(info.device), compile=compile)
         ev = run.recipe.eval
         digits = is_digits(run.manifest)
         steps = list(steps or ev.steps)

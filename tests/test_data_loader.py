@@ -179,6 +179,20 @@ def test_resume_equals_uninterrupted_stream(tmp_path: Path) -> None:
     assert same(list(itertools.islice(iter(resumed), 8)), full[17:25])
 
 
+def test_small_data_held_in_memory_gives_the_same_stream(tmp_path: Path, monkeypatch) -> None:
+    import ismctl.data.loader as loader_module
+
+    write_indexed(tmp_path, [10, 13, 9, 11, 17])
+    held = TrainLoader(tmp_path, 4, 3, seed=7, shuffle_buffer=16)
+    assert held.dataset._shards == {}  # a few kB: held
+    from_memory = list(itertools.islice(iter(held), 40))  # several epochs
+    assert sorted(held.dataset._shards) == [0, 1, 2, 3, 4]
+    monkeypatch.setattr(loader_module, "IN_MEMORY_BYTES", 0)
+    streamed = TrainLoader(tmp_path, 4, 3, seed=7, shuffle_buffer=16)
+    assert streamed.dataset._shards is None
+    assert same(from_memory, list(itertools.islice(iter(streamed), 40)))
+
+
 def test_streams_depend_on_seed_only_as_intended(tmp_path: Path) -> None:
     write_indexed(tmp_path, [10, 13, 9, 11, 17])
     a = interleave(paired(tmp_path, 2), 10)

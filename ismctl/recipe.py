@@ -74,8 +74,8 @@ class LossCfg(Section):
     wavelet: str = Field("haar", description="Any orthogonal PyWavelets wavelet name (wavelet loss only).")
     levels: int = Field(5, ge=0, description="Decomposition levels L, capped by the input size (wavelet loss only).")
     approx_weight: float = Field(1.0, ge=0.0, description="Weight of the coarsest approximation band (wavelet loss only).")
-    detail_weights: float | list[float] = Field(2.0, description="Weight of detail bands: one number, or one per level finest-first (wavelet loss only).")
-    energy_norm: bool = Field(False, description="Divide each band's error by the target's energy per coefficient in that band, a batch estimate (wavelet loss only).")
+    detail_weights: float | list[float] = Field(1.0, description="Weight of detail bands: one number, or one per level finest-first (wavelet loss only).")
+    energy_norm: bool = Field(True, description="Divide each band's error by the target's energy per coefficient in that band, a batch estimate, so every scale is priced relative to its own signal (wavelet loss only).")
 
 
 class CouplingCfg(Section):

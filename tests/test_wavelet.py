@@ -88,7 +88,8 @@ def test_idwt2_inverts_dwt2(wavelet: str, levels: int) -> None:
 @pytest.mark.parametrize("wavelet", ["haar", "db2"])
 def test_unit_weights_equal_mse(wavelet: str) -> None:
     pred, target = _random((4, 4, 32, 32), 1), _random((4, 4, 32, 32), 2)
-    loss = wavelet_loss(pred, target, wavelet, levels=5, approx_weight=1.0, detail_weights=1.0)
+    loss = wavelet_loss(pred, target, wavelet, levels=5, approx_weight=1.0, detail_weights=1.0,
+                        energy_norm=False)
     ref = ((pred - target).numpy() ** 2).mean(axis=(1, 2, 3))
     assert loss.shape == (4,)
     np.testing.assert_allclose(loss.numpy(), ref, rtol=1e-12)
@@ -103,25 +104,56 @@ def test_loss_matches_pywt_band_energies(
 ) -> None:
     pred, target = _random((3, 2, 16, 16), 3), _random((3, 2, 16, 16), 4)
     levels = 3 if wavelet == "haar" else 2
-    loss = wavelet_loss(pred, target, wavelet, levels, approx_w, detail_w)
+    loss = wavelet_loss(pred, target, wavelet, levels, approx_w, detail_w, energy_norm=False)
     ref = _pywt_loss((pred - target).numpy(), wavelet, levels, approx_w, detail_w)
     np.testing.assert_allclose(loss.numpy(), ref, rtol=1e-12)
 
 
-def test_default_weights_price_high_frequency_error_more() -> None:
+def test_fixed_weights_price_high_frequency_error_more() -> None:
     target = _random((1, 4, 32, 32), 5)
     offset = target + 0.3
     sign = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64).repeat(16, 16)
     checker = target + 0.3 * sign
     # Same energy, so the same MSE.
     np.testing.assert_allclose(mse_loss(offset, target).item(), mse_loss(checker, target).item())
-    low, high = wavelet_loss(offset, target).item(), wavelet_loss(checker, target).item()
+
+    def loss(p: torch.Tensor) -> float:
+        return wavelet_loss(p, target, detail_weights=2.0, energy_norm=False).item()
+
     # A constant lives in the approximation band (weight 1), a checkerboard in the finest
     # diagonal band (weight 2).
-    np.testing.assert_allclose(low, 0.09, rtol=1e-12)
-    np.testing.assert_allclose(high, 0.18, rtol=1e-12)
-    pred = _random((1, 4, 32, 32), 6)
-    assert not torch.allclose(wavelet_loss(pred, target), mse_loss(pred, target))
+    np.testing.assert_allclose(loss(offset), 0.09, rtol=1e-12)
+    np.testing.assert_allclose(loss(checker), 0.18, rtol=1e-12)
+
+
+def _velocity_like(seed: int, size: int, channels: int) -> torch.Tensor:
+    """x1 - x0 with smooth data x1 (energy at coarse scales) and white noise x0."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(16, channels, size // 4, size // 4, generator=gen, dtype=torch.float64)
+    x1 = 2.0 * torch.nn.functional.interpolate(coarse, size=size, mode="bilinear")
+    return x1 - torch.randn(16, channels, size, size, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("size", "channels"), [(32, 4), (8, 1)])
+def test_default_loss_is_not_a_rescaled_mse(size: int, channels: int) -> None:
+    """The recipe default changes the direction of the gradient, not only its scale: a
+    uniform detail factor would not (SPEC 3.2), energy normalisation does."""
+    target = _velocity_like(0, size, channels)
+    pred = (target + 0.5 * _velocity_like(1, size, channels)).requires_grad_(True)
+
+    def grad(loss_fn) -> torch.Tensor:
+        pred.grad = None
+        loss_fn(pred, target).sum().backward()
+        return pred.grad.flatten().clone()
+
+    default = build_loss(LossCfg(), input_size=size)
+    uniform = build_loss(LossCfg(detail_weights=2.0, energy_norm=False), input_size=size)
+    g_mse = grad(mse_loss)
+    cos = torch.nn.functional.cosine_similarity(grad(default), g_mse, dim=0)
+    cos_uniform = torch.nn.functional.cosine_similarity(grad(uniform), g_mse, dim=0)
+    if size == 32:  # the mean is 1 coefficient in 1,024: a uniform factor is (almost) MSE
+        assert cos_uniform > 0.99
+    assert cos < 0.9
 
 
 @pytest.mark.parametrize("wavelet", ["haar", "db2"])
@@ -152,10 +184,11 @@ def test_levels_capped_on_small_inputs() -> None:
     assert max_levels(8, "haar") == 3
     assert max_levels(24, "haar") == 3  # 24 -> 12 -> 6 -> 3: odd sides stop the pyramid
     pred, target = _random((2, 3, 8, 8), 10), _random((2, 3, 8, 8), 11)
-    loss = wavelet_loss(pred, target, levels=5)
+    loss = wavelet_loss(pred, target, levels=5, detail_weights=2.0, energy_norm=False)
     ref = _pywt_loss((pred - target).numpy(), "haar", 3, 1.0, 2.0)
     np.testing.assert_allclose(loss.numpy(), ref, rtol=1e-12)
-    built = build_loss(LossCfg(name="wavelet", levels=5), input_size=8)
+    built = build_loss(LossCfg(name="wavelet", levels=5, detail_weights=2.0, energy_norm=False),
+                       input_size=8)
     np.testing.assert_allclose(built(pred, target).numpy(), ref, rtol=1e-12)
 
 
@@ -165,7 +198,8 @@ def test_registry() -> None:
     mse = build_loss(LossCfg(name="mse"), input_size=8)
     ref = ((pred - target).numpy() ** 2).mean(axis=(1, 2, 3))
     np.testing.assert_allclose(mse(pred, target).numpy(), ref, rtol=1e-12)
-    cfg = LossCfg(name="wavelet", levels=3, approx_weight=0.5, detail_weights=[1.0, 2.0, 4.0])
+    cfg = LossCfg(name="wavelet", levels=3, approx_weight=0.5, detail_weights=[1.0, 2.0, 4.0],
+                  energy_norm=False)
     wav = pickle.loads(pickle.dumps(build_loss(cfg, input_size=8)))
     ref = _pywt_loss((pred - target).numpy(), "haar", 3, 0.5, [1.0, 2.0, 4.0])
     np.testing.assert_allclose(wav(pred, target).numpy(), ref, rtol=1e-12)

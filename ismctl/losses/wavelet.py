@@ -178,8 +178,8 @@ def wavelet_loss(
     wavelet: str = "haar",
     levels: int = 5,
     approx_weight: float = 1.0,
-    detail_weights: float | Sequence[float] = 2.0,
-    energy_norm: bool = False,
+    detail_weights: float | Sequence[float] = 1.0,
+    energy_norm: bool = True,
 ) -> Tensor:
     """Per-sample band-weighted squared error (B,), see the module docstring.
 

@@ -14,7 +14,8 @@ The five components of SPEC 3 and the recipe fields each one flips when disabled
 ``--disable a,b`` compares the full recipe with one variant that has all the named components
 off; ``--cumulative`` rebuilds the paper's table: the baseline with all five off, then each
 component added in the paper's order, ending at the full iSM recipe; ``--sweep key=v1,v2``
-makes one variant per value of a recipe field (the paper's component sweeps). With
+makes one variant per value of a recipe field (the paper's component sweeps; a single value
+adds one variant to compare with an earlier study of the same settings). With
 ``--seeds 0,1,2`` every variant is trained once per seed (``train.seed``). Every run is a
 derived recipe saved as YAML in the ablation folder, trained (in this process or under
 torchrun) and evaluated with the same evaluation settings: the recipe's ``eval`` section, its
@@ -336,9 +337,9 @@ def plan_sweep(recipe: Recipe, sweep: str) -> list[tuple[str, Recipe]]:
     ``loss.detail_weights=[4,2,1],2``."""
     key, sep, raw = sweep.partition("=")
     values = _split_values(raw)
-    if not sep or not key or len(values) < 2:
-        raise UserError(f"--sweep {sweep!r}: expected KEY=V1,V2[,...] with at least two values, "
-                        "e.g. guidance.w_max=2,3.5,5")
+    if not sep or not key or not values:
+        raise UserError(f"--sweep {sweep!r}: expected KEY=V1[,V2,...], e.g. "
+                        "guidance.w_max=2,3.5,5")
     out = []
     for value in values:
         name = f"{key}={value}"

@@ -170,7 +170,7 @@ def ablate(
     cumulative: Annotated[bool, typer.Option(help="The paper's table: baseline, then each component added in turn.")] = False,
     launch: Annotated[str | None, typer.Option(help="'torchrun': train/evaluate each variant as a torchrun job.")] = None,
     nproc_per_node: Annotated[int, typer.Option(help="GPUs per variant with --launch torchrun.")] = 1,
-    sweep: Annotated[str | None, typer.Option(help="One variant per value of a recipe field, e.g. guidance.w_max=2,3.5,5 (brackets keep list values: loss.detail_weights=[4,2,1],2).")] = None,
+    sweep: Annotated[str | None, typer.Option(help="One variant per value of a recipe field, e.g. guidance.w_max=2,3.5,5 (brackets keep list values: loss.detail_weights=[4,2,1],2); one value adds a single variant.")] = None,
     seeds: Annotated[str | None, typer.Option(help="Training seeds, one run per variant and seed, e.g. 0,1,2 (tables show mean +- sd).")] = None,
     nnodes: Annotated[int, typer.Option(help="Nodes per variant with --launch torchrun; every node runs this command.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's rank, 0..nnodes-1 (node 0 writes the report).")] = 0,

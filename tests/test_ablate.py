@@ -222,8 +222,10 @@ def test_sweep_plans_one_variant_per_value(quickstart: Recipe) -> None:
                                                "run.name": "guidance.w_max=2"}
     lists = plan_sweep(quickstart, "loss.detail_weights=[4,2,1],2")
     assert [r.loss.detail_weights for _, r in lists] == [[4.0, 2.0, 1.0], 2.0]
-    with pytest.raises(UserError, match="at least two"):
-        plan_sweep(quickstart, "guidance.w_max=2")
+    assert [name for name, _ in plan_sweep(quickstart, "guidance.w_max=2")] == [
+        "guidance.w_max=2"]
+    with pytest.raises(UserError, match="KEY=V1"):
+        plan_sweep(quickstart, "guidance.w_max=")
     with pytest.raises(UserError, match="w_max"):
         plan_sweep(quickstart, "guidance.w_max=2,-1")
     with pytest.raises(UserError, match="same recipe"):

@@ -1,7 +1,8 @@
 """The `ismctl` command line: parse, call the core package, print.
 
 Bad input raises UserError anywhere below; `main` turns it into one red line on stderr and
-exit code 2 (`--debug` shows the traceback instead).
+exit code 2 (`--debug` shows the traceback instead). A training run stopped by SIGTERM or
+SIGUSR1 after writing its checkpoint exits with `ismctl.preemption.PREEMPTED_EXIT_CODE` (75).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import typer
 from rich.console import Console
 
 from ismctl.errors import UserError
+from ismctl.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -63,7 +65,8 @@ def prepare_latents_cmd(
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/ism_xl.yaml.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set optim.lr=2e-4 (repeatable).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint (refused if there is none, or if the recipe changed more than steps, logging, workers).")] = False,
+    auto_resume: Annotated[bool, typer.Option(help="Resume when the run has a checkpoint, else start it: one command line to requeue forever.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run of the same name first.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     threads: Threads = None,
@@ -75,8 +78,8 @@ def train(
 
     set_threads(threads)
     resolved = load_recipe(recipe, set_)
-    run_dir = run_training(resolved, str(recipe), resume=resume, overwrite=overwrite,
-                           progress=progress)
+    run_dir = run_training(resolved, str(recipe), resume="auto" if auto_resume else resume,
+                           overwrite=overwrite, progress=progress)
     console.print(f"[green]run written to[/] {run_dir}")
 
 
@@ -240,3 +243,7 @@ def main() -> None:
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         sys.exit(2)
+    except Preempted as exc:
+        Console(stderr=True).print(f"[bold yellow]preempted:[/] {exc}", soft_wrap=True,
+                                   highlight=False)
+        sys.exit(PREEMPTED_EXIT_CODE)

@@ -91,7 +91,7 @@ def sample(
     double_guidance: Annotated[bool, typer.Option(help="sm runs: apply CFG on top of the guidance baked into the shortcuts (guides twice; not the authors' protocol).")] = False,
     num: Annotated[int, typer.Option(help="Number of images.")] = 64,
     class_: Annotated[int | None, typer.Option("--class", help="Class index for every image (default: class-balanced).")] = None,
-    out: Annotated[Path, typer.Option(help="Output .png (grid) or .npz (ADM format).")] = Path("samples.png"),
+    out: Annotated[Path, typer.Option(help="Output .png (grid), .npz (ADM format) or DIR/ (one PNG per sample, class in the name).")] = Path("samples.png"),
     which: Annotated[str, typer.Option(help="Weights: inference (EMA), target (EMA) or online.")] = "inference",
     seed: Annotated[int | None, typer.Option(help="Noise and label seed (default: the recipe's eval.seed).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per sampling batch (default: the recipe's eval.batch_size).")] = None,
@@ -104,16 +104,18 @@ def sample(
 
     from ismctl.checkpoint import load_for_sampling
     from ismctl.generate import arrange_by_class, generate_images, save_grid
+    from ismctl.pngdir import is_png_folder, write_png_folder
     from ismctl.protocol import choose_point
     from ismctl.runtime import set_threads
 
     set_threads(threads)
+    if out.suffix not in (".npz", ".png") and not is_png_folder(out):
+        raise UserError(f"--out {out}: use a .png (grid) or .npz (ADM samples) file name, or a "
+                        "folder name without an extension (one PNG per sample)")
     loaded = load_for_sampling(run, which=which, device=device, compile=compile_)
     ev = loaded.recipe.eval
     if class_ is not None and not 0 <= class_ < loaded.manifest.num_classes:
         raise UserError(f"--class {class_}: out of range 0..{loaded.manifest.num_classes - 1}")
-    if out.suffix not in (".png", ".npz"):
-        raise UserError(f"--out {out}: use a .png (grid) or .npz (ADM samples) file name")
     point, source = choose_point(loaded.recipe, loaded.run_dir, steps, guidance, double_guidance)
     labels = None if class_ is None else torch.full((num,), class_, dtype=torch.long)
     images, labels = generate_images(loaded, num, steps, point.guidance,
@@ -124,9 +126,11 @@ def sample(
         from ismctl.evaluation.npz import write_samples_npz
 
         write_samples_npz(out, images.numpy(), labels.numpy())
-    else:
+    elif out.suffix == ".png":
         grid, nrow = arrange_by_class(images, labels, loaded.manifest.num_classes)
         save_grid(grid, out, nrow=nrow)
+    else:
+        write_png_folder(out, images.numpy(), labels.numpy())
     console.print(f"[green]wrote[/] {out} ({num} images, {point.label()}, guidance from "
                   f"{source}, weights: {which}, step {loaded.step})")
 
@@ -145,6 +149,8 @@ def eval_cmd(
     out: Annotated[Path | None, typer.Option(help="results.json path (default: in the run directory).")] = None,
     inception_weights: Annotated[str | None, typer.Option(help="Local Inception-v3 weights file (offline FID).")] = None,
     save_npz: Annotated[bool, typer.Option(help="Also write each sample set as an ADM .npz.")] = False,
+    save_png: Annotated[bool, typer.Option(help="Also write each sample set as a folder of PNGs (one per sample, class in the name).")] = False,
+    which: Annotated[str, typer.Option(help="Weights: inference (EMA), target (EMA) or online.")] = "inference",
     batch_size: Annotated[int | None, typer.Option(help="Sampling batch size per rank (default: the recipe's eval.batch_size).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of noise and labels (default: the recipe's eval.seed).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the recipe's train.device).")] = None,
@@ -163,7 +169,7 @@ def eval_cmd(
              ref, None if metrics is None else [m.strip() for m in metrics.split(",")],
              out, inception_weights, save_npz, batch_size, seed, device=device,
              double_guidance=double_guidance, select_by=select_by, remember=remember,
-             at_best=guidance == "best", compile=compile_)
+             at_best=guidance == "best", compile=compile_, which=which, save_png=save_png)
 
 
 @app.command()

@@ -320,7 +320,7 @@ def test_ablation_full_variant_learns(digits_data: Path, tmp_path: Path) -> None
     from ismctl.ablate import run_ablation
 
     out = tmp_path / "ablate"
-    overrides = [f"data.path={digits_data}", "train.steps=300", "optim.lr=2e-3",
+    overrides = [f"data.path={digits_data}", "train.steps=200", "optim.lr=2e-3",
                  "optim.warmup_steps=0", "model.preset=tiny/4", "data.batch_size=32",
                  "run.log_every=100", "run.sample_every=1000", "run.sample_num=10",
                  "run.ckpt_every=1000", "run.tracker=none", "eval.steps=[4]",
@@ -329,6 +329,6 @@ def test_ablation_full_variant_learns(digits_data: Path, tmp_path: Path) -> None
                           overrides=overrides, out=out, eval_num_samples=200, progress=False)
     by_name = {v["name"]: v for v in report["variants"]}
     assert sorted(by_name) == ["full", "no-sot"]
-    assert by_name["full"]["points"]["4@3"]["acc"]["mean"] >= 0.2
+    assert by_name["full"]["points"]["4@3"]["acc"]["mean"] >= 0.25
     diff = changes(load_recipe(out / "full.yaml"), load_recipe(out / "no-sot.yaml"))
     assert diff == {**EXPECTED["sot"], "run.name": "no-sot"}

@@ -316,7 +316,7 @@ def test_piped_stdout_gets_plain_log_lines(short_run: Path, digits: Path, tmp_pa
                     "--out", str(tmp_path / "ev" / "results.json")) == 0
     out = capsys.readouterr().out
     assert "sampling 1 step(s), w=1: 20/20" in out
-    assert "steps=1 w=1: acc=" in out and "steps=2 w=1: acc=" in out
+    assert "\n1 step, w=1: acc=" in out and "\n2 steps, w=1: acc=" in out
     assert run_main(monkeypatch, "prepare-latents", "digits", "--out", str(tmp_path / "d")) == 0
     assert "encoding: 1,797/1,797 img (100%)" in capsys.readouterr().out
 

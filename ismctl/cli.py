@@ -68,7 +68,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint (refused if there is none, or if the recipe changed more than steps, logging, workers).")] = False,
     auto_resume: Annotated[bool, typer.Option(help="Resume when the run has a checkpoint, else start it: one command line to requeue forever.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run of the same name first.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar (plain log lines when stdout is not a terminal).")] = True,
     threads: Threads = None,
 ) -> None:
     """Train a shortcut model (single process, or DDP under torchrun)."""

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 QUICK = str(REPO / "recipes" / "quickstart.yaml")
 SAMPLES, REFERENCE = 12, 20
 TOLERANCE = 1e-3
+BATCH = 50
 
 
 def fidhelper_fid(generated: np.ndarray, reference: np.ndarray) -> float:
@@ -33,10 +34,12 @@ def fidhelper_fid(generated: np.ndarray, reference: np.ndarray) -> float:
 
     helper = FidHelper(device="cpu")  # its defaults: default_1.pt, its resize and input range
     helper.begin_ref_stat()
-    helper.update_ref_stat(nchw(reference), data_range=[0, 255])
+    for start in range(0, len(reference), BATCH):
+        helper.update_ref_stat(nchw(reference[start:start + BATCH]), data_range=[0, 255])
     helper.finish_ref_stat()
     helper.begin_eval_stat()
-    helper.update_eval_stat(nchw(generated), data_range=[0, 255])
+    for start in range(0, len(generated), BATCH):
+        helper.update_eval_stat(nchw(generated[start:start + BATCH]), data_range=[0, 255])
     helper.finish_eval_stat()
     return float(helper.compute_fid_score())
 

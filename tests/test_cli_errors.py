@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ismctl.cli import main
 
@@ -60,10 +61,12 @@ def cases(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
 def test_every_command_reports_bad_input_in_one_line(digits_run: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    threads = torch.get_num_threads()  # the commands set it for their process
     for args, expect in cases(digits_run, tmp_path):
         monkeypatch.setattr(sys, "argv", ["ismctl", *args])
         with pytest.raises(SystemExit) as stop:
             main()
+        torch.set_num_threads(threads)
         err = capsys.readouterr().err
         assert stop.value.code == 2, (args, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)

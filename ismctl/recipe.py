@@ -113,6 +113,7 @@ class RunCfg(Section):
     root: str = Field("runs", description="Folder holding run directories.")
     name: str | None = Field(None, description="Run directory name; None derives it from the recipe file name.")
     log_every: int = Field(100, gt=0, description="Steps between metric lines in metrics.jsonl.")
+    tracker: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Also send metrics and sample grids to TensorBoard (<run>/tensorboard), Weights & Biases (if installed) or nowhere.")
     sample_every: int = Field(10_000, gt=0, description="Steps between PNG sample grids (1 and 4 steps).")
     sample_num: int = Field(64, gt=0, description="Images per periodic sample grid.")
     sample_guidance: float | None = Field(None, ge=0.0, description="Guidance w of periodic grids (CFG scale 1 + w); None takes eval.default_guidance per step count.")

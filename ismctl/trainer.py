@@ -8,12 +8,16 @@ step ``n`` gets its data from loader stream ``s`` and its objective randomness (
 label dropout) from a generator seeded with ``(seed, n, s)``. So 2 GPUs x 1 accumulation step
 and 1 GPU x 2 accumulation steps train the same model (up to float summation order), and a
 resumed run replays exactly the batches an uninterrupted run would have seen.
+
+Around the loop: ``ismctl.resume`` decides whether a run directory may be continued with this
+recipe, ``ismctl.tracking`` reports (metrics.jsonl, TensorBoard/W&B, log lines),
+``ismctl.preemption`` turns SIGTERM/SIGUSR1 into a checkpoint and a clean stop, and
+``ismctl.rng`` saves and restores every rank's generators.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ismctl.checkpoint import (
     WEIGHT_FILES,
     LoadedRun,
+    checkpoint_dir,
     list_checkpoints,
     load_weights,
     model_from_recipe,
@@ -33,7 +38,7 @@ from ismctl.checkpoint import (
 )
 from ismctl.data.loader import TrainLoader
 from ismctl.data.manifest import read_manifest
-from ismctl.distributed import DistInfo, barrier, init_distributed, shutdown
+from ismctl.distributed import DistInfo, barrier, gather_to_main, init_distributed, shutdown
 from ismctl.ema import TwinEMA
 from ismctl.errors import UserError
 from ismctl.fileio import atomic_write_text
@@ -41,10 +46,14 @@ from ismctl.generate import arrange_by_class, generate_images, save_grid
 from ismctl.losses import build_loss
 from ismctl.model import forward_flops
 from ismctl.objective import shortcut_loss
-from ismctl.progress import progress_bar
+from ismctl.preemption import Preempted, StopSignals
+from ismctl.progress import progress_bar, stdout_is_terminal
 from ismctl.protocol import choose_point, run_sampler
 from ismctl.recipe import Recipe, save_recipe
+from ismctl.resume import check_resumable
+from ismctl.rng import capture_rng_state, restore_rng_state
 from ismctl.runtime import autocast, autocast_dtype, compile_network
+from ismctl.tracking import RunLog
 
 # Dense bf16 peak FLOP/s by device name, for the MFU estimate (nanoGPT-style); the first key
 # found in the name wins, so the PCIe/NVL variants come before the H100 SXM entry.
@@ -80,12 +89,21 @@ def _flops_per_sample(recipe: Recipe, model: torch.nn.Module) -> float:
     return forward_flops(model) * (3 + extra)
 
 
-def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool,
+def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool | str, overwrite: bool,
                      info: DistInfo) -> None:
+    # Every rank checks (the same files), so a refusal stops all of them with the same error.
+    has_checkpoint = bool(list_checkpoints(run_dir))
+    if resume and overwrite:
+        raise UserError("--resume/--auto-resume and --overwrite: choose one")
+    if resume is True and not has_checkpoint:
+        raise UserError(f"{run_dir}: no checkpoint to resume from; --auto-resume starts a new "
+                        "run when there is none")
+    if has_checkpoint and not (resume or overwrite):
+        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it "
+                        "or --overwrite to start over")
+    if has_checkpoint and resume:
+        check_resumable(run_dir, recipe)
     if info.is_main:
-        if list_checkpoints(run_dir) and not (resume or overwrite):
-            raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it "
-                            "or --overwrite to start over")
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -95,16 +113,15 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: boo
     barrier()
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint we restart from."""
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-
-
-def train(recipe: Recipe, recipe_path: str | None = None, resume: bool = False,
+def train(recipe: Recipe, recipe_path: str | None = None, resume: bool | str = False,
           overwrite: bool = False, progress: bool = True) -> Path:
-    """Train a shortcut model as the recipe says; returns the run directory."""
+    """Train a shortcut model as the recipe says; returns the run directory.
+
+    ``resume``: False starts a new run (refused if the run directory has a checkpoint), True
+    continues the latest checkpoint (refused if there is none, or if the recipe differs in a
+    field that is not safe to change, see ``ismctl.resume``), ``"auto"`` does whichever
+    applies. Raises ``Preempted`` after checkpointing when stopped by SIGTERM/SIGUSR1.
+    """
     info = init_distributed(recipe.train.device)
     try:
         return _train(recipe, recipe_path, resume, overwrite, progress, info)
@@ -112,7 +129,7 @@ def train(recipe: Recipe, recipe_path: str | None = None, resume: bool = False,
         shutdown()
 
 
-def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: bool,
+def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrite: bool,
            progress: bool, info: DistInfo) -> Path:
     cfg, dev = recipe.train, info.device
     manifest = read_manifest(recipe.data.path)
@@ -138,6 +155,8 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
                             weight_decay=o.weight_decay, fused=dev.type == "cuda")
 
     start_step = 0
+    stored_data: dict[str, int] = {}
+    stored_rng: dict | None = None
     ckpts = list_checkpoints(run_dir) if resume else []
     if ckpts:
         ckpt = ckpts[-1][1]
@@ -148,13 +167,16 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
                 load_weights(module, ckpt / WEIGHT_FILES[name])
         opt.load_state_dict(state["optimizer"])
         ema.num_updates = state["ema_updates"]
-        torch.set_rng_state(state["rng"]["torch"])
-        start_step = state["step"]
+        per_rank = state["rng"].get("ranks", [state["rng"]])
+        if len(per_rank) == info.world_size:
+            stored_rng = per_rank[info.rank]
+        elif info.is_main:
+            print(f"note: the checkpoint holds the generator states of {len(per_rank)} ranks, "
+                  f"this job has {info.world_size}: dropout draws differ from an uninterrupted run")
+        start_step, stored_data = state["step"], state["data"]
         if state["data"]["slots"] != slots and info.is_main:
             print(f"note: resuming with {slots} data slots instead of {state['data']['slots']}: "
                   "the data order differs from an uninterrupted run")
-    if info.is_main:
-        _trim_metrics(run_dir / "metrics.jsonl", start_step)
 
     net: torch.nn.Module = model
     if info.enabled:
@@ -167,6 +189,10 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
     loss_fn = build_loss(recipe.loss, model.input_size)
     # Each accumulation slot has its own loader; the recipe's workers are shared among them.
     workers = max(1, recipe.data.num_workers // cfg.grad_accum) if recipe.data.num_workers else 0
+    # Each loader worker streams its own slice of an epoch: another count, another order.
+    if stored_data.get("workers", max(1, workers)) != max(1, workers) and info.is_main:
+        print(f"note: resuming with {max(1, workers)} loader streams per slot instead of "
+              f"{stored_data['workers']}: the data order differs from an uninterrupted run")
     loaders = [iter(TrainLoader(
         recipe.data.path, batch_size=micro, pool_batches=recipe.coupling.pool_batches,
         seed=cfg.seed, rank=info.rank * cfg.grad_accum + m, world_size=slots,
@@ -174,6 +200,10 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
         shuffle_buffer=recipe.data.shuffle_buffer, flip=recipe.data.flip and manifest.flip,
         start_batch=start_step, within_class=recipe.coupling.within_class))
         for m in range(cfg.grad_accum)]
+    # Last, right before the first step: starting the loaders above draws from the CPU
+    # generator, as it did before step 1 of the interrupted run.
+    if stored_rng is not None:
+        restore_rng_state(stored_rng, dev)
     gen = torch.Generator(dev)
     amp = autocast(dev, autocast_dtype(cfg.precision))
     flops, peak = _flops_per_sample(recipe, model), _peak_flops(dev)
@@ -194,6 +224,9 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
             line["mfu"] = img_s * flops / peak
         return line
 
+    runlog = RunLog(run_dir, recipe, start_step, enabled=info.is_main,
+                    plain=progress and not stdout_is_terminal())
+
     def sample_grids(step: int) -> None:
         run = LoadedRun(model=ema.inference, recipe=recipe, manifest=manifest, run_dir=run_dir,
                         checkpoint=run_dir, step=step, sha256="", device=dev,
@@ -205,7 +238,9 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
                                              seed=cfg.seed, batch_size=recipe.run.sample_num,
                                              sampler=point.sampler)
             grid, nrow = arrange_by_class(images, labels, manifest.num_classes)
-            save_grid(grid, run_dir / "samples" / f"step-{step:07d}-{steps}s.png", nrow=nrow)
+            path = run_dir / "samples" / f"step-{step:07d}-{steps}s.png"
+            save_grid(grid, path, nrow=nrow)
+            runlog.grid(path, steps, step)
 
     def diverged(step: int) -> TrainingDiverged:
         last = list_checkpoints(run_dir)
@@ -213,10 +248,11 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
         return TrainingDiverged(f"step {step}: non-finite loss, run stopped ({keep}); "
                                 "try a lower optim.lr or set optim.grad_clip")
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> Path:
         # The last update may have made the weights non-finite before any loss showed it.
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise diverged(step)
+        rng_states = gather_to_main(capture_rng_state(dev))
         if info.is_main:
             weights = {"online": model}
             if ema.target is not model:
@@ -224,19 +260,22 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
             if ema.inference is not model:
                 weights["inference"] = ema.inference
             state = {"step": step, "optimizer": opt.state_dict(), "ema_updates": ema.num_updates,
-                     "rng": {"torch": torch.get_rng_state()},
-                     "data": {"batches": step, "slots": slots, "seed": cfg.seed},
+                     "rng": {"ranks": rng_states},
+                     "data": {"batches": step, "slots": slots, "seed": cfg.seed,
+                              "workers": max(1, workers)},
                      "recipe": recipe.model_dump(mode="json")}
-            save_checkpoint(run_dir, step, weights, state)
+            path = save_checkpoint(run_dir, step, weights, state)
             prune_checkpoints(run_dir, recipe.run.keep_last, recipe.run.keep_every)
+            runlog.checkpoint(path, step)
         barrier()
+        return checkpoint_dir(run_dir, step)
 
     sums: dict[str, torch.Tensor] = {}
     bad = torch.zeros((), dtype=torch.bool, device=dev)
     n_since, t_last = 0, time.perf_counter()
-    metrics_path = run_dir / "metrics.jsonl"
-    with progress_bar(f"train {run_dir.name}", total=cfg.steps, completed=start_step,
-                      enabled=progress and info.is_main) as bar:
+    with runlog, StopSignals() as stop, progress_bar(
+            f"train {run_dir.name}", total=cfg.steps, completed=start_step,
+            enabled=progress and info.is_main, plain=False) as bar:
         for step in range(start_step, cfg.steps):
             lr = o.lr * min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
             for group in opt.param_groups:
@@ -269,9 +308,8 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
                 raise diverged(done)
             if at_log:
                 line = log_line(done, sums, n_since, time.perf_counter() - t_last, grad_norm)
+                runlog.metrics(line)
                 if info.is_main:
-                    with open(metrics_path, "a") as fh:
-                        fh.write(json.dumps(line) + "\n")
                     parts_txt = " ".join(f"{k} {line[k]:.4f}" for k in sorted(sums) if k != "loss")
                     bar.update(f"loss {line['loss']:.4f} ({parts_txt})")
                 sums, n_since, t_last = {}, 0, time.perf_counter()
@@ -279,4 +317,9 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool, overwrite: boo
                 sample_grids(done)
             if at_ckpt:
                 checkpoint(done)
+            if stop.stop_now():
+                if not at_ckpt and bool(bad):
+                    raise diverged(done)
+                saved = checkpoint_dir(run_dir, done) if at_ckpt else checkpoint(done)
+                raise Preempted(stop.received or "a stop signal", done, saved)
     return run_dir

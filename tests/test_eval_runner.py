@@ -18,6 +18,7 @@ from ismctl.errors import UserError
 from ismctl.evaluation import evaluate, inception
 from ismctl.evaluation.digits_classifier import digits_dataset
 from ismctl.generate import balanced_labels
+from ismctl.pngdir import read_png_folder
 from ismctl.recipe import Recipe
 
 
@@ -106,6 +107,25 @@ def test_digits_without_inception_notes_and_defaults(run, tmp_path, monkeypatch)
     assert "npz" not in results["points"][0]
 
 
+def test_own_data_reference_warns_loudly(tmp_path, monkeypatch, capsys):
+    """A run on another dataset (here: digits under other class names) evaluated without
+    --ref: the reference would be its own training data, so a loud warning comes first."""
+    loaded = _loaded(tmp_path)
+    loaded.manifest = loaded.manifest.model_copy(
+        update={"class_names": [f"n{i:08d}" for i in range(10)]})
+    monkeypatch.setattr(checkpoint, "load_for_sampling", lambda *a, **k: loaded)
+    with pytest.raises(UserError, match="data/imagenet256: not found"):
+        evaluate(None, [1], [0.0], 20, None, ["fid"], tmp_path / "r.json", None, False, 8, 0,
+                 device="cpu", progress=False)
+    err = capsys.readouterr().err
+    assert "WARNING: no --ref given" in err and "NOT comparable with published" in err
+    assert "--ref VIRTUAL_imagenet256_labeled.npz" in err
+    with pytest.raises(UserError, match="missing.npz: not found"):
+        evaluate(None, [1], [0.0], 20, str(tmp_path / "missing.npz"), ["fid"],
+                 tmp_path / "r.json", None, False, 8, 0, device="cpu", progress=False)
+    assert "WARNING" not in capsys.readouterr().err
+
+
 def test_bad_steps_and_guidance_are_user_errors(run, tmp_path):
     with pytest.raises(UserError, match="power of two"):
         evaluate(None, [3], [0.0], 20, None, ["acc"], tmp_path / "r.json", None, False, 8, 0,
@@ -115,13 +135,21 @@ def test_bad_steps_and_guidance_are_user_errors(run, tmp_path):
                  device="cpu", progress=False)
 
 
+def _everywhere(*args, **kwargs):
+    raise AssertionError("samples must be gathered on rank 0 only")
+
+
 def _rank_worker(rank, port, folder, cache):
+    import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE="2", ISMCTL_CACHE=str(cache))
+    dist.all_gather_object = _everywhere
     loaded = _loaded(folder)
     checkpoint.load_for_sampling = lambda *a, **k: loaded
     results = evaluate(None, [1], [0.5], 30, None, ["acc", "fd-digits"], folder / "two.json",
-                       None, save_npz=True, batch_size=4, seed=5, device="cpu", progress=False)
+                       None, save_npz=True, batch_size=4, seed=5, device="cpu", progress=False,
+                       save_png=True)
     assert (results == {}) == (rank != 0)
 
 
@@ -147,6 +175,10 @@ def test_two_ranks_give_the_single_process_results(tmp_path):
     with np.load(p1["npz"]) as a, np.load(p2["npz"]) as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        # Each rank wrote its own samples into the folder; together they are the whole set.
+        images, labels = read_png_folder(p2["png_folder"])
+        np.testing.assert_array_equal(images, a["arr_0"])
+        np.testing.assert_array_equal(labels, a["arr_1"])
 
 
 class GuidedTemplateNet(TemplateNet):

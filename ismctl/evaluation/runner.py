@@ -13,7 +13,9 @@ digits distance, ...) is reported and, for the run's latest checkpoint, remember
 run directory for ``ismctl sample``.
 
 Outputs next to ``results.json``: a metric-vs-guidance plot (one curve per step count), one
-sample grid per point, and with ``save_npz`` the ADM ``.npz`` of every sample set.
+sample grid per point, with ``save_npz`` the ADM ``.npz`` of every sample set (gathered on
+rank 0 only) and with ``save_png`` a folder of PNGs per sample set (each rank writes its own
+samples).
 """
 
 from __future__ import annotations
@@ -131,6 +133,20 @@ def point_metrics(plan: MetricPlan, feats: dict[str, dict[str, np.ndarray]], lab
     return out
 
 
+def warn_own_data_reference(data_path: str, plan: MetricPlan, loud: bool) -> None:
+    """No reference given for a dataset other than the digits: the run's own training data
+    is the reference, which published FIDs never use. Say so on stderr and in the notes."""
+    text = (f"no --ref given: the reference is this run's own training data ({data_path}, "
+            "latents decoded by the VAE), so FID and the other reference metrics are NOT "
+            "comparable with published numbers; for ImageNet 256 pass ADM's reference batch, "
+            "--ref VIRTUAL_imagenet256_labeled.npz (from openai/guided-diffusion's evaluations "
+            "folder), or set eval.ref in the recipe")
+    plan.notes.append(text)
+    if loud:
+        Console(stderr=True).print(f"[bold red]WARNING:[/] {text}", soft_wrap=True,
+                                   highlight=False)
+
+
 def _build_extractors(plan: MetricPlan, device: torch.device) -> dict[str, torch.nn.Module]:
     extractors = {}
     for key, group in plan.groups.items():
@@ -158,6 +174,8 @@ class Settings:
     progress: bool
     select_by: str | None
     remember: bool
+    which: str = "inference"
+    save_png: bool = False
 
 
 def evaluate(
@@ -179,18 +197,23 @@ def evaluate(
     remember: bool = True,
     at_best: bool = False,
     compile: bool = False,
+    which: str = "inference",
+    save_png: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run or checkpoint; returns the results dict (empty on ranks other than 0).
 
     ``None`` for steps, guidance, num_samples, batch_size, seed or metrics takes the run
     recipe's ``eval`` section, ``device`` None its ``train.device``; ``ref`` None takes the
     recipe's ``eval.ref``, else the built-in digits for a digits run, else the prepared shards
-    of ``data.path``. ``double_guidance`` samples an sm run with CFG on top of its baked-in
+    of ``data.path`` (with a loud warning: not comparable with published numbers).
+    ``double_guidance`` samples an sm run with CFG on top of its baked-in
     guidance; ``select_by`` names the value that picks the best point per step count;
     ``remember`` stores those picks in the run; ``at_best`` evaluates each step count at the
     point remembered by an earlier grid evaluation instead of a guidance list (e.g. FID-50K
     where a cheaper grid chose w). ``compile``: sample with the torch.compile'd network (same
-    images, up to float rounding).
+    images, up to float rounding). ``which``: the weights sampled, the inference EMA
+    (default, SPEC 3.4), the target EMA or the online network; only the inference EMA's
+    picks are remembered. ``save_png``: also a folder of PNGs per sample set.
     """
     from ismctl.checkpoint import load_for_sampling, run_recipe
     from ismctl.distributed import init_distributed, shutdown
@@ -201,7 +224,7 @@ def evaluate(
     info = init_distributed(device)
     try:
         t_start = time.perf_counter()
-        run = load_for_sampling(path, device=str(info.device), compile=compile)
+        run = load_for_sampling(path, which=which, device=str(info.device), compile=compile)
         ev = run.recipe.eval
         digits = is_digits(run.manifest)
         steps = list(steps or ev.steps)
@@ -226,12 +249,17 @@ def evaluate(
             save_npz=save_npz,
             progress=progress and info.is_main,
             select_by=select_by,
-            remember=remember,
+            remember=remember and which == "inference",
+            which=which,
+            save_png=save_png,
         )
         if cfg.num_samples < 2 or cfg.batch_size < 1:
             raise UserError(f"--num-samples {cfg.num_samples} / --batch-size {cfg.batch_size}: "
                             "need at least 2 samples and a batch of at least 1")
         plan = plan_metrics(metrics, list(ev.metrics), digits, inception_weights)
+        if not ref and not ev.ref and not digits and any(
+                g.ref_layer is not None for g in plan.groups.values()):
+            warn_own_data_reference(cfg.ref, plan, info.is_main)
         selection_metric(value_names(plan.metrics), select_by, digits)
         w_max = run.recipe.guidance.w_max
         far = [w for w in all_strengths(cfg.guidance) if w > w_max]
@@ -278,6 +306,8 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
         t1 = time.perf_counter()
         local = {key: extract_features(ext, iter_batches(images, fbatch), device)
                  for key, ext in extractors.items()}
+        if cfg.save_png:
+            _write_png_share(cfg, pt, images, labels, rank, world)
         t2 = time.perf_counter()
         shared = gather_objects((local, labels.numpy(),
                                  images.numpy() if cfg.save_npz else None))
@@ -319,6 +349,24 @@ def _is_latest(run: Any) -> bool:
     return bool(ckpts) and ckpts[-1][1].resolve() == Path(run.checkpoint).resolve()
 
 
+def _png_folder(cfg: Settings, pt: Point) -> Path:
+    return cfg.out.parent / f"{cfg.out.stem}-samples-{pt.tag()}"
+
+
+def _write_png_share(cfg: Settings, pt: Point, images: torch.Tensor, labels: torch.Tensor,
+                     rank: int, world: int) -> None:
+    """Every rank writes its own samples (global indices ``rank::world``) into the folder."""
+    from ismctl.distributed import barrier
+    from ismctl.pngdir import clear_png_folder, write_png_folder
+
+    folder = _png_folder(cfg, pt)
+    if rank == 0:
+        clear_png_folder(folder)
+    barrier()
+    write_png_folder(folder, images.numpy(), labels.numpy(),
+                     np.arange(cfg.num_samples)[rank::world], clear=False)
+
+
 def _score_point(run: Any, plan: MetricPlan, cfg: Settings, refs: dict[str, ReferenceStats],
                  pt: Point, shared: list[Any], images: torch.Tensor,
                  labels: torch.Tensor) -> dict[str, Any]:
@@ -339,6 +387,8 @@ def _score_point(run: Any, plan: MetricPlan, cfg: Settings, refs: dict[str, Refe
         "sampler": pt.sampler, "num_samples": cfg.num_samples,
         "metrics": point_metrics(plan, feats, all_labels, refs), "grid": str(grid),
     }
+    if cfg.save_png:
+        point["png_folder"] = str(_png_folder(cfg, pt))
     if cfg.save_npz:
         npz = cfg.out.parent / f"{cfg.out.stem}-samples-{tag}.npz"
         write_samples_npz(npz, interleave([p[2] for p in shared]), all_labels)
@@ -370,7 +420,7 @@ def _results(run: Any, plan: MetricPlan, points: list[dict[str, Any]],
         "python": platform.python_version(),
         "torch": torch.__version__,
         "checkpoint": {"run_dir": str(run.run_dir), "path": str(run.checkpoint),
-                       "sha256": run.sha256, "step": run.step, "weights": "inference"},
+                       "sha256": run.sha256, "step": run.step, "weights": cfg.which},
         "recipe": run.recipe.model_dump(mode="json"),
         "data": {"encoder": run.manifest.encoder, "resolution": run.manifest.resolution,
                  "num_classes": run.manifest.num_classes, "count": run.manifest.count},

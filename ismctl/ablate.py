@@ -48,6 +48,7 @@ from ismctl.fileio import atomic_write_text, write_json
 from ismctl.launch import Torchrun
 from ismctl.protocol import Grid
 from ismctl.recipe import Recipe, apply_override, load_recipe, recipe_from_dict, save_recipe
+from ismctl.resume import check_resumable
 
 DEFAULT_RECIPE = "recipes/ism_xl.yaml"
 FULL, BASELINE = "full", "baseline"
@@ -250,29 +251,11 @@ def eval_settings(recipe: Recipe, num_samples: int | None,
                         device=recipe.train.device, inception_weights=inception_weights)
 
 
-def _changed_paths(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _changed_paths(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}")
-    return out
-
-
-def _check_stored_recipe(path: Path, recipe: Recipe, run_dir: Path) -> None:
-    """Refuse to resume a variant whose stored recipe differs (other than a longer run)."""
-    if not path.is_file() or not (run_dir / "checkpoints").is_dir():
-        return
-    old = load_recipe(path).model_dump(mode="json")
-    changed = _changed_paths(old, recipe.model_dump(mode="json"))
-    if changed == ["train.steps"] and recipe.train.steps >= old["train"]["steps"]:
-        return
-    if changed:
-        raise UserError(f"{path}: variant {recipe.run.name} was trained with a different recipe "
-                        f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''} changed); "
-                        "use another --out folder or delete it")
+def _check_stored_recipe(recipe: Recipe, run_dir: Path) -> None:
+    """Refuse to continue a run whose checkpoints were trained with another recipe (fields
+    that only change how long, how fast or how visibly it runs may differ: ``ismctl.resume``)."""
+    if (run_dir / "checkpoints").is_dir():
+        check_resumable(run_dir, recipe)
 
 
 def _final_step(run_dir: Path) -> int | None:
@@ -429,7 +412,7 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
                 "run": recipe.run.model_copy(update={"root": str(folder), "name": rname}),
                 "train": recipe.train.model_copy(update={"seed": seed})})
             yaml_path, run_dir = folder / f"{rname}.yaml", folder / rname
-            _check_stored_recipe(yaml_path, run, run_dir)
+            _check_stored_recipe(run, run_dir)
             save_recipe(run, yaml_path)
             head = (f"[bold]ablate[/] {v_index * len(train_seeds) + s_index + 1}/{total} "
                     f"{rname} ({label})")

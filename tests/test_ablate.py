@@ -334,3 +334,18 @@ def test_ablation_full_variant_learns(digits_data: Path, tmp_path: Path) -> None
     assert by_name["full"]["points"]["4@3"]["acc"]["mean"] >= 0.25
     diff = changes(load_recipe(out / "full.yaml"), load_recipe(out / "no-sot.yaml"))
     assert diff == {**EXPECTED["sot"], "run.name": "no-sot"}
+
+
+def test_a_variant_trained_with_another_recipe_is_not_continued(quickstart: Recipe,
+                                                                tmp_path: Path) -> None:
+    from ismctl.ablate import _check_stored_recipe
+    from ismctl.recipe import save_recipe
+
+    run_dir = tmp_path / "full-seed0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    save_recipe(quickstart, run_dir / "recipe.yaml")
+    # Evaluation settings do not change what was trained.
+    _check_stored_recipe(load_recipe(RECIPES / "quickstart.yaml", ["eval.num_samples=10"]),
+                         run_dir)
+    with pytest.raises(UserError, match="optim.lr"):
+        _check_stored_recipe(load_recipe(RECIPES / "quickstart.yaml", ["optim.lr=0.5"]), run_dir)

@@ -19,6 +19,7 @@ from rich.table import Table
 from ismctl.evaluation.plan import HIGHER_IS_BETTER
 from ismctl.fileio import atomic_path
 from ismctl.protocol import describe_grid
+from ismctl.sampler import TWO_PASS
 
 FRACTIONS = frozenset({"acc", "precision", "recall"})
 # The values shown in the main table, after the selection metric: FID alone on images, the
@@ -29,7 +30,7 @@ MAIN_GROUPS = (("fid",), ("cfd-digits", "fd-digits", "acc"), ("fd-dinov2",))
 def point_key(point: dict[str, Any]) -> str:
     """``steps@w``, with ``/sampler`` for two-pass samplers (``128@0.5/flow-cfg``)."""
     key = f"{point['steps']}@{point['guidance']:g}"
-    return key + (f"/{point['sampler']}" if point.get("sampler") in ("cfg", "flow-cfg") else "")
+    return key + (f"/{point['sampler']}" if point.get("sampler") in TWO_PASS else "")
 
 
 def steps_of(key: str) -> int:

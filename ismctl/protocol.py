@@ -25,6 +25,7 @@ from ismctl.errors import UserError
 from ismctl.fileio import atomic_write_text
 from ismctl.guidance import scale_to_w
 from ismctl.recipe import Recipe
+from ismctl.sampler import TWO_PASS
 
 BEST_FILE = "guidance.json"
 # A guidance grid: one list for every step count, or one list per step count (a 128-step
@@ -42,12 +43,12 @@ class Point:
 
     def tag(self) -> str:
         """File-name tag, e.g. ``4steps-w1`` (the sampler named when it is a two-pass one)."""
-        extra = f"-{self.sampler}" if self.sampler in ("cfg", "flow-cfg") else ""
+        extra = f"-{self.sampler}" if self.sampler in TWO_PASS else ""
         return f"{self.steps}steps-w{self.guidance:g}{extra}"
 
     def label(self) -> str:
         return f"{self.steps} step{'s' if self.steps != 1 else ''}, w={self.guidance:g}" + (
-            f" ({self.sampler})" if self.sampler in ("cfg", "flow-cfg") else "")
+            f" ({self.sampler})" if self.sampler in TWO_PASS else "")
 
 
 def run_sampler(recipe: Recipe, double_guidance: bool = False) -> str:

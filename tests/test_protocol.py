@@ -59,7 +59,7 @@ def test_sm_points_follow_the_authors_protocol() -> None:
 def test_default_guidance_takes_the_nearest_listed_step_count() -> None:
     recipe = load_recipe(RECIPES / "ism_b.yaml", ["eval.default_guidance={1: 2.0, 8: 1.0}"])
     assert default_guidance(recipe, 1) == 2.0
-    assert default_guidance(recipe, 2) == 2.0  # log2 distance 1 to both 1... and 3 to 8
+    assert default_guidance(recipe, 2) == 2.0  # log2 distance 1 to 1 step, 2 to 8 steps
     assert default_guidance(recipe, 4) == 1.0
     assert default_guidance(recipe, 128) == 1.0
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ismctl.fileio import atomic_path, write_json
+from ismctl.sampler import TWO_PASS
 
 # Values shown per metric, in order; "prc" gives two numbers.
 VALUES = {
@@ -102,7 +103,7 @@ def write_plot(path: str | Path, results: dict[str, Any]) -> Path | None:
                          and p["metrics"].get(metric) is not None)
             if not pts:
                 continue
-            two_pass = sampler in ("cfg", "flow-cfg")
+            two_pass = sampler in TWO_PASS
             label = f"{steps} step{'s' if steps != 1 else ''}" + (f" ({sampler})" if two_pass
                                                                   else "")
             ax.plot([w for w, _, _ in pts], [v for _, v, _ in pts], color=f"C{i % 10}",

@@ -317,7 +317,9 @@ def _eval_variant(run_dir: Path, out: Path, cfg: EvalSettings, guidance: Grid,
 def plan_sweep(recipe: Recipe, sweep: str) -> list[tuple[str, Recipe]]:
     """One variant per value of ``KEY=V1,V2,...`` (values parsed as YAML, each checked by the
     recipe schema), named ``KEY=V``; a YAML list value is written in brackets:
-    ``loss.detail_weights=[4,2,1],2``."""
+    ``loss.detail_weights=[4,2,1],2``. The value the recipe already has gives the recipe
+    itself, named ``full`` like in the other modes, so a sweep in the folder of an earlier
+    ablation reuses its runs."""
     key, sep, raw = sweep.partition("=")
     values = _split_values(raw)
     if not sep or not key or not values:
@@ -328,8 +330,11 @@ def plan_sweep(recipe: Recipe, sweep: str) -> list[tuple[str, Recipe]]:
         name = f"{key}={value}"
         data = apply_override(recipe.model_dump(mode="json"), name)
         out.append((name, recipe_from_dict(data, f"--sweep {name}")))
-    if len({yaml.safe_dump(r.model_dump(mode="json")) for _, r in out}) < len(out):
+    dumps = [yaml.safe_dump(r.model_dump(mode="json")) for _, r in out]
+    if len(set(dumps)) < len(out):
         raise UserError(f"--sweep {sweep!r}: two values give the same recipe")
+    own = yaml.safe_dump(recipe.model_dump(mode="json"))
+    out = [(FULL if d == own else name, r) for (name, r), d in zip(out, dumps, strict=True)]
     return [(name, _named(r, name)) for name, r in out]
 
 
@@ -365,15 +370,18 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
                  eval_num_samples: int | None = None, progress: bool = True,
                  inception_weights: str | None = None, seeds: list[int] | None = None,
                  sweep: str | None = None, nodes: Torchrun | None = None,
-                 threads: int | None = None) -> dict[str, Any]:
+                 threads: int | None = None, report_name: str = "ablation") -> dict[str, Any]:
     """Plan, train, evaluate and compare the ablation variants; returns the report dict
-    (also written as ``ablation.json``, ``ablation.md`` and ``ablation.png`` in the folder).
+    (also written as ``<report_name>.json``, ``.md`` and ``.png`` in the folder, so several
+    studies can share one folder and the runs they have in common).
 
     ``nodes``: the multi-node part of the torchrun launch (nnodes, node rank, rendezvous); every
     node runs the same command, and only node 0 writes the report (empty dict elsewhere).
     """
     if launch not in (None, "torchrun"):
         raise UserError(f"--launch {launch}: expected 'torchrun' (or nothing: in this process)")
+    if not report_name or "/" in report_name:
+        raise UserError(f"--report {report_name!r}: a file name stem, e.g. ablation")
     if nproc_per_node < 1:
         raise UserError(f"--nproc-per-node {nproc_per_node}: must be >= 1")
     if nodes is not None and nodes.multi_node and launch != "torchrun":
@@ -390,7 +398,8 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
         if disable or cumulative:
             raise UserError("--sweep is exclusive with --disable and --cumulative")
         variants, mode = plan_sweep(base, sweep), "sweep"
-        reference = variants[0][0]
+        names = [name for name, _ in variants]
+        reference = FULL if FULL in names else names[0]
     else:
         variants = plan_variants(base, disable, cumulative)
         mode, reference = ("cumulative" if cumulative else "disable"), FULL
@@ -404,7 +413,8 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
     total = len(variants) * len(train_seeds)
     select = None
     for v_index, (name, recipe) in enumerate(variants):
-        label = name if sweep is not None else variant_label(name, cumulative)
+        label = (_sweep_label(base, sweep, name) if sweep is not None
+                 else variant_label(name, cumulative))
         runs, results_list = [], []
         for s_index, seed in enumerate(train_seeds):
             rname = run_name(name, seed, seeds)
@@ -450,16 +460,23 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
     }
     report.update(summarise(rows, reference))
     report["main_metrics"] = main_values(report["value_names"], select)
-    write_json(folder / "ablation.json", report)
+    write_json(folder / f"{report_name}.json", report)
     note = (f"Paper FID: {PAPER_NOTE}; this run: train.steps = {base.train.steps}."
             if paper else "")
-    atomic_write_text(folder / "ablation.md", markdown(report, note))
-    write_chart(folder / "ablation.png", report)
+    atomic_write_text(folder / f"{report_name}.md", markdown(report, note))
+    write_chart(folder / f"{report_name}.png", report)
     console.print(results_table(report))
     for n in notes:
         console.print(f"[yellow]note:[/] {n}")
-    console.print(f"[green]wrote[/] {folder}/ablation.{{json,md,png}}")
+    console.print(f"[green]wrote[/] {folder}/{report_name}.{{json,md,png}}")
     return report
+
+
+def _sweep_label(base: Recipe, sweep: str, name: str) -> str:
+    if name != FULL:
+        return name
+    key = sweep.partition("=")[0]
+    return f"{key}={json.dumps(get_field(base, key))} (the recipe's own)"
 
 
 def _evaluated(recipe: Recipe, run_dir: Path, cfg: EvalSettings, torchrun: Torchrun | None,

@@ -181,6 +181,7 @@ def ablate(
     nproc_per_node: Annotated[int, typer.Option(help="GPUs per variant with --launch torchrun.")] = 1,
     sweep: Annotated[str | None, typer.Option(help="One variant per value of a recipe field, e.g. guidance.w_max=2,3.5,5 (brackets keep list values: loss.detail_weights=[4,2,1],2); one value adds a single variant.")] = None,
     seeds: Annotated[str | None, typer.Option(help="Training seeds, one run per variant and seed, e.g. 0,1,2 (tables show mean +- sd).")] = None,
+    report: Annotated[str, typer.Option(help="File stem of the report in the ablation folder (several studies can share a folder and its runs).")] = "ablation",
     nnodes: Annotated[int, typer.Option(help="Nodes per variant with --launch torchrun; every node runs this command.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's rank, 0..nnodes-1 (node 0 writes the report).")] = 0,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT where the nodes meet (c10d rendezvous), usually node 0's.")] = None,
@@ -207,7 +208,7 @@ def ablate(
                  cumulative, launch=launch, nproc_per_node=nproc_per_node, overrides=set_,
                  out=out, eval_num_samples=eval_num_samples, inception_weights=inception_weights,
                  progress=progress, seeds=None if seeds is None else _int_list(seeds, "--seeds"),
-                 sweep=sweep, nodes=nodes, threads=threads)
+                 sweep=sweep, nodes=nodes, threads=threads, report_name=report)
 
 
 @app.command()

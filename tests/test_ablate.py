@@ -216,8 +216,8 @@ def test_report_deltas_markdown_and_chart(tmp_path: Path) -> None:
 
 
 def test_sweep_plans_one_variant_per_value(quickstart: Recipe) -> None:
-    plan = plan_sweep(quickstart, "guidance.w_max=2,3.5")
-    assert [name for name, _ in plan] == ["guidance.w_max=2", "guidance.w_max=3.5"]
+    plan = plan_sweep(quickstart, "guidance.w_max=2,3")
+    assert [name for name, _ in plan] == ["guidance.w_max=2", "guidance.w_max=3"]
     assert changes(quickstart, plan[0][1]) == {"guidance.w_max": 2.0,
                                                "run.name": "guidance.w_max=2"}
     lists = plan_sweep(quickstart, "loss.detail_weights=[4,2,1],2")
@@ -230,6 +230,10 @@ def test_sweep_plans_one_variant_per_value(quickstart: Recipe) -> None:
         plan_sweep(quickstart, "guidance.w_max=2,-1")
     with pytest.raises(UserError, match="same recipe"):
         plan_sweep(quickstart, "guidance.w_max=2,2.0")
+    # The recipe's own value is the recipe itself: named like the full variant of an ablation.
+    own = plan_sweep(quickstart, "coupling.within_class=true,false")
+    assert [name for name, _ in own] == ["full", "coupling.within_class=false"]
+    assert without_run_name(own[0][1]) == without_run_name(quickstart)
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +302,8 @@ def test_sweep_with_seeds_trains_one_run_per_value_and_seed(digits_data: Path,
                  "eval.metrics=[acc]", "eval.batch_size=50"]
     report = run_ablation(str(RECIPES / "quickstart.yaml"), None, False, overrides=overrides,
                           out=out, eval_num_samples=50, progress=False, seeds=[3, 4],
-                          sweep="guidance.w_max=1,2")
+                          sweep="guidance.w_max=1,2", report_name="wmax")
+    assert (out / "wmax.md").is_file() and not (out / "ablation.md").exists()
     assert [v["name"] for v in report["variants"]] == ["guidance.w_max=1", "guidance.w_max=2"]
     for v in report["variants"]:
         assert [r["seed"] for r in v["runs"]] == [3, 4]
@@ -312,7 +317,7 @@ def test_sweep_with_seeds_trains_one_run_per_value_and_seed(digits_data: Path,
         seeds = v["points"]["1@1"]["seeds"]["acc"]
         assert len(seeds) == 2 and acc["mean"] == pytest.approx(sum(seeds) / 2)
     assert report["reference_variant"] == "guidance.w_max=1"
-    assert "± " in (out / "ablation.md").read_text()
+    assert "± " in (out / "wmax.md").read_text()
 
 
 @pytest.mark.slow

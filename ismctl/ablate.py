@@ -7,26 +7,31 @@ The five components of SPEC 3 and the recipe fields each one flips when disabled
                          guidance.cfg_scale, sampled by its authors' protocol: SPEC 2)
     interval-guidance    guidance.interval_start -> 0
     wavelet              loss.name -> mse
-    sot                  coupling.pool_batches -> 0 (independent noise-data pairing)
+    sot                  coupling.pool_size -> 0 (independent noise-data pairing)
     twin-ema             ema.target_decay -> ema.inference_decay (one EMA in both roles, the
                          pre-twin setting: SPEC 3.4 ablates 0.9999 -> 0.95)
 
 ``--disable a,b`` compares the full recipe with one variant that has all the named components
-off; ``--cumulative`` rebuilds the paper's table: the baseline with all five off, then each
-component added in the paper's order, ending at the full iSM recipe; ``--sweep key=v1,v2``
-makes one variant per value of a recipe field (the paper's component sweeps; a single value
-adds one variant to compare with an earlier study of the same settings). With
-``--seeds 0,1,2`` every variant is trained once per seed (``train.seed``). Every run is a
+off; ``--cumulative`` rebuilds the paper's table: a baseline, then each component added in the
+paper's order, ending at the full iSM recipe. The baseline row is a recipe of its own
+(``--baseline RECIPE``; by default the published SM settings ``sm_<size>.yaml`` beside an
+``ism_<size>.yaml`` recipe), or, for a recipe without one such as the quickstart, the recipe
+with all five components off (``--baseline components-off``). The two differ: the official SM
+settings also change the EMA, weight decay, gradient clipping, target clipping and steps.
+``--sweep key=v1,v2`` makes one variant per value of a recipe field (the paper's component
+sweeps; a single value adds one variant to compare with an earlier study of the same
+settings). With ``--seeds 0,1,2`` every variant is trained once per seed (``train.seed``).
+Every run is a
 derived recipe saved as YAML in the ablation folder, trained (in this process or under
 torchrun) and evaluated with the same evaluation settings: the recipe's ``eval`` section, its
 guidance grid included, so each variant is compared at its own best w per step count
 (``ismctl/ablate_report.py``). The work is resumable: a run whose final checkpoint exists is
 not retrained, an evaluation whose results and settings are on disk is not rerun.
 
-A variant is named by what it switches off ("full", "no-wavelet+sot", ..., "baseline") or by
-the swept value ("guidance.w_max=2"), and a run by its variant and seed ("full-seed1"), so
-``--disable``, ``--cumulative`` and ``--seeds`` runs in one folder share what they have in
-common.
+A variant is named by what it switches off ("full", "no-wavelet+sot", ..., "baseline"), by
+its baseline recipe ("baseline-sm_xl") or by the swept value ("guidance.w_max=2"), and a
+run by its variant and seed ("full-seed1"), so ``--disable``, ``--cumulative`` and ``--seeds``
+runs in one folder share what they have in common.
 """
 
 from __future__ import annotations
@@ -46,12 +51,13 @@ from ismctl.ablate_report import write_chart as write_chart
 from ismctl.errors import UserError
 from ismctl.fileio import atomic_write_text, write_json
 from ismctl.launch import Torchrun
-from ismctl.protocol import Grid
+from ismctl.protocol import Grid, run_sampler
 from ismctl.recipe import Recipe, apply_override, load_recipe, recipe_from_dict, save_recipe
 from ismctl.resume import check_resumable
 
 DEFAULT_RECIPE = "recipes/ism_xl.yaml"
 FULL, BASELINE = "full", "baseline"
+COMPONENTS_OFF = "components-off"
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in (
     Component("interval-guidance", "interval guidance",
               lambda r: {"guidance.interval_start": 0.0}),
     Component("wavelet", "wavelet loss", lambda r: {"loss.name": "mse"}),
-    Component("sot", "sOT", lambda r: {"coupling.pool_batches": 0}),
+    Component("sot", "sOT", lambda r: {"coupling.pool_size": 0}),
     Component("twin-ema", "twin EMA", lambda r: {"ema.target_decay": r.ema.inference_decay}),
 )}
 ORDER = tuple(COMPONENTS)
@@ -175,16 +181,52 @@ def plan_variants(recipe: Recipe, disable: list[str] | None,
     return [(variant_name(s), _named(_disabled_if(recipe, s), variant_name(s))) for s in sets]
 
 
+def default_baseline(recipe_path: str) -> str | None:
+    """The published SM settings for an ImageNet iSM recipe: ``sm_<size>.yaml`` beside
+    ``ism_<size>.yaml`` when it exists; None (the components-off baseline) otherwise."""
+    path = Path(recipe_path)
+    if path.name.startswith("ism_"):
+        sibling = path.with_name("sm_" + path.name.removeprefix("ism_"))
+        if sibling.is_file():
+            return str(sibling)
+    return None
+
+
+def baseline_recipe(recipe_path: str, baseline: str | None, cumulative: bool) -> str | None:
+    """The recipe file of the cumulative table's first row, or None for the recipe with its
+    components off. ``baseline``: a recipe file, ``components-off``, or None (the default)."""
+    if baseline is not None and not cumulative:
+        raise UserError(f"--baseline {baseline}: only with --cumulative (it is the first row "
+                        "of the cumulative table)")
+    if not cumulative or baseline == COMPONENTS_OFF:
+        return None
+    if baseline is None:
+        return default_baseline(recipe_path)
+    if not Path(baseline).is_file():
+        raise UserError(f"--baseline {baseline}: recipe file not found (or pass "
+                        f"{COMPONENTS_OFF})")
+    return baseline
+
+
+def baseline_variant(path: str, overrides: list[str] | None) -> tuple[str, Recipe]:
+    """The baseline recipe as a variant named ``baseline-<file stem>``, with the ablation's
+    ``--set`` overrides applied like to every other variant."""
+    name = f"{BASELINE}-{Path(path).stem}"
+    return name, _named(load_recipe(path, overrides), name)
+
+
 def _disabled_if(recipe: Recipe, names: list[str]) -> Recipe:
     return disable(recipe, names) if names else recipe
 
 
 def variant_label(name: str, cumulative: bool) -> str:
     """Row label: the paper's "+ component" wording in the cumulative table."""
+    if name.startswith(f"{BASELINE}-"):
+        return f"baseline: {name.removeprefix(f'{BASELINE}-')}.yaml"
     disabled = _disabled_of(name)
     if cumulative:
         if name == BASELINE:
-            return "baseline (SM)"
+            return "baseline (components off)"
         on = len(ORDER) - len(disabled)
         label = f"+ {COMPONENTS[ORDER[on - 1]].label}"
         return f"{label} (= full iSM)" if name == FULL else label
@@ -196,7 +238,7 @@ def variant_label(name: str, cumulative: bool) -> str:
 def _disabled_of(name: str) -> list[str]:
     if name == FULL:
         return []
-    if name == BASELINE:
+    if name == BASELINE or name.startswith(f"{BASELINE}-"):
         return list(ORDER)
     return name.removeprefix("no-").split("+")
 
@@ -359,9 +401,10 @@ def run_name(variant: str, seed: int, seeds: list[int] | None) -> str:
 
 
 def _point_guidance(recipe: Recipe, cfg: EvalSettings) -> Grid:
-    # An sm variant is sampled by its authors' protocol (SPEC 2): the conditional output,
-    # plus the d = 0 CFG entry at 128 steps; its guidance is fixed by its training.
-    return cfg.guidance if recipe.objective.mode == "ism" else [0.0]
+    # Each variant is sampled by its authors' protocol (ismctl.protocol): sm and baked-guidance
+    # meanflow from the conditional output (sm plus the d = 0 CFG entry at 128 steps), their
+    # guidance fixed by their training; ism and intrinsic meanflow over the w grid.
+    return cfg.guidance if run_sampler(recipe) == "intrinsic" else [0.0]
 
 
 def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative: bool,
@@ -370,10 +413,14 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
                  eval_num_samples: int | None = None, progress: bool = True,
                  inception_weights: str | None = None, seeds: list[int] | None = None,
                  sweep: str | None = None, nodes: Torchrun | None = None,
-                 threads: int | None = None, report_name: str = "ablation") -> dict[str, Any]:
+                 threads: int | None = None, report_name: str = "ablation",
+                 baseline: str | None = None) -> dict[str, Any]:
     """Plan, train, evaluate and compare the ablation variants; returns the report dict
     (also written as ``<report_name>.json``, ``.md`` and ``.png`` in the folder, so several
     studies can share one folder and the runs they have in common).
+
+    ``baseline`` (``--cumulative`` only): the first row's recipe file, ``components-off``, or
+    None for the default (:func:`baseline_recipe`); the report names it.
 
     ``nodes``: the multi-node part of the torchrun launch (nnodes, node rank, rendezvous); every
     node runs the same command, and only node 0 writes the report (empty dict elsewhere).
@@ -403,6 +450,9 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
     else:
         variants = plan_variants(base, disable, cumulative)
         mode, reference = ("cumulative" if cumulative else "disable"), FULL
+    baseline_path = baseline_recipe(path, baseline, cumulative and sweep is None)
+    if baseline_path is not None:
+        variants[0] = baseline_variant(baseline_path, overrides)
     folder = Path(out) if out is not None else Path(base.run.root) / f"ablate-{Path(path).stem}"
     cfg = eval_settings(base, eval_num_samples, inception_weights)
     paper = is_paper_setting(base) and sweep is None
@@ -457,6 +507,7 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
         "eval": {"steps": cfg.steps, "guidance": cfg.guidance, "num_samples": cfg.num_samples,
                  "metrics": cfg.metrics, "ref": cfg.ref, "seed": cfg.seed},
         "select_by": select, "reference_variant": reference, "notes": notes, "variants": rows,
+        "baseline": _baseline_info(mode, baseline_path),
     }
     report.update(summarise(rows, reference))
     report["main_metrics"] = main_values(report["value_names"], select)
@@ -470,6 +521,19 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
         console.print(f"[yellow]note:[/] {n}")
     console.print(f"[green]wrote[/] {folder}/{report_name}.{{json,md,png}}")
     return report
+
+
+def _baseline_info(mode: str, path: str | None) -> dict[str, Any] | None:
+    """What the cumulative table's first row is, for the report."""
+    if mode != "cumulative":
+        return None
+    if path is None:
+        return {"kind": COMPONENTS_OFF, "recipe": None,
+                "description": "the recipe with all five iSM components switched off (not a "
+                               "published SM configuration; --baseline RECIPE compares with one)"}
+    return {"kind": "recipe", "recipe": path,
+            "description": f"{path}, trained and evaluated like the other rows (its own "
+                           "recipe, its own best guidance, sampled by its own protocol)"}
 
 
 def _sweep_label(base: Recipe, sweep: str, name: str) -> str:

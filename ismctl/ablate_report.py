@@ -167,6 +167,8 @@ def results_table(report: dict[str, Any]) -> Table:
             row += [_cell(v, s, m, seeds, report["reference_variant"])
                     for m in report["main_metrics"]]
         table.add_row(*row)
+    if report.get("baseline"):
+        table.caption = f"baseline: {report['baseline']['description']}"
     return table
 
 
@@ -185,6 +187,8 @@ def markdown(report: dict[str, Any], paper_note: str = "") -> str:
         + "); values are mean ± sd over the seeds"
         + (f", (delta) = variant - {ref}" if ref else "") + ". Lower is better except "
         + ", ".join(sorted(HIGHER_IS_BETTER)) + ".", ""]
+    if report.get("baseline"):
+        lines += [f"Baseline (first row): {report['baseline']['description']}.", ""]
     main = report["main_metrics"]
     header = ["variant"]
     for s in report["steps"]:

@@ -18,16 +18,25 @@ same load (the machine may be shared):
   split comes from separate synchronised iterations so that the totals stay unperturbed.
 - ``components``: each iSM piece alone as a fraction of the iSM step: wavelet vs MSE loss
   (forward + backward), twin-EMA update vs none, intrinsic-guidance target passes (ism vs sm
-  objective), and sOT K = 32 as seen by the step: the mean wait for the next batch from a
-  ``TrainLoader`` with workers prefetching, K = 32 vs K = 0. The step is emulated by a sleep
-  (as on an accelerator, the CPU is free for the workers); the emulated step is shorter than
-  the real one, so the fraction is an upper bound.
-- ``loader``: latents/s of ``TrainLoader`` (pairing included) at K = 0, 1, 8, 32.
+  objective), and sOT pools of 32 batches as seen by the step: the mean wait for the next
+  batch from a ``TrainLoader`` with workers prefetching, against independent pairing. The step
+  is emulated by a sleep (as on an accelerator, the CPU is free for the workers); the emulated
+  step is shorter than the real one, so the fraction is an upper bound.
+- ``loader``: latents/s of ``TrainLoader`` (pairing included) with pools of 0, 1, 8 and 32
+  batches.
+- ``coupler``: whether sOT keeps up at ImageNet scale. One pool of 8,192 pairs of 4x32x32
+  latents (1,000 classes) is paired on one CPU core in each ``coupling.mode`` (cost matrix,
+  exact assignment, statistics); with the loader's own time to read and draw a pool, that is
+  one worker's time per pool. A pool feeds ``pool_size / (img/s per GPU)`` seconds of
+  training, so ``ceil(worker time per pool x img/s per GPU / pool_size)`` loader workers per
+  GPU keep up (``workers_to_keep_up``), given for reference GPU throughputs.
 - ``sampling``: img/s at 1, 4 and 128 steps (intrinsic guidance: one pass per step), and
   ``sampling.paths``: sample-steps/s of the quickstart's evaluation sampling before (no_grad and
   a read back from the device per network call), with inference mode, and compiled.
 - ``gpu``: on CUDA the same step code runs in bf16 for B/2 and XL/2 and reports img/s and
   MFU = img/s x forward FLOPs x (3 + target rows per sample) / peak bf16 FLOP/s.
+- ``meanflow``: the MeanFlow step (SPEC 4.1) as a ratio to a flow-matching step on the same
+  continuous-jump backbone and batch (first preset), interleaved, one run.
 """
 
 from __future__ import annotations
@@ -315,16 +324,16 @@ def ema_cost(rig: StepRig, iters: int) -> dict[str, dict[str, float]]:
             "single": _time_call(lambda: rig.single.update(rig.model), rig.device, iters)}
 
 
-def loader_wait(path: Path, batch: int, pool_batches: int, workers: int, step_s: float,
+def loader_wait(path: Path, batch: int, pool_size: int, workers: int, step_s: float,
                 num_batches: int) -> dict[str, float]:
     """Mean and max wait of the training step for its next batch, the step emulated by a
     sleep of ``step_s``; measured after every worker has delivered its first pool."""
     from ismctl.data.loader import TrainLoader
 
-    loader = TrainLoader(path, batch_size=batch, pool_batches=pool_batches, seed=0,
+    loader = TrainLoader(path, batch_size=batch, pool_size=pool_size, seed=0,
                          num_workers=workers, shuffle_buffer=1000, flip=False)
     it = iter(loader)
-    for _ in range(max(1, pool_batches) * max(1, workers)):
+    for _ in range(max(1, pool_size // batch) * max(1, workers)):
         next(it)
     waits = []
     for _ in range(num_batches):
@@ -335,6 +344,83 @@ def loader_wait(path: Path, batch: int, pool_batches: int, workers: int, step_s:
     del it, loader
     return {"mean_wait_s": statistics.fmean(waits), "max_wait_s": max(waits),
             "batches": float(num_batches)}
+
+
+# Per-GPU training throughput the keep-up rule is stated for: DiT-XL/2 at 256 px on one A100
+# (the fast-DiT reference, bf16) and an H100 at about 3x that.
+REFERENCE_IMG_S = {"A100": 107.5, "H100": 322.5}
+COUPLER_POOL, COUPLER_QUICK_POOL = 8192, 512
+# Between-class share of the synthetic latents' variance (the class pattern's weight): weak
+# structure, as in latent space; the solve time hardly depends on it.
+COUPLER_STRUCTURE = 0.2
+
+
+def workers_to_keep_up(worker_s_per_pool: float, pool_size: int, img_s_per_gpu: float) -> int:
+    """Loader workers per GPU that build pools as fast as training consumes them: a pool of
+    ``pool_size`` samples feeds ``pool_size / img_s_per_gpu`` seconds of training and costs
+    one worker ``worker_s_per_pool`` seconds; the workers build pools in parallel, and with a
+    pool of batches in flight per worker (``TrainLoader``) each has that long to build its
+    next."""
+    return max(1, math.ceil(worker_s_per_pool * img_s_per_gpu / pool_size))
+
+
+def coupler_throughput(pool_size: int = COUPLER_POOL, shape: tuple[int, ...] = (CHANNELS, 32, 32),
+                       num_classes: int = NUM_CLASSES, modes: tuple[str, ...] | None = None,
+                       min_group: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Seconds to pair one pool of ``pool_size`` noise/data pairs on one CPU thread, per
+    ``coupling.mode``: ``pair_pool`` (cost matrices and exact assignments) and
+    ``coupling_stats``, as a loader worker runs them. Data: uniform random labels, each latent
+    ``sqrt(s) pattern[label] + sqrt(1 - s) noise`` with ``s = COUPLER_STRUCTURE``; also the
+    class groups' sizes and the memory of the blind mode's cost matrix. Times are the
+    process's CPU seconds (one thread: what a worker's core spends, however loaded the machine
+    is), with the wall-clock seconds beside them (``*_wall_s``)."""
+    from ismctl.coupling import MODES, coupling_stats, pair_pool
+
+    modes = tuple(modes or MODES)
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (pool_size,), generator=gen)
+    patterns = torch.randn(num_classes, *shape, generator=gen)
+    s = COUPLER_STRUCTURE
+    x1 = math.sqrt(s) * patterns[y] + math.sqrt(1 - s) * torch.randn(pool_size, *shape,
+                                                                      generator=gen)
+    x0 = torch.randn(pool_size, *shape, generator=gen)
+    counts = torch.bincount(y, minlength=num_classes)
+    present = counts[counts > 0]
+    out: dict[str, Any] = {
+        "pool_size": pool_size, "latent": list(shape), "num_classes": num_classes,
+        "structure": s, "min_group": min_group, "threads": 1,
+        "classes_in_pool": int(len(present)), "mean_group": float(present.float().mean()),
+        "alone_in_class_fraction": float((counts == 1).sum()) / pool_size,
+        "cost_matrix_bytes": pool_size**2 * 8, "pool_bytes_x0_x1": 2 * x0.numel() * 4,
+        "modes": {}}
+    with num_threads(1):
+        for mode in modes:
+            wall, start = time.perf_counter(), time.process_time()
+            matched = pair_pool(x0, x1, y, mode=mode, min_group=min_group)
+            solved = time.process_time()
+            stats = coupling_stats(x0, matched, x1, y)
+            done = time.process_time()
+            out["modes"][mode] = {"pair_s": solved - start, "stats_s": done - solved,
+                                  "total_s": done - start,
+                                  "total_wall_s": time.perf_counter() - wall, **stats}
+    return out
+
+
+def coupler_keep_up(coupler: dict[str, Any], load_s_per_sample: float,
+                    img_s: dict[str, float]) -> dict[str, Any]:
+    """Per mode: one worker's seconds per pool (pairing + reading and drawing the pool's
+    latents at the loader's measured rate) and the workers per GPU that keep up at each
+    throughput of ``img_s``; the seconds of training one pool feeds at each."""
+    pool = coupler["pool_size"]
+    load_s = load_s_per_sample * pool
+    rows = {}
+    for mode, m in coupler["modes"].items():
+        worker_s = m["total_s"] + load_s
+        rows[mode] = {"worker_s_per_pool": worker_s,
+                      "workers_per_gpu": {g: workers_to_keep_up(worker_s, pool, r)
+                                          for g, r in img_s.items()}}
+    return {"img_s_per_gpu": img_s, "load_s_per_pool": load_s,
+            "training_s_per_pool": {g: pool / r for g, r in img_s.items()}, "modes": rows}
 
 
 def sampling_throughput(preset: str, size: int, batch: int, device: torch.device,
@@ -480,12 +566,14 @@ def _components(step: dict[str, Any], rig: StepRig, quick: bool) -> dict[str, An
 
 def _sot(path: Path, batch: int, pool: int, workers: int, step_s: float, batches: int,
          ism_totals: dict[str, float]) -> dict[str, Any]:
-    """Extra wait per step with K = ``pool`` over K = 0. Measured with an emulated step of
-    ``step_s``; a longer real step leaves the workers more time, so relative to any real
-    step at least that long the share is an upper bound (None for shorter steps)."""
-    waits = {str(k): loader_wait(path, batch, k, workers, step_s, batches) for k in (0, pool)}
-    extra = max(0.0, waits[str(pool)]["mean_wait_s"] - waits["0"]["mean_wait_s"])
-    return {"batch": batch, "pool_batches": pool, "num_workers": workers,
+    """Extra wait per step with pools of ``pool`` batches over independent pairing. Measured
+    with an emulated step of ``step_s``; a longer real step leaves the workers more time, so
+    relative to any real step at least that long the share is an upper bound (None for
+    shorter steps)."""
+    waits = {str(k): loader_wait(path, batch, k, workers, step_s, batches)
+             for k in (0, pool * batch)}
+    extra = max(0.0, waits[str(pool * batch)]["mean_wait_s"] - waits["0"]["mean_wait_s"])
+    return {"batch": batch, "pool_size": pool * batch, "num_workers": workers,
             "emulated_step_s": step_s, "wait": waits, "extra_wait_s": extra,
             "fraction_of_emulated_step": extra / step_s,
             "fraction_of_step": {p: extra / t if t >= step_s else None
@@ -542,10 +630,10 @@ def _print(report: dict[str, Any], console: Console) -> None:
                               for s in report["steps"].values()))
     console.print(split)
     sot = report["sot"]
-    console.print(f"sOT K={sot['pool_batches']}: extra wait {sot['extra_wait_s'] * 1e3:.2f} ms "
+    console.print(f"sOT pool {sot['pool_size']}: extra wait {sot['extra_wait_s'] * 1e3:.2f} ms "
                   f"per batch ({sot['fraction_of_emulated_step']:.1%} of an emulated "
                   f"{sot['emulated_step_s']:g} s step)")
-    loader = ", ".join(f"K={k}: {v['latents_per_s']:.0f}/s"
+    loader = ", ".join(f"pool {k}: {v['latents_per_s']:.0f}/s"
                        for k, v in report["loader"]["results"].items())
     console.print(f"loader, batch {report['loader']['batch']}, "
                   f"{report['loader']['num_workers']} worker(s): {loader}")
@@ -558,6 +646,7 @@ def _print(report: dict[str, Any], console: Console) -> None:
                       f"{k} {v:,.0f} sample-steps/s "
                       f"(x{paths['speedup_over_before_fastest'][k]:.2f})"
                       for k, v in paths["sample_steps_per_s_fastest"].items()))
+    console.print(coupler_table(report["coupler"]))
     for goal in report["goals"]:
         mark = "[green]met[/]" if goal["met"] else "[red]missed[/]"
         console.print(f"goal {goal['name']}: {goal['value']:.3f} <= {goal['limit']:g} {mark}")
@@ -593,17 +682,38 @@ def _bench_sot(tmp: Path, steps: dict[str, Any], last: str, kind: str,
                 {p: s["ism"]["min_s"] for p, s in steps.items()})
 
 
+def coupler_table(coupler: dict[str, Any]) -> Table:
+    """The keep-up table: per mode, one worker's time per pool and the workers per GPU."""
+    keep = coupler["keep_up"]
+    gpus = list(keep["img_s_per_gpu"])
+    table = Table(title=f"sOT coupler: one pool of {coupler['pool_size']:,} x "
+                        f"{'x'.join(map(str, coupler['latent']))} on 1 CPU core "
+                        f"({coupler['num_classes']} classes, mean group "
+                        f"{coupler['mean_group']:.1f}); pool load "
+                        f"{keep['load_s_per_pool']:.1f} s")
+    for col in ("mode", "pair s", "stats s", "worker s\nper pool", "cost\nreduction",
+                *(f"workers/GPU\n{g} {keep['img_s_per_gpu'][g]:g} img/s" for g in gpus)):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for mode, m in coupler["modes"].items():
+        k = keep["modes"][mode]
+        table.add_row(mode, f"{m['pair_s']:.2f}", f"{m['stats_s']:.2f}",
+                      f"{k['worker_s_per_pool']:.1f}", f"{m['cost_reduction']:.3f}",
+                      *(str(k["workers_per_gpu"][g]) for g in gpus))
+    return table
+
+
 def _bench_loader(tmp: Path, quick: bool) -> dict[str, Any]:
-    """``benchmark_loader`` at K = 0, 1, 8, 32 on 4x32x32 latents."""
+    """``benchmark_loader`` with pools of 0, 1, 8 and 32 batches on 4x32x32 latents; results
+    keyed by the pool in samples."""
     from ismctl.data.bench import benchmark_loader, make_synthetic_latents
 
     batch, workers = (32, 0) if quick else (256, 1)
     make_synthetic_latents(tmp / "loader", count=batch * 32, num_classes=NUM_CLASSES,
                            flip=False)
-    results = {str(k): benchmark_loader(tmp / "loader", batch_size=batch, pool_batches=k,
-                                        num_batches=max(8, k) if quick else 32,
-                                        num_workers=workers)
-               for k in LOADER_POOLS}
+    results = {str(k * batch): benchmark_loader(
+        tmp / "loader", batch_size=batch, pool_size=k * batch,
+        num_batches=max(8, k) if quick else 32, num_workers=workers)
+        for k in LOADER_POOLS}
     # Worker time per batch spent on pairing: what the workers must hide behind the step.
     per_batch = {k: batch / r["latents_per_s_per_worker"] for k, r in results.items()}
     return {"batch": batch, "num_workers": workers, "latent": [CHANNELS, 32, 32],
@@ -660,7 +770,7 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
     size = 16 if quick else 32
     steps: dict[str, Any] = {}
     components: dict[str, Any] = {}
-    with progress_bar("bench", total=len(presets) + 3, enabled=progress) as bar, \
+    with progress_bar("bench", total=len(presets) + 4, enabled=progress) as bar, \
             tempfile.TemporaryDirectory(prefix="ismctl-bench-") as folder, \
             num_threads(threads):
         tmp = Path(folder)
@@ -683,6 +793,12 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
         bar.update("loader throughput")
         loader = _bench_loader(tmp, quick)
         bar.advance()
+        bar.update("sOT coupler at ImageNet scale")
+        coupler = coupler_throughput(COUPLER_QUICK_POOL if quick else COUPLER_POOL)
+        # A worker's own time to read and draw a pool: the loader's rate without pairing.
+        independent = loader["results"]["0"]["latents_per_s_per_worker"]
+        coupler["keep_up"] = coupler_keep_up(coupler, 1.0 / independent, REFERENCE_IMG_S)
+        bar.advance()
         bar.update("sampling throughput")
         on_gpu = kind == "cuda" and not quick
         sampling = sampling_throughput("B/2" if on_gpu else "tiny/2", size,
@@ -696,11 +812,15 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
     notes.append(f"sOT: the step is emulated by a {sot['emulated_step_s']:g} s sleep (as on a "
                  "GPU, the CPU is free for the workers); relative to longer real steps the share "
                  "is an upper bound")
-    cost = loader["sot_worker_s_per_batch"][str(LOADER_POOLS[-1])]
-    notes.append(f"sOT K={LOADER_POOLS[-1]} at batch {loader['batch']}: {cost:.3f} s of worker "
-                 f"time per batch; hidden only with at least that many seconds of step time "
-                 f"per worker (e.g. {max(1, math.ceil(cost / 0.5))} worker(s) for a 0.5 s "
-                 "step)")
+    cost = loader["sot_worker_s_per_batch"][str(LOADER_POOLS[-1] * loader["batch"])]
+    notes.append(f"sOT pools of {LOADER_POOLS[-1]} batches at batch {loader['batch']}: "
+                 f"{cost:.3f} s of worker time per batch; hidden only with at least that many "
+                 f"seconds of step time per worker (e.g. {max(1, math.ceil(cost / 0.5))} "
+                 "worker(s) for a 0.5 s step)")
+    for mode, k in coupler["keep_up"]["modes"].items():
+        need = ", ".join(f"{n} on an {g}" for g, n in k["workers_per_gpu"].items())
+        notes.append(f"sOT {mode} at pool {coupler['pool_size']:,}: {k['worker_s_per_pool']:.1f}"
+                     f" s of one worker per pool; loader workers per GPU to keep up: {need}")
     report = {
         "ismctl_version": ismctl.__version__, "torch": torch.__version__,
         "python": platform.python_version(), "quick": quick,
@@ -713,12 +833,80 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
                   "fastest iSM step",
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "steps": steps, "components": components, "sot": sot, "loader": loader,
+        "coupler": coupler,
         "sampling": sampling, "gpu": gpu,
     }
     report["goals"] = _goals(steps, components)
     report["notes"] = notes
+    # MeanFlow's step against flow matching on the first preset (SPEC 4.1, docs/meanflow.md).
+    mf_name = parse_preset(presets[0])[0]
+    report["meanflow"] = meanflow_step_ratio(
+        presets[0], 8 if quick else BATCH[kind][mf_name], size, dev,
+        *((1, 2) if quick else ITERS[kind][mf_name]))
     report = json_safe(report)
     write_json(out, report)
     _print(report, Console())
     Console().print(f"[green]wrote[/] {out}")
     return report
+
+
+def meanflow_step_ratio(preset: str, batch: int, size: int, device: torch.device, warmup: int,
+                        iters: int, compiled: bool = False) -> dict[str, Any]:
+    """A MeanFlow training step (SPEC 4.1: JVP target on the d > 0 quarter of the batch, baked
+    CFG rows, adaptive weight, MSE) against a flow-matching step on the same continuous-jump
+    backbone, batch, optimiser and EMA, interleaved; the ratio is the median of per-iteration
+    ratios. bf16 autocast on CUDA, fp32 elsewhere; ``compiled`` compiles the online network and
+    the target passes as the trainer does."""
+    from ismctl.objectives.meanflow import meanflow_loss, target_passes
+    from ismctl.runtime import compile_network
+
+    torch.manual_seed(0)
+    model = build_model(preset, size, CHANNELS, NUM_CLASSES,
+                        jump_embedding="continuous").to(device).train()
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+    # MeanFlow's targets come from the online weights; one EMA for sampling, as FM.
+    ema = TwinEMA(model, target_decay=0.9999, target_enabled=False, inference_decay=0.9999)
+    online = compile_network(model, compiled)
+    objective = ObjectiveCfg(mode="meanflow")
+    guidance = GuidanceCfg(omega=1.0, kappa=0.5)   # MeanFlow-B/2's guidance (meanflow_b.yaml)
+    loss_fn = build_loss(LossCfg(name="mse"), size)
+    gen = torch.Generator().manual_seed(0)
+    shape = (batch, CHANNELS, size, size)
+    x0 = torch.randn(shape, generator=gen).to(device)
+    x1 = torch.randn(shape, generator=gen).to(device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def step(kind: str, seed: int) -> float:
+        step_gen = torch.Generator(device).manual_seed(seed)
+        _sync(device)
+        start = time.perf_counter()
+        with amp:
+            if kind == "fm":
+                parts = flow_matching_loss(online, x0, x1, y, loss_fn, NUM_CLASSES, 0.1, step_gen)
+            else:
+                parts = meanflow_loss(online, online, x0, x1, y, objective, guidance, loss_fn,
+                                      NUM_CLASSES, step_gen)
+        parts["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model)
+        _sync(device)
+        if not math.isfinite(float(parts["loss"].detach())):
+            raise RuntimeError(f"meanflow bench: non-finite {kind} loss")
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"fm": [], "meanflow": []}
+    for i in range(warmup + iters):
+        for kind in times:
+            elapsed = step(kind, i)
+            if i >= warmup:
+                times[kind].append(elapsed)
+    ratios = [m / f for m, f in zip(times["meanflow"], times["fm"], strict=True)]
+    return {"preset": preset, "batch": batch, "compiled": compiled,
+            "precision": "bf16" if cuda else "fp32", "warmup": warmup, "iters": iters,
+            "fm_step_s": median(times["fm"]), "meanflow_step_s": median(times["meanflow"]),
+            "ratio_meanflow_over_fm": median(ratios),
+            "expected_ratio_forward_equivalents": (3 + target_passes(objective, guidance)) / 3}

@@ -12,11 +12,20 @@ Layout of a run directory::
 
 A checkpoint folder is assembled under a hidden temporary name and renamed into place, so a
 folder named ``step-*`` is always complete; a crash leaves at most a stray temporary folder.
+
+Every ``.safetensors`` file says what it is in its metadata (string -> string, readable with
+``safetensors.safe_open(...).metadata()`` without loading a tensor): ``ismctl.model`` (the
+architecture as JSON, enough to rebuild the network), ``ismctl.role`` (online, target or
+inference), ``ismctl.step``, ``ismctl.recipe_sha256`` (of the resolved recipe's canonical
+JSON), ``ismctl.version``, and what sampling needs: ``ismctl.recipe`` (the resolved recipe)
+and ``ismctl.data`` (the data manifest without its shard list: encoder, scale, shapes,
+classes). :mod:`ismctl.api` loads such a file alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -25,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import ismctl
 from ismctl.data.manifest import Manifest, read_manifest
 from ismctl.distributed import resolve_device
 from ismctl.ema import unwrap_model
@@ -49,15 +60,80 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:07d}"
 
 
+def model_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The constructor arguments of a :class:`ShortcutDiT` (dropout and activation
+    checkpointing aside: they change training, not the function the weights compute)."""
+    net = unwrap_model(model)
+    config = {"input_size": net.input_size, "in_channels": net.in_channels,
+              "num_classes": net.num_classes, "patch_size": net.patch_size,
+              "hidden_size": net.hidden_size, "depth": net.depth, "num_heads": net.num_heads,
+              "mlp_ratio": net.mlp_hidden / net.hidden_size, "base_steps": net.base_steps}
+    if hasattr(net, "jump_embedding"):
+        config["jump_embedding"] = net.jump_embedding
+    return config
+
+
+def recipe_sha256(recipe: Recipe | dict[str, Any]) -> str:
+    """sha256 of a resolved recipe's canonical JSON (sorted keys, no spaces)."""
+    data = recipe.model_dump(mode="json") if isinstance(recipe, Recipe) else recipe
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+def data_summary(manifest: Manifest) -> dict[str, Any]:
+    """The manifest without its shard list: what decoding and labelling samples need."""
+    return manifest.model_dump(mode="json", exclude={"shards", "skipped", "count"})
+
+
+def weights_metadata(model: torch.nn.Module, role: str, step: int,
+                     recipe: Recipe | dict[str, Any] | None,
+                     manifest: Manifest | None) -> dict[str, str]:
+    """The safetensors metadata of one weights file (see the module docstring); without a
+    recipe or manifest, the keys that describe them are left out."""
+    meta = {"format": "pt", "ismctl.version": ismctl.__version__, "ismctl.role": role,
+            "ismctl.step": str(step)}
+    arch = model_config(model)
+    if recipe is not None:
+        data = recipe.model_dump(mode="json") if isinstance(recipe, Recipe) else recipe
+        meta["ismctl.recipe_sha256"] = recipe_sha256(data)
+        meta["ismctl.recipe"] = json.dumps(data)
+        arch = {"preset": data["model"]["preset"], **arch}
+    meta["ismctl.model"] = json.dumps(arch)
+    if manifest is not None:
+        meta["ismctl.data"] = json.dumps(data_summary(manifest))
+    return meta
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` file (empty when it has none)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    save_file(_contiguous_state(model), str(path), metadata=metadata)
+
+
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.nn.Module],
                     state: dict[str, Any]) -> Path:
-    """Write ``weights`` (name in WEIGHT_FILES -> module) and ``state`` as one checkpoint."""
+    """Write ``weights`` (name in WEIGHT_FILES -> module) and ``state`` as one checkpoint.
+
+    The weights files' metadata comes from ``state["recipe"]`` (the resolved recipe) and the
+    run's ``manifest.json`` when present.
+    """
     final = checkpoint_dir(run_dir, step)
     tmp = run_dir / "checkpoints" / f".tmp-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    recipe = state.get("recipe")
+    man_file = run_dir / "manifest.json"
+    manifest = read_manifest(man_file) if man_file.is_file() else None
     for name, module in weights.items():
-        save_file(_contiguous_state(module), str(tmp / WEIGHT_FILES[name]))
+        save_weights(module, tmp / WEIGHT_FILES[name],
+                     weights_metadata(module, name, step, recipe, manifest))
     torch.save(state, tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)
@@ -86,12 +162,9 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     unwrap_model(module).load_state_dict(load_file(str(path)))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def find_latest_run(root: str | Path = "runs") -> Path:
@@ -116,6 +189,8 @@ def resolve_checkpoint(path: str | Path | None) -> tuple[Path, Path]:
 
 
 def model_from_recipe(recipe: Recipe, manifest: Manifest) -> ShortcutDiT:
+    from ismctl.objectives import jump_embedding
+
     m = recipe.model
     return build_model(
         m.preset,
@@ -125,6 +200,7 @@ def model_from_recipe(recipe: Recipe, manifest: Manifest) -> ShortcutDiT:
         base_steps=recipe.objective.base_steps,
         dropout=m.dropout,
         grad_checkpointing=m.grad_checkpointing,
+        jump_embedding=jump_embedding(recipe),
     )
 
 

@@ -1,8 +1,9 @@
 """The `ismctl` command line: parse, call the core package, print.
 
 Bad input raises UserError anywhere below; `main` turns it into one red line on stderr and
-exit code 2 (`--debug` shows the traceback instead). A training run stopped by SIGTERM or
-SIGUSR1 after writing its checkpoint exits with `ismctl.preemption.PREEMPTED_EXIT_CODE` (75).
+exit code 2 (`--debug`, anywhere on the command line, shows the traceback instead). A training
+run stopped by SIGTERM or SIGUSR1 after writing its checkpoint exits with
+`ismctl.preemption.PREEMPTED_EXIT_CODE` (75).
 """
 
 from __future__ import annotations
@@ -21,11 +22,46 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Improved shortcut models (iSM): prepare latents, train, sample, evaluate, ablate.",
 )
+recipe_app = typer.Typer(no_args_is_help=True,
+                         help="Inspect recipes: the resolved values and the settable keys.")
+app.add_typer(recipe_app, name="recipe")
 console = Console()
+DEBUG = {"on": False}
 
 GUIDANCE_HELP = "Guidance strength w (delta convention: classic CFG scale s = 1 + w; w=0 is unguided)."
 Threads = Annotated[int | None, typer.Option(help="torch intra-op threads (default: OMP_NUM_THREADS, else the cores not busy at start, shared by this node's processes).")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the network first (pays off for many steps or samples).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        import ismctl
+
+        console.print(f"ismctl {ismctl.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error instead of one line (may also follow the command).")] = False,
+) -> None:
+    DEBUG["on"] = debug
+
+
+def _renamed(new: int | None, old: int | None, new_name: str, old_name: str) -> int | None:
+    """The value of an option that has an old, hidden spelling (kept for one release)."""
+    if old is None:
+        return new
+    if new is not None and new != old:
+        raise UserError(f"{old_name} {old} and {new_name} {new}: the same option under its old "
+                        f"and new name; give only {new_name}")
+    return old
+
+
+def _at_least(value: int | None, minimum: int, name: str) -> None:
+    if value is not None and value < minimum:
+        raise UserError(f"{name} {value}: must be >= {minimum}")
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -44,19 +80,22 @@ def prepare_latents_cmd(
     batch_size: Annotated[int, typer.Option(help="Images per VAE batch.")] = 32,
     shard_size: Annotated[int, typer.Option(help="Samples per webdataset shard.")] = 1000,
     flip: Annotated[bool, typer.Option(help="Also store the latent of the horizontal flip.")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    num_workers: Annotated[int | None, typer.Option(help="Image-decoding worker processes (default 4).")] = None,
+    workers: Annotated[int | None, typer.Option(hidden=True, help="Old name of --num-workers.")] = None,
     threads: Threads = None,
 ) -> None:
     """Encode a dataset into webdataset shards + manifest.json (resumable, torchrun-aware)."""
     from ismctl.data.prepare import prepare_latents
     from ismctl.runtime import set_threads
 
+    num_workers = _renamed(num_workers, workers, "--num-workers", "--workers")
+    _at_least(num_workers, 0, "--num-workers")
     set_threads(threads)
 
     manifest = prepare_latents(src, out=out, resolution=resolution, vae=vae,
                                batch_size=batch_size, shard_size=shard_size, flip=flip,
-                               device=device, num_workers=workers)
+                               device=device, num_workers=4 if num_workers is None else num_workers)
     console.print(f"[green]prepared[/] {manifest.count} samples, {manifest.num_classes} classes, "
                   f"{len(manifest.shards)} shards, {len(manifest.skipped)} skipped")
 
@@ -69,15 +108,23 @@ def train(
     auto_resume: Annotated[bool, typer.Option(help="Resume when the run has a checkpoint, else start it: one command line to requeue forever.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing run of the same name first.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar (plain log lines when stdout is not a terminal).")] = True,
+    dry_run: Annotated[bool, typer.Option(help="Check the recipe, data, world size and model, print the plan (batch per rank, pool, steps, checkpoints, disk) and write nothing.")] = False,
     threads: Threads = None,
 ) -> None:
     """Train a shortcut model (single process, or DDP under torchrun)."""
     from ismctl.recipe import load_recipe
     from ismctl.runtime import set_threads
-    from ismctl.trainer import train as run_training
 
     set_threads(threads)
     resolved = load_recipe(recipe, set_)
+    if dry_run:
+        from ismctl.recipe_info import plan_training, print_plan
+
+        print_plan(plan_training(resolved, str(recipe), resume="auto" if auto_resume else resume,
+                                 overwrite=overwrite), console)
+        return
+    from ismctl.trainer import train as run_training
+
     run_dir = run_training(resolved, str(recipe), resume="auto" if auto_resume else resume,
                            overwrite=overwrite, progress=progress)
     console.print(f"[green]run written to[/] {run_dir}")
@@ -88,14 +135,15 @@ def sample(
     run: Annotated[Path, typer.Argument(help="Run directory or checkpoint folder.")],
     steps: Annotated[int, typer.Option(help="Sampling steps N (a power of two, 1..128).")] = 4,
     guidance: Annotated[float | None, typer.Option(help=GUIDANCE_HELP + " Default: the best w that `ismctl eval` found for N steps, else the recipe's eval.default_guidance.")] = None,
-    double_guidance: Annotated[bool, typer.Option(help="sm runs: apply CFG on top of the guidance baked into the shortcuts (guides twice; not the authors' protocol).")] = False,
-    num: Annotated[int, typer.Option(help="Number of images.")] = 64,
+    double_guidance: Annotated[bool, typer.Option(help="Runs with guidance baked into training (sm, meanflow with omega): apply CFG on top of it (guides twice; not the authors' protocol).")] = False,
+    num_samples: Annotated[int | None, typer.Option(help="Number of images (default 64).")] = None,
+    num: Annotated[int | None, typer.Option(hidden=True, help="Old name of --num-samples.")] = None,
     class_: Annotated[int | None, typer.Option("--class", help="Class index for every image (default: class-balanced).")] = None,
     out: Annotated[Path, typer.Option(help="Output .png (grid), .npz (ADM format) or DIR/ (one PNG per sample, class in the name).")] = Path("samples.png"),
     which: Annotated[str, typer.Option(help="Weights: inference (EMA), target (EMA) or online.")] = "inference",
     seed: Annotated[int | None, typer.Option(help="Noise and label seed (default: the recipe's eval.seed).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per sampling batch (default: the recipe's eval.batch_size).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the recipe's train.device).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: the recipe's train.device).")] = None,
     threads: Threads = None,
     compile_: Compile = False,
 ) -> None:
@@ -108,6 +156,11 @@ def sample(
     from ismctl.protocol import choose_point
     from ismctl.runtime import set_threads
 
+    num_samples = _renamed(num_samples, num, "--num-samples", "--num")
+    num_samples = 64 if num_samples is None else num_samples
+    _at_least(steps, 1, "--steps")
+    _at_least(num_samples, 1, "--num-samples")
+    _at_least(batch_size, 1, "--batch-size")
     set_threads(threads)
     if out.suffix not in (".npz", ".png") and not is_png_folder(out):
         raise UserError(f"--out {out}: use a .png (grid) or .npz (ADM samples) file name, or a "
@@ -117,11 +170,11 @@ def sample(
     if class_ is not None and not 0 <= class_ < loaded.manifest.num_classes:
         raise UserError(f"--class {class_}: out of range 0..{loaded.manifest.num_classes - 1}")
     point, source = choose_point(loaded.recipe, loaded.run_dir, steps, guidance, double_guidance)
-    labels = None if class_ is None else torch.full((num,), class_, dtype=torch.long)
-    images, labels = generate_images(loaded, num, steps, point.guidance,
+    labels = None if class_ is None else torch.full((num_samples,), class_, dtype=torch.long)
+    images, labels = generate_images(loaded, num_samples, steps, point.guidance,
                                      ev.seed if seed is None else seed,
-                                     batch_size or ev.batch_size, labels=labels, progress=True,
-                                     sampler=point.sampler)
+                                     ev.batch_size if batch_size is None else batch_size,
+                                     labels=labels, progress=True, sampler=point.sampler)
     if out.suffix == ".npz":
         from ismctl.evaluation.npz import write_samples_npz
 
@@ -131,7 +184,7 @@ def sample(
         save_grid(grid, out, nrow=nrow)
     else:
         write_png_folder(out, images.numpy(), labels.numpy())
-    console.print(f"[green]wrote[/] {out} ({num} images, {point.label()}, guidance from "
+    console.print(f"[green]wrote[/] {out} ({num_samples} images, {point.label()}, guidance from "
                   f"{source}, weights: {which}, step {loaded.step})")
 
 
@@ -140,7 +193,7 @@ def eval_cmd(
     run: Annotated[Path | None, typer.Argument(help="Run or checkpoint (default: the latest run).")] = None,
     steps: Annotated[str | None, typer.Option(help="Comma-separated step counts (default: the recipe's eval.steps).")] = None,
     guidance: Annotated[str | None, typer.Option(help=GUIDANCE_HELP + " Numbers and START:STOP:STEP ranges, e.g. 0:4:0.5 (default: the recipe's eval.guidance); the best per step count is reported and remembered. 'best': each step count at its remembered best.")] = None,
-    double_guidance: Annotated[bool, typer.Option(help="sm runs: apply CFG on top of the guidance baked into the shortcuts (guides twice; not the authors' protocol).")] = False,
+    double_guidance: Annotated[bool, typer.Option(help="Runs with guidance baked into training (sm, meanflow with omega): apply CFG on top of it (guides twice; not the authors' protocol).")] = False,
     select_by: Annotated[str | None, typer.Option(help="Value that picks the best w per step count (default: fid, else fd-dinov2, else cfd-digits, ...).")] = None,
     remember: Annotated[bool, typer.Option(help="Store the best w per step count in the run for `ismctl sample` (latest checkpoint only).")] = True,
     num_samples: Annotated[int | None, typer.Option(help="Samples per point (default: the recipe's eval.num_samples).")] = None,
@@ -153,7 +206,7 @@ def eval_cmd(
     which: Annotated[str, typer.Option(help="Weights: inference (EMA), target (EMA) or online.")] = "inference",
     batch_size: Annotated[int | None, typer.Option(help="Sampling batch size per rank (default: the recipe's eval.batch_size).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of noise and labels (default: the recipe's eval.seed).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the recipe's train.device).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: the recipe's train.device).")] = None,
     threads: Threads = None,
     compile_: Compile = False,
 ) -> None:
@@ -162,6 +215,8 @@ def eval_cmd(
     from ismctl.guidance import parse_guidance
     from ismctl.runtime import set_threads
 
+    _at_least(num_samples, 2, "--num-samples")
+    _at_least(batch_size, 1, "--batch-size")
     set_threads(threads)
     evaluate(None if run is None else str(run),
              None if steps is None else _int_list(steps, "--steps"),
@@ -177,6 +232,7 @@ def ablate(
     recipe: Annotated[Path | None, typer.Argument(help="Full iSM recipe (default recipes/ism_xl.yaml).")] = None,
     disable: Annotated[str | None, typer.Option(help="Components to switch off, comma-separated: intrinsic-guidance, interval-guidance, wavelet, sot, twin-ema.")] = None,
     cumulative: Annotated[bool, typer.Option(help="The paper's table: baseline, then each component added in turn.")] = False,
+    baseline: Annotated[str | None, typer.Option(help="Recipe of the cumulative table's first row, trained and evaluated like the others (default: sm_<size>.yaml beside an ism_<size>.yaml recipe, the published SM settings; else 'components-off', the recipe with its five components off).")] = None,
     launch: Annotated[str | None, typer.Option(help="'torchrun': train/evaluate each variant as a torchrun job.")] = None,
     nproc_per_node: Annotated[int, typer.Option(help="GPUs per variant with --launch torchrun.")] = 1,
     sweep: Annotated[str | None, typer.Option(help="One variant per value of a recipe field, e.g. guidance.w_max=2,3.5,5 (brackets keep list values: loss.detail_weights=[4,2,1],2); one value adds a single variant.")] = None,
@@ -200,6 +256,7 @@ def ablate(
     from ismctl.launch import Torchrun
     from ismctl.runtime import set_threads
 
+    _at_least(eval_num_samples, 2, "--eval-num-samples")
     set_threads(threads)
     nodes = Torchrun(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                      rdzv_id=rdzv_id, rdzv_backend=rdzv_backend)
@@ -208,7 +265,8 @@ def ablate(
                  cumulative, launch=launch, nproc_per_node=nproc_per_node, overrides=set_,
                  out=out, eval_num_samples=eval_num_samples, inception_weights=inception_weights,
                  progress=progress, seeds=None if seeds is None else _int_list(seeds, "--seeds"),
-                 sweep=sweep, nodes=nodes, threads=threads, report_name=report)
+                 sweep=sweep, nodes=nodes, threads=threads, report_name=report,
+                 baseline=baseline)
 
 
 @app.command()
@@ -216,7 +274,7 @@ def bench(
     out: Annotated[Path | None, typer.Option(help="JSON output file (default bench.json; gpu-check.json with --full).")] = None,
     presets: Annotated[str | None, typer.Option(help="Comma-separated presets (default: tiny/2,B/2 on CPU; B/2,XL/2 on GPU).")] = None,
     quick: Annotated[bool, typer.Option(help="A reduced run (tiny preset, few iterations).")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     threads: Threads = None,
     full: Annotated[bool, typer.Option(help="The GPU check: B/2 and XL/2, eager/compiled x fp32/bf16, plus a 200-step run (needs CUDA).")] = False,
 ) -> None:
@@ -239,14 +297,49 @@ def bench(
     run_bench(out or Path("bench.json"), names, quick=quick, device=device, threads=threads)
 
 
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint folder.")],
+    out: Annotated[Path, typer.Option(help="Folder to write (config.json, model.safetensors, README.md model card, ...).")],
+    which: Annotated[str, typer.Option(help="Weights: inference (EMA), target (EMA) or online.")] = "inference",
+    results: Annotated[Path | None, typer.Option(help="Evaluation results.json for the model card (default: the one `ismctl eval` wrote for this checkpoint, if any).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Write a self-contained model folder that `ismctl.load_model` loads without the run."""
+    from ismctl.export import export_run
+
+    folder = export_run(run, out, which=which, results=results, overwrite=overwrite)
+    console.print(f"[green]exported[/] {run} to {folder}")
+
+
+@recipe_app.command("show")
+def recipe_show(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (default: the built-in defaults).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set optim.lr=2e-4 (repeatable).")] = None,
+) -> None:
+    """Every field of the resolved recipe, its value and where it came from."""
+    from ismctl.recipe_info import print_resolved, resolve_with_sources
+
+    print_resolved(*resolve_with_sources(recipe, set_), console)
+
+
+@recipe_app.command("keys")
+def recipe_keys() -> None:
+    """Every settable recipe key (for the YAML file or --set) with its default and meaning."""
+    from ismctl.recipe_info import print_keys
+
+    print_keys(console)
+
+
 def main() -> None:
-    debug = "--debug" in sys.argv
-    if debug:
-        sys.argv.remove("--debug")
+    # --debug may follow the command (`ismctl train r.yaml --debug`); the root option reads it.
+    if "--debug" in sys.argv[1:]:
+        sys.argv = [sys.argv[0], "--debug", *[a for a in sys.argv[1:] if a != "--debug"]]
+    DEBUG["on"] = False
     try:
         app()
     except UserError as exc:
-        if debug:
+        if DEBUG["on"]:
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         sys.exit(2)

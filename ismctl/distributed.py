@@ -13,6 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ismctl.errors import UserError
+from ismctl.recipe import device_error
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,11 +34,23 @@ class DistInfo:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' (a GPU when one is visible), 'cpu', 'cuda' (this rank's local GPU) or 'cuda:N';
+    a UserError for any other name, or for CUDA on a machine where none is visible."""
+    if (why := device_error(name)) is not None:
+        raise UserError(f"device: {why}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"device {name!r}: no CUDA device is visible to this process (no GPU or "
+                        "NVIDIA driver, or CUDA_VISIBLE_DEVICES hides them); use 'cpu' or "
+                        "'auto' (--device cpu, or --set train.device=cpu)")
+    dev = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {str(dev)!r}: only {torch.cuda.device_count()} CUDA device(s) "
+                        f"are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return dev
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ismctl.checkpoint import LoadedRun
 from ismctl.data.encoders import load_encoder
+from ismctl.errors import UserError
 from ismctl.fileio import atomic_path
 from ismctl.progress import progress_bar
 from ismctl.sampler import balanced_labels, sample, sample_noise
@@ -29,6 +30,11 @@ def generate_images(run: LoadedRun, num: int, steps: int, guidance: float, seed:
     """Sample and decode; returns uint8 images (n, H, W, C) and labels (n,) for this rank's
     share (indices ``rank::world_size``) of the ``num`` requested samples. ``sampler`` is a
     mode of :func:`ismctl.sampler.sample` (default: the run's own, ``run.mode``)."""
+    if num < 1 or batch_size < 1 or steps < 1:
+        raise UserError(f"sampling {num} image(s) in batches of {batch_size} with {steps} "
+                        "step(s): each must be at least 1")
+    if labels is not None and len(labels) != num:
+        raise UserError(f"{len(labels)} labels given for {num} images")
     man = run.manifest
     if labels is None:
         labels = balanced_labels(num, man.num_classes, seed)
@@ -38,7 +44,7 @@ def generate_images(run: LoadedRun, num: int, steps: int, guidance: float, seed:
     autocast = torch.bfloat16 if run.device.type == "cuda" else None
     images = []
     with progress_bar(f"sampling {steps} step(s), w={guidance:g}", total=len(indices),
-                      enabled=progress) as bar:
+                      enabled=progress, unit="img") as bar:
         for chunk in indices.split(batch_size):
             noise = sample_noise(chunk, shape, seed).to(run.device)
             x = sample(run.model, noise, labels[chunk].to(run.device), steps, guidance,
@@ -50,16 +56,17 @@ def generate_images(run: LoadedRun, num: int, steps: int, guidance: float, seed:
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile uint8 (N, H, W, C) images into one (rows, cols) grid with a thin white border."""
-    n, h, w, c = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    ncol = math.ceil(n / nrow)
-    grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images.numpy()):
-        r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h,
-             pad + col * (w + pad): pad + col * (w + pad) + w] = img
-    return grid
+    """Tile uint8 (N, H, W, C) images, ``nrow`` per grid row (default ceil(sqrt(N))), with a
+    ``pad``-pixel white border (torchvision's make_grid; a single image gets no border and
+    fewer than ``nrow`` images make a narrower grid, as there)."""
+    # Imported here: torchvision's package import pulls in torch.compile's stack (about as
+    # long as importing torch), which only a grid needs.
+    from torchvision.utils import make_grid
+
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    grid = make_grid(images.permute(0, 3, 1, 2), nrow=nrow, padding=pad, pad_value=255)
+    # make_grid repeats a single channel three times; keep grey images grey.
+    return np.ascontiguousarray(grid[: images.shape[-1]].permute(1, 2, 0).numpy())
 
 
 def arrange_by_class(images: torch.Tensor, labels: torch.Tensor,

@@ -8,7 +8,10 @@ MFU against the card's dense bf16 peak. Model FLOPs follow SPEC 5: a forward pas
 the shapes (``forward_flops``) times 3 for the online forward and backward plus one per target
 row (1 per sample in iSM), nanoGPT-style. Then a 200-step B/2 iSM run through the real trainer
 (loader, sOT, compile, bf16, checkpoint and sample grids) checks that the losses fall and stay
-finite.
+finite. Last, the sOT coupler pairs one pool of ``coupling.pool_size`` = 8,192 latents per
+``coupling.mode`` on one CPU core; set against the training time such a pool feeds at the
+fastest measured step, this says how many loader workers per GPU keep up, and whether the
+recipe's 8 do.
 
 Every path runs even when an earlier one fails; the report (``gpu-check.json`` and a table) is
 written first, then :class:`CheckFailed` names the failed paths (the CLI exits non-zero).
@@ -36,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 import ismctl
-from ismctl.bench import CHANNELS, NUM_CLASSES, Sections
+from ismctl.bench import CHANNELS, NUM_CLASSES, Sections, coupler_table, meanflow_step_ratio
 from ismctl.distributed import resolve_device
 from ismctl.ema import TwinEMA
 from ismctl.errors import UserError
@@ -52,6 +55,8 @@ PRESETS = ("B/2", "XL/2")
 PER_GPU_BATCH = 32  # recipes/ism_xl.yaml: data.batch_size 256 over 8 GPUs
 MODES = (("eager", "fp32"), ("eager", "bf16"), ("compiled", "fp32"), ("compiled", "bf16"))
 SMOKE_STEPS = 200
+SOT_POOL = 8192  # recipes/ism_xl.yaml: coupling.pool_size
+SOT_WORKERS = 8  # recipes/ism_xl.yaml: data.num_workers, loader workers per GPU
 # The smoke run passes when its last logged losses are this much below its first ones.
 SMOKE_MIN_DROP = 0.05
 
@@ -181,7 +186,7 @@ def measure_step(cfg: StepConfig, batch: int, size: int, device: torch.device, w
 def smoke_run(folder: Path, device: torch.device, steps: int = SMOKE_STEPS,
               preset: str = "B/2", batch: int = PER_GPU_BATCH, size: int = 32,
               compiled: bool = True, precision: str = "bf16", lr: float = 1e-4,
-              num_workers: int = 4) -> dict[str, Any]:
+              num_workers: int = 4, pool_size: int = SOT_POOL) -> dict[str, Any]:
     """``steps`` of the real trainer (iSM recipe with ``preset``) on synthetic class-patterned
     latents; checks that every logged loss is finite and that the mean of the last tenth of the
     logged losses is below the first tenth's by at least SMOKE_MIN_DROP."""
@@ -197,11 +202,13 @@ def smoke_run(folder: Path, device: torch.device, steps: int = SMOKE_STEPS,
         "model": {"preset": preset},
         "data": {"path": str(data), "batch_size": batch, "num_workers": num_workers,
                  "shuffle_buffer": 1000, "flip": False},
+        "coupling": {"pool_size": pool_size},
         "optim": {"lr": lr},
         "train": {"steps": steps, "compile": compiled, "precision": precision,
                   "device": device.type, "seed": 0},
         "run": {"root": str(folder / "runs"), "name": "smoke", "log_every": log_every,
-                "sample_every": steps, "sample_num": 16, "ckpt_every": steps, "keep_every": 0},
+                "sample_every": steps, "sample_num_samples": 16, "ckpt_every": steps,
+                "keep_every": 0},
     })
     start = time.perf_counter()
     run_dir = train(recipe, progress=False)
@@ -224,6 +231,32 @@ def smoke_run(folder: Path, device: torch.device, steps: int = SMOKE_STEPS,
     return result
 
 
+def coupler_check(rows: list[dict[str, Any]], folder: Path, pool_size: int, workers: int,
+                  size: int) -> dict[str, Any]:
+    """sOT against the measured steps: one pool of ``pool_size`` latents paired on one CPU
+    core per ``coupling.mode`` (``bench.coupler_throughput``), plus the loader's own time to
+    read and draw it, against the training time a pool feeds at the fastest measured step of
+    each preset; whether ``workers`` loader workers per GPU keep up."""
+    from ismctl.bench import coupler_keep_up, coupler_throughput
+    from ismctl.data.bench import benchmark_loader, make_synthetic_latents
+
+    make_synthetic_latents(folder / "sot", count=2048, size=size, flip=False)
+    load = benchmark_loader(folder / "sot", batch_size=PER_GPU_BATCH, pool_size=0,
+                            num_batches=32, num_workers=0)
+    coupler = coupler_throughput(pool_size, (CHANNELS, size, size))
+    fastest: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if "error" not in r and r["img_s"] > fastest.get(r["preset"], {}).get("img_s", 0.0):
+            fastest[r["preset"]] = r
+    img_s = {f"{p} {r['mode']} {r['precision']}": r["img_s"] for p, r in fastest.items()}
+    coupler["keep_up"] = coupler_keep_up(coupler, 1.0 / load["latents_per_s"], img_s)
+    coupler["workers_per_gpu"] = workers
+    coupler["keeps_up"] = {mode: {path: need <= workers for path, need in
+                                  k["workers_per_gpu"].items()}
+                           for mode, k in coupler["keep_up"]["modes"].items()}
+    return coupler
+
+
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
 
@@ -238,17 +271,19 @@ def run_gpu_check(out: str | Path = "gpu-check.json", presets: Iterable[str] = P
                   device: str = "cuda", batch: int = PER_GPU_BATCH, size: int = 32,
                   modes: Iterable[tuple[str, str]] = MODES, warmup: int = 3, iters: int = 20,
                   split_iters: int = 5, smoke: dict[str, Any] | None = None,
-                  require_cuda: bool = True, console: Console | None = None) -> dict[str, Any]:
+                  require_cuda: bool = True, console: Console | None = None,
+                  sot_pool: int = SOT_POOL, sot_workers: int = SOT_WORKERS) -> dict[str, Any]:
     """Run the check, print the table, write ``out``; raise CheckFailed if any path failed.
 
-    ``require_cuda=False`` and a small ``smoke`` (keyword arguments of :func:`smoke_run`, or
-    ``{"steps": 0}`` to skip it) let the tests drive the same code on a CPU.
+    ``require_cuda=False``, a small ``smoke`` (keyword arguments of :func:`smoke_run`, or
+    ``{"steps": 0}`` to skip it) and a small ``sot_pool`` let the tests drive the same code on
+    a CPU. ``sot_workers``: the loader workers per GPU the sOT verdict is given for.
     """
     dev = resolve_device(device)
     if require_cuda and (dev.type != "cuda" or not torch.cuda.is_available()):
         raise UserError("gpu-check: no CUDA device (torch.cuda.is_available() is False); run "
                         "it on a machine with an NVIDIA GPU")
-    presets = list(presets)
+    presets, modes = list(presets), list(modes)
     for preset in presets:
         parse_preset(preset)
     console = console or Console()
@@ -277,10 +312,32 @@ def run_gpu_check(out: str | Path = "gpu-check.json", presets: Iterable[str] = P
             except Exception as exc:
                 smoke_result = {**smoke_args, "error": _error_text(exc)}
         _free(dev)
+    # MeanFlow (SPEC 4.1): its step (JVP on the math attention kernel) against flow matching,
+    # compiled when the compiled paths are checked.
+    mf_compiled = any(mode == "compiled" for mode, _ in modes)
+    console.print(f"gpu-check: MeanFlow vs flow-matching step, {presets[0]}"
+                  f"{' compiled' if mf_compiled else ''}")
+    try:
+        meanflow: dict[str, Any] = meanflow_step_ratio(presets[0], batch, size, dev, warmup,
+                                                       iters, compiled=mf_compiled)
+    except Exception as exc:
+        meanflow = {"preset": presets[0], "error": _error_text(exc)}
+    _free(dev)
+    console.print(f"gpu-check: sOT coupler, one pool of {sot_pool} on one CPU core")
+    with tempfile.TemporaryDirectory(prefix="ismctl-gpu-check-") as folder:
+        try:
+            coupler: dict[str, Any] = coupler_check(rows, Path(folder), sot_pool, sot_workers,
+                                                    size)
+        except Exception as exc:
+            coupler = {"pool_size": sot_pool, "error": _error_text(exc)}
     failed = [f"{r['preset']} {r['mode']} {r['precision']}: {r['error']}"
               for r in rows if "error" in r]
+    if "error" in coupler:
+        failed.append(f"sOT coupler: {coupler['error']}")
     if smoke_result is not None and "error" in smoke_result:
         failed.append(f"smoke run: {smoke_result['error']}")
+    if "error" in meanflow:
+        failed.append(f"meanflow step: {meanflow['error']}")
     report = json_safe({
         "ismctl_version": ismctl.__version__, "torch": torch.__version__,
         "cuda": torch.version.cuda, "device": {"type": dev.type, "name": name,
@@ -288,13 +345,30 @@ def run_gpu_check(out: str | Path = "gpu-check.json", presets: Iterable[str] = P
         "batch_per_gpu": batch, "latent": [CHANNELS, size, size],
         "method": "step_s: mean of the timed steps after warm-up, one synchronisation at the "
                   "end; split_s: medians of extra steps synchronised at every section",
-        "steps": rows, "smoke_run": smoke_result, "failed": failed, "ok": not failed,
+        "steps": rows, "smoke_run": smoke_result, "coupler": coupler, "meanflow": meanflow,
+        "failed": failed,
+        "ok": not failed,
     })
     write_json(out, report)
     console.print(report_table(report))
     if smoke_result is not None and "error" not in smoke_result:
         console.print(f"smoke run: loss {smoke_result['first_tenth_mean']:.4f} -> "
                       f"{smoke_result['last_tenth_mean']:.4f} over {smoke_result['steps']} steps")
+    if "error" not in coupler:
+        console.print(coupler_table(coupler))
+        for mode, verdict in coupler["keeps_up"].items():
+            k = coupler["keep_up"]["modes"][mode]
+            for path, ok in verdict.items():
+                console.print(
+                    f"sOT {mode}: {k['worker_s_per_pool']:.1f} s per pool of {sot_pool} against "
+                    f"{coupler['keep_up']['training_s_per_pool'][path]:.1f} s of {path} "
+                    f"training: needs {k['workers_per_gpu'][path]} loader worker(s) per GPU, "
+                    + ("[green]keeps up[/]" if ok else "[red]does not keep up[/]")
+                    + f" with {sot_workers}")
+    if "error" not in meanflow:
+        console.print(f"meanflow: step {meanflow['meanflow_step_s'] * 1e3:.1f} ms = "
+                      f"{meanflow['ratio_meanflow_over_fm']:.2f}x flow matching (estimate "
+                      f"{meanflow['expected_ratio_forward_equivalents']:.2f}x)")
     console.print(f"[green]wrote[/] {out}")
     if failed:
         raise CheckFailed(f"{len(failed)} path(s) failed (details in {out}): " + "; ".join(failed))

@@ -89,3 +89,12 @@ def scale_to_w(s: float) -> float:
 def w_to_scale(w: float) -> float:
     """Delta strength w to the classic CFG scale s = 1 + w."""
     return 1.0 + w
+
+
+def baked_scale(omega: float, kappa: float) -> float:
+    """The CFG scale s that MeanFlow's baked-in guidance converges to (docs/meanflow.md): at
+    d = 0 the target omega v + kappa F_c + (1 - omega - kappa) F_null has the fixed point
+    F_c = v_null + s (v_c - v_null) with s = omega / (1 - kappa); w = s - 1."""
+    if not 0.0 <= kappa < 1.0:
+        raise UserError(f"guidance.kappa: must be in [0, 1), got {kappa}")
+    return omega / (1.0 - kappa)

@@ -5,6 +5,8 @@ The network F(x_t, t, d, c, w) returns the average velocity of a jump of size d 
 (no learned sigma). The conditioning vector is the sum of four embeddings and drives every
 adaLN modulation; d is looked up in a table with one row per dyadic level plus its own row for
 d = 0, so the instantaneous velocity never shares an embedding with the finest jump (SPEC 1).
+Objectives that train continuous jump sizes (MeanFlow, SPEC 4.1) embed d like t instead
+(``jump_embedding="continuous"``): their target differentiates F in d, which a table cannot.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "XL": {"hidden_size": 1152, "depth": 28, "num_heads": 16},
 }
 
+JUMP_EMBEDDINGS = ("table", "continuous")
 FREQ_DIM = 256  # width of the sinusoidal features fed to the t and w MLPs (as in DiT)
 
 
@@ -114,10 +117,13 @@ class ScalarEmbedder(nn.Module):
         )
 
     def features(self, s: Tensor) -> Tensor:
+        # float32 at least (bf16 times would round away the fine frequencies); float64 kept,
+        # so a float64 network is float64 throughout (the finite-difference checks need it).
+        dtype = torch.promote_types(s.dtype, torch.float32)
         half = FREQ_DIM // 2
         freqs = torch.exp(-math.log(self.max_period) *
-                          torch.arange(half, device=s.device, dtype=torch.float32) / half)
-        angles = (s.float() * self.scale)[:, None] * freqs[None]
+                          torch.arange(half, device=s.device, dtype=dtype) / half)
+        angles = (s.to(dtype) * self.scale)[:, None] * freqs[None]
         return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
     def forward(self, s: Tensor) -> Tensor:
@@ -196,7 +202,7 @@ class ShortcutDiT(nn.Module):
     def __init__(self, input_size: int, in_channels: int, num_classes: int, patch_size: int = 2,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, base_steps: int = 128, dropout: float = 0.0,
-                 grad_checkpointing: bool = False) -> None:
+                 grad_checkpointing: bool = False, jump_embedding: str = "table") -> None:
         super().__init__()
         if input_size % patch_size:
             raise UserError(f"model: input size {input_size} is not a multiple of the patch "
@@ -206,6 +212,9 @@ class ShortcutDiT(nn.Module):
                             f"the number of heads {num_heads}")
         if base_steps < 1 or base_steps & (base_steps - 1):
             raise UserError(f"model: base_steps must be a power of two, got {base_steps}")
+        if jump_embedding not in JUMP_EMBEDDINGS:
+            raise UserError(f"model: jump_embedding must be one of {', '.join(JUMP_EMBEDDINGS)}, "
+                            f"got {jump_embedding!r}")
         self.input_size = input_size
         self.in_channels = in_channels
         self.num_classes = num_classes
@@ -217,12 +226,20 @@ class ShortcutDiT(nn.Module):
         self.base_steps = base_steps
         self.grid = input_size // patch_size
         self.grad_checkpointing = grad_checkpointing
+        self.jump_embedding = jump_embedding
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None])
-        self.t_embedder = ScalarEmbedder(hidden_size, scale=1000.0)
+        # A continuous-jump objective differentiates F in t and d (MeanFlow's JVP): at DiT's
+        # 1000 t the features oscillate up to 1000 rad per unit time and the JVP target
+        # grows without bound (digits, 120 steps: consistency loss 5.3 against 0.42 at scale
+        # 1); such networks take t and d as they are, like FastGen's MeanFlow (scale_t off).
+        time_scale = 1000.0 if jump_embedding == "table" else 1.0
+        self.t_embedder = ScalarEmbedder(hidden_size, scale=time_scale)
         self.w_embedder = ScalarEmbedder(hidden_size, scale=200.0)
-        self.d_embedder = nn.Embedding(num_levels(base_steps), hidden_size)
+        self.d_embedder: nn.Module = (
+            nn.Embedding(num_levels(base_steps), hidden_size) if jump_embedding == "table"
+            else ScalarEmbedder(hidden_size, scale=time_scale))
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)  # last row: null class
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth)
@@ -240,9 +257,12 @@ class ShortcutDiT(nn.Module):
         w = self.x_embedder.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        for table in (self.d_embedder, self.y_embedder):
+        tables = [self.y_embedder]
+        scalars = [self.t_embedder, self.w_embedder]
+        (tables if self.jump_embedding == "table" else scalars).append(self.d_embedder)
+        for table in tables:
             nn.init.normal_(table.weight, std=0.02)
-        for embedder in (self.t_embedder, self.w_embedder):
+        for embedder in scalars:
             nn.init.normal_(embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         for mod in [*(b.adaLN_modulation[-1] for b in self.blocks),
@@ -256,9 +276,15 @@ class ShortcutDiT(nn.Module):
         x = x.reshape(b, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, ch, g * p, g * p)
 
+    @property
+    def continuous_jumps(self) -> bool:
+        """True when any jump size d in [0, 1] is an input (else only 0 and 2^-k)."""
+        return self.jump_embedding == "continuous"
+
     def condition(self, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
         """The adaLN conditioning vector (B, D) = t_emb + d_emb + y_emb + w_emb (SPEC 3.1)."""
-        return (self.t_embedder(t) + self.d_embedder(d_to_level(d, self.base_steps))
+        d_in = d if self.continuous_jumps else d_to_level(d, self.base_steps)
+        return (self.t_embedder(t) + self.d_embedder(d_in)
                 + self.y_embedder(y) + self.w_embedder(w))
 
     def forward(self, x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
@@ -280,12 +306,13 @@ class ShortcutDiT(nn.Module):
 
 def build_model(preset: str, input_size: int, in_channels: int, num_classes: int,
                 base_steps: int = 128, dropout: float = 0.0,
-                grad_checkpointing: bool = False) -> ShortcutDiT:
+                grad_checkpointing: bool = False, jump_embedding: str = "table") -> ShortcutDiT:
     """A ShortcutDiT from a preset name such as 'XL/2' (size from PRESETS, patch size)."""
     size, patch = parse_preset(preset)
     return ShortcutDiT(input_size, in_channels, num_classes, patch_size=patch,
                        base_steps=base_steps, dropout=dropout,
-                       grad_checkpointing=grad_checkpointing, **PRESETS[size])
+                       grad_checkpointing=grad_checkpointing, jump_embedding=jump_embedding,
+                       **PRESETS[size])
 
 
 def forward_flops(model: ShortcutDiT) -> float:
@@ -297,7 +324,8 @@ def forward_flops(model: ShortcutDiT) -> float:
     """
     n, dim, hid = model.grid**2, model.hidden_size, model.mlp_hidden
     patch_dim = model.patch_size**2 * model.in_channels
-    embed = n * patch_dim * dim + 2 * (FREQ_DIM * dim + dim * dim)
+    scalars = 3 if model.continuous_jumps else 2  # t and w MLPs, and d when continuous
+    embed = n * patch_dim * dim + scalars * (FREQ_DIM * dim + dim * dim)
     block = (dim * 6 * dim                 # adaLN modulation (once per sample)
              + n * dim * 3 * dim           # fused qkv
              + 2 * n * n * dim             # QK^T and AV over all heads

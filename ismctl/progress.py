@@ -118,9 +118,10 @@ class Bar:
 def progress_bar(description: str, total: float, enabled: bool = True, unit: str = "it",
                  completed: float = 0, plain: bool = True) -> Iterator[Bar | PlainBar]:
     """A bar showing done/total, rate, elapsed and ETA, plus a free ``info`` text field
-    (the trainer puts its losses there); a no-op when disabled. When stdout is not a
-    terminal: plain lines, or nothing with ``plain=False`` (for a caller that prints its own,
-    like the trainer)."""
+    (the trainer puts its losses there); a no-op when disabled. ``unit`` names what ``total``
+    counts: ``"img"`` wherever images are counted (rates in img/s), ``"it"`` otherwise. When
+    stdout is not a terminal: plain lines, or nothing with ``plain=False`` (for a caller that
+    prints its own, like the trainer)."""
     if not enabled or not (plain or stdout_is_terminal()):
         yield Bar(None, None)
         return

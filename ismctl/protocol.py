@@ -7,6 +7,10 @@
   the 128-step entry is joined by a separate one with two-pass CFG at the training scale on
   the d = 0 velocity. CFG on top of the baked-in guidance (``double_guidance``) guides twice
   and is only reachable on request.
+- meanflow runs follow MeanFlow's protocol (SPEC 4.1): with ``meanflow_guidance: baked`` CFG is
+  in the training target, so every step count samples the conditional output (w = 0), one pass
+  per step and no separate CFG entry; with ``intrinsic`` w is an input as for iSM. Any step
+  count N >= 1 (continuous jump sizes).
 
 ``ismctl eval`` picks the best point per step count and remembers it in the run directory
 (``guidance.json``); ``ismctl sample`` without ``--guidance`` uses it, else the recipe's
@@ -23,7 +27,7 @@ from typing import Any
 
 from ismctl.errors import UserError
 from ismctl.fileio import atomic_write_text
-from ismctl.guidance import scale_to_w
+from ismctl.guidance import baked_scale, scale_to_w
 from ismctl.recipe import Recipe
 from ismctl.sampler import TWO_PASS
 
@@ -52,14 +56,26 @@ class Point:
 
 
 def run_sampler(recipe: Recipe, double_guidance: bool = False) -> str:
-    """The one-pass sampler of a run: intrinsic guidance for ism, the conditional output for
-    sm; ``double_guidance`` turns sm sampling into CFG on top of its baked-in guidance."""
-    if recipe.objective.mode == "ism":
+    """The one-pass sampler of a run, from its objective: intrinsic guidance (ism, intrinsic
+    meanflow) or the conditional output (sm, baked meanflow); ``double_guidance`` turns the
+    latter into CFG on top of the baked-in guidance."""
+    from ismctl.objectives import get_objective
+
+    sampler = get_objective(recipe.objective.mode).sampler(recipe)
+    if sampler == "intrinsic":
         if double_guidance:
-            raise UserError("--double-guidance: only for sm runs (an iSM run takes w as a "
-                            "network input; there is no baked-in guidance to add to)")
+            raise UserError("--double-guidance: only for runs with baked-in guidance (this run "
+                            "takes w as a network input; there is nothing baked in to add to)")
         return "intrinsic"
     return "cfg" if double_guidance else "conditional"
+
+
+def _baked_scale(recipe: Recipe) -> str:
+    """The CFG scale a run's training baked in, for messages."""
+    g = recipe.guidance
+    if recipe.objective.mode == "meanflow":
+        return f"{baked_scale(g.omega, g.kappa):g} (omega / (1 - kappa))"
+    return f"{g.cfg_scale:g}"
 
 
 def _nearest(keys: list[int], steps: int) -> int:
@@ -90,19 +106,20 @@ def plan_points(recipe: Recipe, steps: list[int], guidance: Grid,
                 double_guidance: bool = False) -> list[Point]:
     """Every (steps, w, sampler) an evaluation samples, in order.
 
-    sm runs without ``double_guidance`` accept only w = 0 and get the flow-CFG entry at the
-    training scale when the finest step count (``objective.base_steps``) is requested.
+    sm and baked meanflow runs without ``double_guidance`` accept only w = 0; sm runs get the
+    flow-CFG entry at the training scale when the finest step count (``objective.base_steps``)
+    is requested.
     """
     sampler = run_sampler(recipe, double_guidance)
     if sampler == "conditional":
         if any(w != 0 for w in all_strengths(guidance)):
             raise UserError(
-                f"--guidance {describe_grid(guidance)}: an sm run is sampled "
-                "from its conditional output (w = 0; CFG at scale "
-                f"{recipe.guidance.cfg_scale:g} is baked into its shortcuts); pass "
+                f"--guidance {describe_grid(guidance)}: an {recipe.objective.mode} run is "
+                "sampled from its conditional output (w = 0; CFG at scale "
+                f"{_baked_scale(recipe)} is baked into its jumps); pass "
                 "--double-guidance to apply CFG on top")
         points = [Point(s, 0.0, "conditional") for s in steps]
-        if recipe.objective.base_steps in steps:
+        if recipe.objective.mode == "sm" and recipe.objective.base_steps in steps:
             points.append(Point(recipe.objective.base_steps,
                                 scale_to_w(recipe.guidance.cfg_scale), "flow-cfg"))
         return points

@@ -8,14 +8,65 @@ are applied last. Every field has a default and a one-line description, so
 
 from __future__ import annotations
 
+import copy
+import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ismctl.errors import UserError
 from ismctl.fileio import atomic_write_text
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# Objective modes whose sampler takes jumps of size 1/N from the trained set {2^-k}: N must be
+# a power of two up to objective.base_steps. Other modes (one-step average velocity, any N)
+# are free.
+SHORTCUT_MODES = ("ism", "sm")
+
+
+def device_error(name: str) -> str | None:
+    """Why ``name`` is not a device setting, or None when it is one."""
+    if isinstance(name, str) and _DEVICE.fullmatch(name):
+        return None
+    return f"{name!r} is not a device; choose {DEVICE_CHOICES}"
+
+
+def orthogonal_wavelets() -> str:
+    """The orthogonal discrete PyWavelets wavelets, one range per family."""
+    import pywt
+
+    discrete = set(pywt.wavelist(kind="discrete"))
+    parts = []
+    for family in pywt.families(short=True):
+        names = [n for n in pywt.wavelist(family) if n in discrete and pywt.Wavelet(n).orthogonal]
+        if len(names) > 2:
+            parts.append(f"{names[0]}..{names[-1]}")
+        else:
+            parts.extend(names)
+    return ", ".join(parts)
+
+
+def check_sampling_steps(steps: list[int], mode: str, base_steps: int) -> None:
+    """Shortcut samplers need N a power of two in [1, base_steps] (SPEC 2); others any N >= 1."""
+    for n in steps:
+        if n < 1:
+            raise ValueError(f"step count {n}: must be >= 1")
+        if mode in SHORTCUT_MODES and (n & (n - 1) or n > base_steps):
+            raise ValueError(f"step count {n}: objective.mode {mode!r} samples with jumps of "
+                             f"1/N, so N must be a power of two between 1 and {base_steps} "
+                             "(objective.base_steps)")
 
 
 class Section(BaseModel):
@@ -31,10 +82,22 @@ class ModelCfg(Section):
     num_classes: int | None = Field(None, gt=0, description="Number of classes; None takes it from the data manifest.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout inside attention/MLP blocks.")
     grad_checkpointing: bool = Field(False, description="Recompute each transformer block in the backward pass instead of storing its activations: far less memory (XL/2 fits its per-GPU batch on smaller cards) for ~1/3 more compute; same gradients.")
+    init_from: str | None = Field(None, description="Start a new run from a DiT or SiT checkpoint in their published naming (.pt state dict, optionally under 'ema'/'model', or .safetensors); the d and w embedders start at zero so F(x, t, 0, c, 0) equals the source network. Ignored when resuming.")
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str) -> str:
+        from ismctl.model import PRESETS
+
+        size, sep, patch = value.partition("/")
+        if not sep or size not in PRESETS or not patch.isdigit() or int(patch) < 1:
+            raise ValueError(f"{value!r} is not a preset; use SIZE/PATCH with SIZE one of "
+                             f"{', '.join(PRESETS)} and PATCH a positive integer, e.g. 'XL/2'")
+        return value
 
 
 class DataCfg(Section):
-    path: str = Field("data/imagenet256", description="Folder written by `ismctl prepare-latents` (holds manifest.json).")
+    path: str = Field("data/imagenet-256", description="Folder written by `ismctl prepare-latents` (holds manifest.json).")
     batch_size: int = Field(256, gt=0, description="Global batch size = per-rank micro-batch x ranks x grad_accum.")
     num_workers: int = Field(4, ge=0, description="Data-loader worker processes per rank (the sOT coupler runs there).")
     shuffle_buffer: int = Field(10_000, ge=1, description="Samples held in each worker's shuffle buffer.")
@@ -42,9 +105,9 @@ class DataCfg(Section):
 
 
 class ObjectiveCfg(Section):
-    mode: Literal["ism", "sm"] = Field("ism", description="'ism': intrinsic guidance (SPEC 3.1); 'sm': Frans et al. baseline with CFG in the finest targets (SPEC 2).")
-    base_steps: int = Field(128, description="M, the finest number of steps; jump sizes d = 2^-k down to 1/M.")
-    bootstrap_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of the batch used for self-consistency (bootstrap) targets (paper 1/4, official code 1/8).")
+    mode: Literal["ism", "sm", "meanflow"] = Field("ism", description="'ism': intrinsic guidance (SPEC 3.1); 'sm': Frans et al. baseline with CFG in the finest targets (SPEC 2); 'meanflow': continuous jumps, MeanFlow identity target (SPEC 4.1, docs/meanflow.md).")
+    base_steps: int = Field(128, description="M, the finest number of steps; jump sizes d = 2^-k down to 1/M (sm/ism; meanflow samples any step count).")
+    bootstrap_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of the batch used for self-consistency (bootstrap) targets (paper 1/4, official code 1/8); meanflow: the share with d > 0 (MeanFlow paper 25%).")
     guidance_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Share of the batch for the guidance objective (ism only; ignored by sm).")
     class_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Probability of replacing the label by the null class in the velocity/flow part.")
     t_grid: bool = Field(False, description="Draw flow-part t on the 1/M grid (official code) instead of uniformly on [0, 1).")
@@ -52,6 +115,11 @@ class ObjectiveCfg(Section):
     velocity_weight: float = Field(1.0, ge=0.0, description="a: weight of L_velocity (flow part).")
     guidance_weight: float = Field(1.0, ge=0.0, description="b: weight of L_guidance (ism only).")
     consistency_weight: float = Field(1.0, ge=0.0, description="g: weight of L_consistency (bootstrap part).")
+    time_mean: float = Field(-0.4, description="meanflow: mean of the logit-normal both jump ends are drawn from, in MeanFlow's time (1 = noise; ours is 1 minus it); paper -0.4.")
+    time_std: float = Field(1.0, gt=0.0, description="meanflow: std of that logit-normal; paper 1.0.")
+    adaptive_p: float = Field(1.0, ge=0.0, description="meanflow: per-sample loss l weighted by 1 / sg(l + adaptive_c)^p (paper p = 1); 0 disables.")
+    adaptive_c: float = Field(1e-3, gt=0.0, description="meanflow: c in the adaptive weight (paper 1e-3), relative to the per-sample loss of loss.name.")
+    meanflow_guidance: Literal["baked", "intrinsic"] = Field("baked", description="meanflow: 'baked' puts CFG into the target (guidance.omega/kappa, sampled at w = 0, MeanFlow's way); 'intrinsic' takes w as an input like ism (guidance.w_max/w_step).")
 
     @model_validator(mode="after")
     def _check(self) -> ObjectiveCfg:
@@ -59,14 +127,20 @@ class ObjectiveCfg(Section):
             raise ValueError(f"base_steps must be a power of two, got {self.base_steps}")
         if self.mode == "ism" and self.bootstrap_fraction + self.guidance_fraction >= 1.0:
             raise ValueError("bootstrap_fraction + guidance_fraction must be < 1 (the rest is the velocity part)")
+        if self.mode == "meanflow" and self.t_grid:
+            raise ValueError("t_grid does not apply to meanflow (continuous logit-normal t); set it to false")
+        if self.mode == "meanflow" and self.target_clip is not None:
+            raise ValueError("target_clip does not apply to meanflow (it clips bootstrap half jumps); set it to null")
         return self
 
 
 class GuidanceCfg(Section):
     w_max: float = Field(3.5, ge=0.0, description="Largest guidance strength w seen in training (delta convention: CFG scale s = 1 + w).")
     w_step: float = Field(0.25, gt=0.0, description="Training w is drawn from the grid {0, w_step, ..., w_max}.")
-    interval_start: float = Field(0.3, ge=0.0, le=1.0, description="No guidance term in targets for t < this (high-noise end); 0 disables interval guidance.")
+    interval_start: float = Field(0.3, ge=0.0, le=1.0, description="No guidance term in targets for t < this (high-noise end); 0 disables interval guidance. meanflow too: MeanFlow's interval t <= t_end in its time is t >= 1 - t_end here.")
     cfg_scale: float = Field(1.5, ge=1.0, description="sm mode: classic CFG scale s inside the finest bootstrap targets (w = s - 1).")
+    omega: float = Field(1.0, ge=0.0, description="meanflow baked: target velocity omega v + kappa F_c + (1 - omega - kappa) F_null at d = 0, i.e. CFG scale s = omega / (1 - kappa), w = s - 1; omega 1, kappa 0: none.")
+    kappa: float = Field(0.0, ge=0.0, lt=1.0, description="meanflow baked: MeanFlow's kappa, the weight of the network's own conditional velocity in that target (see omega).")
 
 
 class LossCfg(Section):
@@ -75,12 +149,53 @@ class LossCfg(Section):
     levels: int = Field(5, ge=0, description="Decomposition levels L, capped by the input size (wavelet loss only).")
     approx_weight: float = Field(1.0, ge=0.0, description="Weight of the coarsest approximation band (wavelet loss only).")
     detail_weights: float | list[float] = Field(1.0, description="Weight of detail bands: one number, or one per level finest-first (wavelet loss only).")
-    energy_norm: bool = Field(True, description="Divide each band's error by the target's energy per coefficient in that band, a batch estimate, so every scale is priced relative to its own signal (wavelet loss only).")
+    band_norm: Literal["variance", "energy", "none"] = Field("variance", description="Divide each band's error by the velocity target's per-coefficient variance across samples ('variance'), raw mean square ('energy') or nothing ('none'); measured once from the data set into <run>/band_stats.json, so the loss does not depend on the batch split (wavelet loss only).")
+    max_band_ratio: float | None = Field(10.0, ge=1.0, description="Cap on the largest / smallest normalised band weight, so no band (e.g. the per-channel mean) is priced at almost nothing; None: no cap (wavelet loss only).")
+    band_stats_samples: int = Field(4096, ge=2, description="Samples of the prepared data (the first in shard order, a fixed random subset) that the band normaliser is measured on (wavelet loss only).")
+    energy_norm: bool | None = Field(None, exclude=True, description="Deprecated: read when loading older recipes; true = band_norm 'energy' (then a per-batch estimate, now measured on the data set), false = 'none'.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_energy_norm(cls, data: Any) -> Any:
+        # Runs saved before loss.band_norm still load (to sample, evaluate or resume).
+        if not isinstance(data, dict) or data.get("energy_norm") is None:
+            return data
+        data = dict(data)
+        old = data.pop("energy_norm")
+        mode = "energy" if old else "none"
+        if "band_norm" in data and data["band_norm"] != mode:
+            raise ValueError(f"energy_norm={str(old).lower()} (deprecated: band_norm {mode!r}) "
+                             f"conflicts with band_norm={data['band_norm']!r}; set only band_norm")
+        data["band_norm"] = mode
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        from ismctl.losses import available_losses
+
+        if value not in available_losses():
+            raise ValueError(f"{value!r} is not a registered loss; choose from "
+                             f"{', '.join(available_losses())}")
+        return value
+
+    @field_validator("wavelet")
+    @classmethod
+    def _wavelet(cls, value: str) -> str:
+        import pywt
+
+        if value not in pywt.wavelist(kind="discrete") or not pywt.Wavelet(value).orthogonal:
+            raise ValueError(f"{value!r} is not an orthogonal PyWavelets wavelet; choose from "
+                             f"{orthogonal_wavelets()}")
+        return value
 
 
 class CouplingCfg(Section):
-    pool_batches: int = Field(32, ge=0, description="sOT pool size K in batches: 0 independent pairing, 1 minibatch OT, K>1 pooled (SPEC 3.3).")
-    within_class: bool = Field(True, description="Solve the assignment within each class of the pool, so the noise stays independent of the label; False pairs across classes (label-blind).")
+    pool_size: int = Field(8192, ge=0, description="sOT pool in samples: each rank's loader solves one assignment per pool_size samples of its own stream, the same on any number of GPUs, grad_accum and loader workers (paper: 32 batches x 256 = 8192); 0 pairs noise and data independently (SPEC 3.3).")
+    mode: Literal["blind", "within_class", "hybrid"] = Field("within_class", description="'blind': one assignment over the pool, labels ignored (the paper); 'within_class': one per class, so the noise stays independent of the label; 'hybrid': within class for classes with at least min_group samples in the pool, the rest in one label-blind assignment.")
+    min_group: int = Field(2, ge=1, description="hybrid mode: classes with fewer samples than this in a pool share one label-blind assignment.")
+    pool_batches: int | None = Field(None, ge=0, exclude=True, description="Deprecated spelling of pool_size in global batches (pool_size = pool_batches x data.batch_size); read when loading older recipes.")
+    within_class: bool | None = Field(None, exclude=True, description="Deprecated spelling of mode: true = 'within_class', false = 'blind'; read when loading older recipes.")
 
 
 class EMACfg(Section):
@@ -88,7 +203,7 @@ class EMACfg(Section):
     target_enabled: bool = Field(True, description="False: targets come from the online weights (the ablation without twin EMA).")
     inference_decay: float = Field(0.9999, ge=0.0, lt=1.0, description="Decay of the slow inference EMA used for sampling and evaluation.")
     inference_enabled: bool = Field(True, description="False: sampling uses the online weights.")
-    warmup: bool = Field(True, description="Use decay min(decay, (1 + n) / (10 + n)) at update n so short runs move off the initial weights.")
+    warmup: bool = Field(False, description="EMA warm-up: decay min(decay, (1 + n) / (10 + n)) at update n, which reaches 0.999 after ~9,000 and 0.9999 after ~90,000 updates; False (the paper) uses the recipe's decay from the first update.")
 
 
 class OptimCfg(Section):
@@ -106,7 +221,14 @@ class TrainCfg(Section):
     precision: Literal["fp32", "bf16"] = Field("bf16", description="Autocast precision of the network calls (online, target EMA, periodic samples), on GPU and CPU alike; weights, gradients, optimiser state, EMA copies, losses and the sampler's state stay fp32. bf16 is fast on GPUs and on CPUs with bf16 units, slow on others.")
     compile: bool = Field(False, description="torch.compile (inductor) the online network, the target-EMA passes and the periodic sampler's network, on any device; the first steps pay the compilation.")
     seed: int = Field(0, description="Global seed (model init, data order, noise).")
-    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'.")
+    device: str = Field("auto", description="'auto' (a GPU if one is visible), 'cpu', 'cuda' (under torchrun: the rank's local GPU) or 'cuda:N'.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if (why := device_error(value)) is not None:
+            raise ValueError(why)
+        return value
 
 
 class RunCfg(Section):
@@ -115,15 +237,20 @@ class RunCfg(Section):
     log_every: int = Field(100, gt=0, description="Steps between metric lines in metrics.jsonl.")
     tracker: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Also send metrics and sample grids to TensorBoard (<run>/tensorboard), Weights & Biases (if installed) or nowhere.")
     sample_every: int = Field(10_000, gt=0, description="Steps between PNG sample grids (1 and 4 steps).")
-    sample_num: int = Field(64, gt=0, description="Images per periodic sample grid.")
+    sample_num_samples: int = Field(64, gt=0, validation_alias=AliasChoices("sample_num_samples", "sample_num"), description="Images per periodic sample grid (old name: sample_num).")
     sample_guidance: float | None = Field(None, ge=0.0, description="Guidance w of periodic grids (CFG scale 1 + w); None takes eval.default_guidance per step count.")
     ckpt_every: int = Field(10_000, gt=0, description="Steps between checkpoints.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the milestones.")
     keep_every: int = Field(100_000, ge=0, description="Also keep every checkpoint whose step is a multiple of this; 0 keeps none.")
 
+    @property
+    def sample_num(self) -> int:
+        """The old name of ``sample_num_samples``, read-only, kept for one release."""
+        return self.sample_num_samples
+
 
 class EvalCfg(Section):
-    steps: list[int] = Field([1, 4, 128], description="Sampling step counts to evaluate.")
+    steps: list[int] = Field([1, 4, 128], min_length=1, description="Sampling step counts to evaluate: powers of two up to objective.base_steps for the shortcut modes (ism, sm).")
     guidance: list[float] | dict[int, list[float]] = Field([1.0], description="Guidance strengths w to evaluate (CFG scale 1 + w): one list, or one per step count (others take the nearest); the best per step count is remembered. sm runs: [0] (guidance is baked in).")
     default_guidance: dict[int, float] = Field({1: 1.0, 4: 1.0, 128: 1.0}, description="Guidance w per step count for `ismctl sample` and training grids until `ismctl eval` has picked one; other step counts take the nearest listed.")
     num_samples: int = Field(50_000, gt=0, description="Samples per (steps, guidance) point (class-balanced).")
@@ -146,6 +273,56 @@ class Recipe(Section):
     run: RunCfg = Field(default_factory=RunCfg, description="Run directory, logging, checkpoints.")
     eval: EvalCfg = Field(default_factory=EvalCfg, description="Evaluation defaults.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_coupling(cls, data: Any) -> Any:
+        # Recipes saved before coupling.pool_size gave the pool in global batches; here, not in
+        # CouplingCfg, because the translation needs data.batch_size.
+        if not isinstance(data, dict) or data.get("coupling") is None:
+            return data
+        coupling = data["coupling"]
+        if isinstance(coupling, BaseModel):
+            coupling = {k: getattr(coupling, k) for k in coupling.model_fields_set}
+        if not isinstance(coupling, dict):
+            return data
+        coupling = dict(coupling)
+        k, within = coupling.get("pool_batches"), coupling.get("within_class")
+        section = data.get("data") or {}
+        if isinstance(section, BaseModel):
+            section = {"batch_size": section.batch_size}
+        batch = (section.get("batch_size", DataCfg.model_fields["batch_size"].default)
+                 if isinstance(section, dict) else None)
+        if _count(k) and _count(batch) and batch > 0:
+            size = k * batch
+            if "pool_size" in coupling and coupling["pool_size"] != size:
+                raise ValueError(f"coupling.pool_batches={k} (deprecated: {k} x data.batch_size "
+                                 f"{batch} = {size} samples) conflicts with coupling.pool_size="
+                                 f"{coupling['pool_size']}; set only coupling.pool_size")
+            coupling["pool_size"] = size
+            del coupling["pool_batches"]
+        if isinstance(within, bool):
+            mode = "within_class" if within else "blind"
+            if "mode" in coupling and coupling["mode"] != mode:
+                raise ValueError(f"coupling.within_class={str(within).lower()} (deprecated: "
+                                 f"mode {mode!r}) conflicts with coupling.mode="
+                                 f"{coupling['mode']!r}; set only coupling.mode")
+            coupling["mode"] = mode
+            del coupling["within_class"]
+        return {**data, "coupling": coupling}
+
+    @model_validator(mode="after")
+    def _eval_steps(self) -> Recipe:
+        # Here, not in EvalCfg: which step counts exist depends on the objective.
+        try:
+            check_sampling_steps(self.eval.steps, self.objective.mode, self.objective.base_steps)
+        except ValueError as exc:
+            raise ValueError(f"eval.steps: {exc}") from exc
+        return self
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
@@ -157,21 +334,66 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def canonical_key(key: str) -> str:
+    """``section.old_name...`` -> ``section.name...`` for a field's old spelling (a
+    validation alias), so a file and a ``--set`` that use different spellings of one field
+    merge into one value instead of two keys."""
+    section, _, rest = key.partition(".")
+    name, dot, tail = rest.partition(".")
+    sfield = Recipe.model_fields.get(section)
+    if sfield is None or not name:
+        return key
+    for fname, info in sfield.annotation.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices) and name in alias.choices:
+            return f"{section}.{fname}{dot}{tail}"
+    return key
+
+
+def _canonical_names(data: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, fields in data.items():
+        if isinstance(fields, dict):
+            fields = {canonical_key(f"{section}.{k}").partition(".")[2]: v
+                      for k, v in fields.items()}
+        out[section] = fields
+    return out
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> UserError:
+    """One line with the file, line and column of a YAML syntax error."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return UserError(f"{path}: not valid YAML ({problem})")
+    return UserError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML ({problem})")
+
+
+def read_recipe_file(path: Path, sources: dict[str, str] | None = None,
+                     seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file merged over its ``extends`` parents. ``sources``, when given, receives
+    ``section.field -> file`` for every field a file sets (the last file in the chain wins)."""
     path = path.resolve()
     if path in seen:
         raise UserError(f"{path}: 'extends' cycle")
     if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
+        extended = f" (named by 'extends' in {seen[-1]})" if seen else ""
+        raise UserError(f"{path}: recipe file not found{extended}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        raise _yaml_error(path, exc) from exc
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a mapping of sections")
     parent = data.pop("extends", None)
+    data = _canonical_names(data)
+    own = {f"{section}.{name}": str(path) for section, fields in data.items()
+           if isinstance(fields, dict) for name in fields}
     if parent is not None:
-        data = _deep_merge(_read_yaml(path.parent / str(parent), (*seen, path)), data)
+        data = _deep_merge(read_recipe_file(path.parent / str(parent), sources, (*seen, path)),
+                           data)
+    if sources is not None:
+        sources.update(own)
     return data
 
 
@@ -184,7 +406,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError as exc:
         raise UserError(f"--set {assignment!r}: value is not valid YAML") from exc
-    parts = key.split(".")
+    parts = canonical_key(key).split(".")
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -195,23 +417,73 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
     return data
 
 
+def settable_names(section: type[BaseModel]) -> list[str]:
+    """Field names of a recipe section, old names (validation aliases) included."""
+    names = []
+    for name, field in section.model_fields.items():
+        names.append(name)
+        if isinstance(field.validation_alias, AliasChoices):
+            names += [a for a in field.validation_alias.choices if isinstance(a, str)]
+    return names
+
+
+def _closest(loc: tuple[Any, ...]) -> str:
+    """' (did you mean X?)' for an unknown section or field, or ''."""
+    if len(loc) == 1:
+        known, prefix = settable_names(Recipe), ""
+    elif len(loc) == 2 and (field := Recipe.model_fields.get(str(loc[0]))) is not None:
+        known, prefix = settable_names(field.annotation), f"{loc[0]}."
+    else:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _message(exc: ValidationError, where: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key" + _closest(err["loc"])
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+    extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {loc + ': ' if loc else ''}{msg}{extra}"
+
+
 def _validate(data: dict[str, Any], where: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise UserError(f"{where}: {loc}: {msg}{extra}") from exc
+        raise UserError(_message(exc, where)) from exc
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file (or the defaults when ``path`` is None) and apply overrides."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    """Read a recipe file (or the defaults when ``path`` is None) and apply overrides.
+
+    An error names its cause: the file when the file alone is already invalid, else the first
+    ``--set`` after which the recipe is.
+    """
+    where = str(path) if path is not None else "recipe"
+    data = read_recipe_file(Path(path)) if path is not None else {}
+    merged = copy.deepcopy(data)
     for assignment in overrides or []:
-        data = apply_override(data, assignment)
-    return _validate(data, str(path) if path is not None else "recipe")
+        merged = apply_override(merged, assignment)
+    try:
+        return Recipe.model_validate(merged)
+    except ValidationError as exc:
+        first = exc
+    try:
+        Recipe.model_validate(data)
+    except ValidationError:
+        raise UserError(_message(first, where)) from first
+    partial = copy.deepcopy(data)
+    for assignment in overrides or []:
+        partial = apply_override(partial, assignment)
+        try:
+            Recipe.model_validate(partial)
+        except ValidationError as exc:
+            raise UserError(_message(exc, f"--set {assignment}")) from exc
+    raise UserError(_message(first, where)) from first
 
 
 def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:

@@ -24,7 +24,9 @@ from ismctl.errors import UserError
 from ismctl.recipe import Recipe, load_recipe
 
 SAFE_FIELDS = frozenset({"train.steps", "train.grad_accum", "train.device", "train.precision",
-                         "train.compile", "data.num_workers"})
+                         "train.compile", "data.num_workers",
+                         # Read only when a run starts: a resumed run continues its own weights.
+                         "model.init_from"})
 SAFE_SECTIONS = ("run.", "eval.")
 SHOWN = 5
 

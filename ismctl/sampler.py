@@ -2,6 +2,9 @@
 
     x <- x + d F(x, t_i, d, c, w),  t_i = i / N
 
+N is a power of two up to ``base_steps`` for networks trained on dyadic jumps (sm, ism); a
+network with continuous jump sizes (MeanFlow, SPEC 4.1) takes any N >= 1.
+
 Samplers (the ``mode`` argument):
 
 - ``intrinsic`` (iSM) feeds the guidance strength w to the network: one pass per step.
@@ -35,11 +38,18 @@ MODES: tuple[str, ...] = get_args(Mode)
 TWO_PASS = ("cfg", "flow-cfg")
 
 
-def check_steps(steps: int, base_steps: int) -> None:
-    """N must be a power of two in [1, base_steps]: the jump sizes the network was trained on."""
-    if (not isinstance(steps, int | np.integer) or steps < 1 or steps & (steps - 1)
-            or steps > base_steps):
+def check_steps(steps: int, base_steps: int, continuous: bool = False) -> None:
+    """N must be a power of two in [1, base_steps], the jump sizes the network was trained on;
+    with ``continuous`` jump sizes any integer N >= 1."""
+    if not isinstance(steps, int | np.integer) or steps < 1:
+        raise UserError(f"steps: must be a positive integer, got {steps}")
+    if not continuous and (steps & (steps - 1) or steps > base_steps):
         raise UserError(f"steps: must be a power of two between 1 and {base_steps}, got {steps}")
+
+
+def continuous_jumps(model: nn.Module) -> bool:
+    """Whether ``model`` (possibly DDP/compile-wrapped) takes any jump size d in [0, 1]."""
+    return bool(getattr(unwrap_model(model), "continuous_jumps", False))
 
 
 def _null_class(model: nn.Module, num_classes: int | None) -> int:
@@ -66,14 +76,15 @@ def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, guidance
     ``steps`` is validated here, once, so the loop reads nothing back from the device: under
     inference mode each step only queues work (``model`` may be a compiled network).
     """
-    check_steps(steps, base_steps)
+    check_steps(steps, base_steps, continuous_jumps(model))
     if mode not in MODES:
         raise UserError(f"sampling mode: expected one of {', '.join(MODES)}, got {mode!r}")
     if guidance < 0:
         raise UserError(f"guidance: w must be >= 0 (CFG scale 1 + w), got {guidance}")
     if mode == "conditional" and guidance != 0:
-        raise UserError(f"guidance {guidance:g}: the conditional sampler takes w = 0 (an sm "
-                        "network's guidance is baked into its shortcuts); use cfg to add more")
+        raise UserError(f"guidance {guidance:g}: the conditional sampler takes w = 0 (an sm or "
+                        "baked-guidance meanflow network's guidance is baked into its jumps); "
+                        "use cfg to add more")
     batch = noise.shape[0]
     two_pass = mode in TWO_PASS
     null = _null_class(model, num_classes) if two_pass else 0
@@ -142,7 +153,7 @@ def generate(model: nn.Module, num: int, shape: tuple[int, int, int], num_classe
         raise UserError(f"generate: num and batch_size must be >= 1, got {num}, {batch_size}")
     if seed < 0:
         raise UserError(f"seed: must be >= 0, got {seed}")
-    check_steps(steps, base_steps)
+    check_steps(steps, base_steps, continuous_jumps(model))
     if labels is None:
         labels = balanced_labels(num, num_classes, seed)
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()

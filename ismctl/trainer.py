@@ -1,7 +1,7 @@
 """The training loop: one process, or DDP under ``torchrun`` (NCCL on GPU, gloo on CPU).
 
 Data flow: recipe -> TrainLoader (shards, latent draw, sOT pairing in its workers) ->
-shortcut_loss (online net + target EMA) -> AdamW -> twin EMA update.
+the recipe's objective (ismctl.objectives: online net + target EMA) -> AdamW -> twin EMA update.
 
 Reproducibility: the global batch is cut into ``ranks x grad_accum`` slots and slot ``s`` of
 step ``n`` gets its data from loader stream ``s`` and its objective randomness (t, d, w,
@@ -36,17 +36,21 @@ from ismctl.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from ismctl.coupling import STATS
 from ismctl.data.loader import TrainLoader
 from ismctl.data.manifest import read_manifest
+from ismctl.data.plan import batches_per_pool
 from ismctl.distributed import DistInfo, barrier, gather_to_main, init_distributed, shutdown
 from ismctl.ema import TwinEMA
 from ismctl.errors import UserError
 from ismctl.fileio import atomic_write_text
 from ismctl.generate import arrange_by_class, generate_images, save_grid
 from ismctl.losses import build_loss
+from ismctl.losses.band_stats import band_stats_for_run
 from ismctl.model import forward_flops
-from ismctl.objective import shortcut_loss
+from ismctl.objectives import get_objective
 from ismctl.preemption import Preempted, StopSignals
+from ismctl.pretrained import init_from_pretrained, plan_import, read_pretrained
 from ismctl.progress import progress_bar, stdout_is_terminal
 from ismctl.protocol import choose_point, run_sampler
 from ismctl.recipe import Recipe, save_recipe
@@ -82,11 +86,11 @@ def _peak_flops(device: torch.device) -> float | None:
 
 
 def _flops_per_sample(recipe: Recipe, model: torch.nn.Module) -> float:
-    """SPEC 5: forward + backward = 3 forwards, plus the target EMA's no-grad passes
-    (2 per consistency sample, 2 per guidance sample)."""
-    obj = recipe.objective
-    extra = 2 * obj.bootstrap_fraction + (2 * obj.guidance_fraction if obj.mode == "ism" else 0)
-    return forward_flops(model) * (3 + extra)
+    """SPEC 5: forward + backward = 3 forwards, plus the target network's no-grad passes as
+    the objective counts them (sm/ism: 2 per consistency and per guidance sample; meanflow:
+    2 per sample with guidance in the target, a JVP of ~2 per d > 0 sample)."""
+    spec = get_objective(recipe.objective.mode)
+    return forward_flops(model) * (3 + spec.target_passes(recipe.objective, recipe.guidance))
 
 
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool | str, overwrite: bool,
@@ -138,7 +142,24 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
         raise UserError(f"data.batch_size={recipe.data.batch_size}: not divisible by "
                         f"ranks x train.grad_accum = {slots}")
     micro = recipe.data.batch_size // slots
+    # Each slot's loader solves one sOT assignment per coupling.pool_size samples of its own
+    # stream, so the pool is the same on any number of ranks and accumulation steps.
+    batches_per_pool(recipe.coupling.pool_size, micro,
+                     f" (data.batch_size {recipe.data.batch_size} / {slots} = ranks x "
+                     "train.grad_accum)")
     run_dir = run_directory(recipe, recipe_path)
+    # A pretrained start is read and checked against the network's shapes (on the meta
+    # device: no memory) before the run folder is written, so a bad file leaves nothing.
+    # The network and the loss are built once before the run folder is written, so a recipe
+    # they refuse (a patch that does not tile the input, wrong detail weights) leaves nothing.
+    with torch.device("meta"):
+        shapes = model_from_recipe(recipe, manifest)
+    build_loss(recipe.loss, shapes.input_size)
+    pretrained = None
+    if recipe.model.init_from and not (resume and list_checkpoints(run_dir)):
+        pretrained, _ = read_pretrained(recipe.model.init_from)
+        with torch.device("meta"):
+            plan_import(shapes, pretrained, recipe.model.init_from)
     _prepare_run_dir(run_dir, recipe, resume, overwrite, info)
 
     torch.manual_seed(cfg.seed)
@@ -146,6 +167,9 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = model_from_recipe(recipe, manifest).to(dev)
+    if pretrained is not None:
+        init_from_pretrained(model, pretrained, verbose=info.is_main,
+                             name=recipe.model.init_from)
     e = recipe.ema
     ema = TwinEMA(model, target_decay=e.target_decay, inference_decay=e.inference_decay,
                   target_enabled=e.target_enabled, inference_enabled=e.inference_enabled,
@@ -186,19 +210,26 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
     # run.sample_every steps do not repay a compilation.
     online = compile_network(net, cfg.compile)
     target = compile_network(ema.target, cfg.compile)
-    loss_fn = build_loss(recipe.loss, model.input_size)
+    # One signature for every objective family (ismctl/objectives): gradients come only from
+    # `online` (DDP-wrapped under torchrun); `target` builds the targets under no_grad.
+    objective_fn = get_objective(recipe.objective.mode).fn
+    # The wavelet loss's band normaliser is a constant of the data set, measured once and kept
+    # in the run directory: the loss does not depend on how the batch is split (SPEC 3.2).
+    loss_fn = build_loss(recipe.loss, model.input_size,
+                         band_stats_for_run(recipe.loss, recipe.data, run_dir, info.is_main))
     # Each accumulation slot has its own loader; the recipe's workers are shared among them.
     workers = max(1, recipe.data.num_workers // cfg.grad_accum) if recipe.data.num_workers else 0
     # Each loader worker streams its own slice of an epoch: another count, another order.
     if stored_data.get("workers", max(1, workers)) != max(1, workers) and info.is_main:
         print(f"note: resuming with {max(1, workers)} loader streams per slot instead of "
               f"{stored_data['workers']}: the data order differs from an uninterrupted run")
+    cp = recipe.coupling
     loaders = [iter(TrainLoader(
-        recipe.data.path, batch_size=micro, pool_batches=recipe.coupling.pool_batches,
+        recipe.data.path, batch_size=micro, pool_size=cp.pool_size,
         seed=cfg.seed, rank=info.rank * cfg.grad_accum + m, world_size=slots,
         num_workers=workers,
         shuffle_buffer=recipe.data.shuffle_buffer, flip=recipe.data.flip and manifest.flip,
-        start_batch=start_step, within_class=recipe.coupling.within_class))
+        start_batch=start_step, mode=cp.mode, min_group=cp.min_group))
         for m in range(cfg.grad_accum)]
     # Last, right before the first step: starting the loaders above draws from the CPU
     # generator, as it did before step 1 of the interrupted run.
@@ -234,8 +265,9 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
         for steps in (1, 4):
             w = recipe.run.sample_guidance
             point, _ = choose_point(recipe, run_dir, steps, w if run.mode == "intrinsic" else None)
-            images, labels = generate_images(run, recipe.run.sample_num, steps, point.guidance,
-                                             seed=cfg.seed, batch_size=recipe.run.sample_num,
+            num = recipe.run.sample_num_samples
+            images, labels = generate_images(run, num, steps, point.guidance,
+                                             seed=cfg.seed, batch_size=num,
                                              sampler=point.sampler)
             grid, nrow = arrange_by_class(images, labels, manifest.num_classes)
             path = run_dir / "samples" / f"step-{step:07d}-{steps}s.png"
@@ -271,6 +303,9 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
         return checkpoint_dir(run_dir, step)
 
     sums: dict[str, torch.Tensor] = {}
+    # What the live sOT coupling does (coupling.STATS of each micro-batch's pool), logged as
+    # sot_<name> next to the losses; nothing with independent pairing.
+    pool_sums: dict[str, torch.Tensor] = {}
     bad = torch.zeros((), dtype=torch.bool, device=dev)
     n_since, t_last = 0, time.perf_counter()
     with runlog, StopSignals() as stop, progress_bar(
@@ -282,14 +317,17 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
                 group["lr"] = lr
             model.train()
             for m, it in enumerate(loaders):
-                x0, x1, y = (t.to(dev, non_blocking=True) for t in next(it))
+                x0, x1, y, pool_stats = (t.to(dev, non_blocking=True) for t in next(it))
+                if cp.pool_size:
+                    for k, v in zip(STATS, pool_stats, strict=True):
+                        pool_sums[f"sot_{k}"] = pool_sums.get(f"sot_{k}", 0.0) + v / cfg.grad_accum
                 gen.manual_seed(_stream_seed(cfg.seed, step, info.rank * cfg.grad_accum + m))
                 last_micro = m == cfg.grad_accum - 1
                 sync = contextlib.nullcontext() if last_micro or not info.enabled else net.no_sync()
                 with sync:
                     with amp:
-                        parts = shortcut_loss(online, target, x0, x1, y, recipe.objective,
-                                              recipe.guidance, loss_fn, model.num_classes, gen)
+                        parts = objective_fn(online, target, x0, x1, y, recipe.objective,
+                                             recipe.guidance, loss_fn, model.num_classes, gen)
                     (parts["loss"] / cfg.grad_accum).backward()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
@@ -307,12 +345,13 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
             if (at_log or at_ckpt) and bool(bad):
                 raise diverged(done)
             if at_log:
-                line = log_line(done, sums, n_since, time.perf_counter() - t_last, grad_norm)
+                line = log_line(done, sums | pool_sums, n_since, time.perf_counter() - t_last,
+                                grad_norm)
                 runlog.metrics(line)
                 if info.is_main:
                     parts_txt = " ".join(f"{k} {line[k]:.4f}" for k in sorted(sums) if k != "loss")
                     bar.update(f"loss {line['loss']:.4f} ({parts_txt})")
-                sums, n_since, t_last = {}, 0, time.perf_counter()
+                sums, pool_sums, n_since, t_last = {}, {}, 0, time.perf_counter()
             if info.is_main and (done % recipe.run.sample_every == 0 or done == cfg.steps):
                 sample_grids(done)
             if at_ckpt:

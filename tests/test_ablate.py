@@ -30,7 +30,7 @@ EXPECTED = {
     "intrinsic-guidance": {"objective.mode": "sm"},
     "interval-guidance": {"guidance.interval_start": 0.0},
     "wavelet": {"loss.name": "mse"},
-    "sot": {"coupling.pool_batches": 0},
+    "sot": {"coupling.pool_size": 0},
 }
 
 
@@ -106,7 +106,7 @@ def test_disable_plan_compares_with_the_full_recipe(quickstart: Recipe) -> None:
     assert [name for name, _ in plan] == ["full", "no-wavelet+sot"]
     assert without_run_name(plan[0][1]) == without_run_name(quickstart)
     assert changes(quickstart, plan[1][1]) == {
-        "loss.name": "mse", "coupling.pool_batches": 0, "run.name": "no-wavelet+sot"}
+        "loss.name": "mse", "coupling.pool_size": 0, "run.name": "no-wavelet+sot"}
 
 
 def test_cumulative_plan_follows_the_paper_order(quickstart: Recipe) -> None:
@@ -119,14 +119,14 @@ def test_cumulative_plan_follows_the_paper_order(quickstart: Recipe) -> None:
     assert first.objective.mode == "sm"
     assert first.guidance.interval_start == 0.0
     assert first.loss.name == "mse"
-    assert first.coupling.pool_batches == 0
+    assert first.coupling.pool_size == 0
     assert first.ema.target_decay == first.ema.inference_decay
     assert without_run_name(plan[-1][1]) == without_run_name(quickstart)
     # Row k turns on exactly the k-th component of the paper's order, nothing else.
     added = [("intrinsic-guidance", {"objective.mode": "ism"}),
              ("interval-guidance", {"guidance.interval_start": 0.3}),
              ("wavelet", {"loss.name": "wavelet"}),
-             ("sot", {"coupling.pool_batches": 4}),
+             ("sot", {"coupling.pool_size": 256}),
              ("twin-ema", {"ema.target_decay": 0.95})]
     assert [name for name, _ in added] == list(ORDER)
     for k, (_, fields) in enumerate(added):
@@ -231,8 +231,8 @@ def test_sweep_plans_one_variant_per_value(quickstart: Recipe) -> None:
     with pytest.raises(UserError, match="same recipe"):
         plan_sweep(quickstart, "guidance.w_max=2,2.0")
     # The recipe's own value is the recipe itself: named like the full variant of an ablation.
-    own = plan_sweep(quickstart, "coupling.within_class=true,false")
-    assert [name for name, _ in own] == ["full", "coupling.within_class=false"]
+    own = plan_sweep(quickstart, "coupling.mode=within_class,blind")
+    assert [name for name, _ in own] == ["full", "coupling.mode=blind"]
     assert without_run_name(own[0][1]) == without_run_name(quickstart)
 
 
@@ -354,3 +354,106 @@ def test_a_variant_trained_with_another_recipe_is_not_continued(quickstart: Reci
                          run_dir)
     with pytest.raises(UserError, match="optim.lr"):
         _check_stored_recipe(load_recipe(RECIPES / "quickstart.yaml", ["optim.lr=0.5"]), run_dir)
+
+
+def test_default_baseline_is_the_published_sm_recipe_beside_an_ism_one(tmp_path: Path) -> None:
+    from ismctl.ablate import baseline_recipe, default_baseline
+
+    assert default_baseline(str(RECIPES / "ism_xl.yaml")) == str(RECIPES / "sm_xl.yaml")
+    assert default_baseline(str(RECIPES / "ism_b.yaml")) == str(RECIPES / "sm_b.yaml")
+    assert default_baseline(str(RECIPES / "quickstart.yaml")) is None
+    lonely = tmp_path / "ism_l.yaml"
+    lonely.write_text("extends: " + str(RECIPES / "ism_xl.yaml") + "\n")
+    assert default_baseline(str(lonely)) is None
+    xl = str(RECIPES / "ism_xl.yaml")
+    assert baseline_recipe(xl, None, cumulative=True) == str(RECIPES / "sm_xl.yaml")
+    assert baseline_recipe(xl, "components-off", cumulative=True) is None
+    assert baseline_recipe(xl, None, cumulative=False) is None
+    with pytest.raises(UserError, match="only with --cumulative"):
+        baseline_recipe(xl, str(RECIPES / "sm_b.yaml"), cumulative=False)
+    with pytest.raises(UserError, match="--baseline nope.yaml: recipe file not found"):
+        baseline_recipe(xl, "nope.yaml", cumulative=True)
+
+
+def _fake_ablation(monkeypatch: pytest.MonkeyPatch) -> list[Recipe]:
+    """run_ablation's plumbing without training: record the trained recipes, and give every
+    run an sm-style (w = 0) or ism-style (w = 1) result."""
+    import ismctl.ablate as ablate
+
+    trained: list[Recipe] = []
+    monkeypatch.setattr(ablate, "_train_variant", lambda recipe, *a, **k: trained.append(recipe))
+
+    def evaluated(recipe: Recipe, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        w = 0.0 if recipe.objective.mode == "sm" else 1.0
+        fid = 10.0 if recipe.objective.mode == "sm" else 8.0
+        return {"select_by": "fid", **_results({(1, w, "intrinsic"): {"fid": fid},
+                                                (4, w, "intrinsic"): {"fid": fid / 2}})}
+
+    monkeypatch.setattr(ablate, "_evaluated", evaluated)
+    return trained
+
+
+def test_cumulative_ism_xl_starts_from_the_published_sm_baseline(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from ismctl.ablate import run_ablation
+
+    trained = _fake_ablation(monkeypatch)
+    report = run_ablation(str(RECIPES / "ism_xl.yaml"), None, cumulative=True, out=tmp_path,
+                          overrides=["train.steps=100"], progress=False)
+    first = report["variants"][0]
+    assert first["name"] == "baseline-sm_xl" and first["label"] == "baseline: sm_xl.yaml"
+    assert [v["name"] for v in report["variants"]][1:] == [
+        "no-interval-guidance+wavelet+sot+twin-ema", "no-wavelet+sot+twin-ema",
+        "no-sot+twin-ema", "no-twin-ema", "full"]
+    # The baseline run is sm_xl.yaml itself (the ablation's --set applied, like to every row):
+    # EMA 0.999, weight decay 0.1, no gradient clip, target clip 4; not ism with parts off.
+    sm = load_recipe(RECIPES / "sm_xl.yaml", ["train.steps=100"])
+    assert changes(sm, trained[0]).keys() <= {"run.name", "run.root"}
+    assert trained[0].ema.inference_decay == 0.999 and trained[0].optim.weight_decay == 0.1
+    assert trained[0].optim.grad_clip is None and trained[0].objective.target_clip == 4.0
+    assert report["baseline"]["kind"] == "recipe"
+    assert report["baseline"]["recipe"] == str(RECIPES / "sm_xl.yaml")
+    text = (tmp_path / "ablation.md").read_text()
+    assert f"Baseline (first row): {RECIPES / 'sm_xl.yaml'}, trained and evaluated" in text
+    assert json.loads((tmp_path / "ablation.json").read_text())["baseline"] == report["baseline"]
+    # The sm baseline is evaluated at its own protocol's point (w = 0).
+    assert first["best"] == {"1": "1@0", "4": "4@0"}
+
+
+def test_cumulative_quickstart_keeps_the_components_off_baseline_unless_given(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from ismctl.ablate import run_ablation
+
+    trained = _fake_ablation(monkeypatch)
+    quick = str(RECIPES / "quickstart.yaml")
+    report = run_ablation(quick, None, cumulative=True, out=tmp_path / "a", progress=False)
+    assert report["variants"][0]["name"] == "baseline"
+    assert report["variants"][0]["label"] == "baseline (components off)"
+    assert report["baseline"]["kind"] == "components-off"
+    assert "all five iSM components switched off" in (tmp_path / "a" / "ablation.md").read_text()
+    trained.clear()
+    given = tmp_path / "sm_digits.yaml"
+    given.write_text(f"extends: {quick}\nobjective:\n  mode: sm\noptim:\n  weight_decay: 0.1\n")
+    report = run_ablation(quick, None, cumulative=True, out=tmp_path / "b", progress=False,
+                          baseline=str(given))
+    assert report["variants"][0]["name"] == "baseline-sm_digits"
+    assert trained[0].optim.weight_decay == 0.1 and trained[0].objective.mode == "sm"
+    assert report["baseline"]["recipe"] == str(given)
+    # Other modes have no baseline row.
+    report = run_ablation(quick, ["sot"], cumulative=False, out=tmp_path / "c", progress=False)
+    assert report["baseline"] is None
+
+
+def test_ablate_cli_baseline_option(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ismctl.cli import app
+
+    quick = str(RECIPES / "quickstart.yaml")
+    res = CliRunner().invoke(app, ["ablate", quick, "--sweep", "guidance.w_max=1,2",
+                                   "--baseline", str(RECIPES / "sm_xl.yaml"),
+                                   "--out", str(tmp_path)])
+    assert isinstance(res.exception, UserError) and "only with --cumulative" in str(res.exception)
+    res = CliRunner().invoke(app, ["ablate", quick, "--cumulative", "--baseline", "missing.yaml",
+                                   "--out", str(tmp_path)])
+    assert isinstance(res.exception, UserError) and "missing.yaml" in str(res.exception)

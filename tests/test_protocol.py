@@ -40,7 +40,7 @@ def test_ism_points_are_the_full_grid() -> None:
     points = plan_points(ism, [1, 128], [0.0, 2.0])
     assert points == [Point(1, 0.0, "intrinsic"), Point(1, 2.0, "intrinsic"),
                       Point(128, 0.0, "intrinsic"), Point(128, 2.0, "intrinsic")]
-    with pytest.raises(UserError, match="only for sm"):
+    with pytest.raises(UserError, match="baked-in guidance"):
         plan_points(ism, [1], [0.0], double_guidance=True)
 
 

@@ -63,7 +63,7 @@ def test_safe_changes_are_accepted(run: tuple[Path, Recipe], override: str) -> N
 
 @pytest.mark.parametrize("override", [
     "optim.lr=0.5", "data.batch_size=32", "train.seed=3", "model.dropout=0.1",
-    'loss.name="mse"', "coupling.pool_batches=0", "ema.target_decay=0.9",
+    'loss.name="mse"', "coupling.pool_size=0", "ema.target_decay=0.9",
     'objective.mode="sm"', "guidance.w_max=2.0", "data.flip=true",
 ])
 def test_unsafe_changes_are_refused_by_name(run: tuple[Path, Recipe], override: str) -> None:

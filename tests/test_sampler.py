@@ -141,6 +141,19 @@ def test_rejects_bad_step_counts(steps: int) -> None:
         generate(net, 2, (1, 2, 2), NUM_CLASSES, steps, 0.0, "intrinsic", 0, 2, "cpu")
 
 
+
+@pytest.mark.parametrize("steps", [3, 6, 256])
+def test_continuous_jump_networks_take_any_step_count(steps: int) -> None:
+    """A network trained on continuous jump sizes (MeanFlow) samples any N >= 1, N passes."""
+    net = FieldNet(_constant_field)
+    net.continuous_jumps = True
+    x = sample(net, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), steps)
+    torch.testing.assert_close(x, torch.full_like(x, 3.0))
+    images, _ = generate(net, 2, (1, 2, 2), NUM_CLASSES, steps, 0.0, "intrinsic", 0, 2, "cpu")
+    assert images.shape == (2, 1, 2, 2)
+    with pytest.raises(UserError, match="positive integer"):
+        sample(net, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), 0)
+
 def test_sample_runs_in_eval_and_restores_mode() -> None:
     net = FieldNet(_constant_field)
     net.train()

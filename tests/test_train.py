@@ -3,6 +3,7 @@ logs, TensorBoard, DDP, errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from typer.testing import CliRunner
 import ismctl.trainer as trainer
 from ismctl.checkpoint import list_checkpoints
 from ismctl.cli import app, main
+from ismctl.objectives import ObjectiveSpec, get_objective
 from ismctl.pngdir import read_png_folder
 from ismctl.preemption import PREEMPTED_EXIT_CODE
 
@@ -30,7 +33,7 @@ QUICK = str(REPO / "recipes" / "quickstart.yaml")
 
 def tiny_overrides(data: Path, root: Path, name: str, steps: int, **extra: object) -> list[str]:
     sets = {"data.path": data, "run.root": root, "run.name": name, "train.steps": steps,
-            "data.batch_size": 16, "coupling.pool_batches": 2, "run.log_every": 1,
+            "data.batch_size": 16, "coupling.pool_size": 32, "run.log_every": 1,
             "run.sample_every": 10_000, "run.sample_num": 20, "run.ckpt_every": 5,
             "run.keep_last": 100, "optim.warmup_steps": 0, **extra}
     return [f"--set={k}={v}" for k, v in sets.items()]
@@ -155,6 +158,11 @@ def tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def objective_with(fn: Callable[..., dict[str, torch.Tensor]]) -> Callable[[str], ObjectiveSpec]:
+    """A stand-in for the trainer's objective lookup whose entries train with ``fn``."""
+    return lambda mode: dataclasses.replace(get_objective(mode), fn=fn)
+
+
 def test_non_finite_loss_after_a_checkpoint_keeps_it(digits: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
@@ -162,7 +170,7 @@ def test_non_finite_loss_after_a_checkpoint_keeps_it(digits: Path, tmp_path: Pat
     check (step 10) with one line and exit 2, writes no checkpoint from the broken weights and
     leaves the step-5 checkpoint byte for byte as it was."""
     run = tmp_path / "nan"
-    real_loss = trainer.shortcut_loss
+    real_loss = get_objective("ism").fn
     calls: list[int] = []
     before: dict[str, str] = {}
 
@@ -175,7 +183,7 @@ def test_non_finite_loss_after_a_checkpoint_keeps_it(digits: Path, tmp_path: Pat
             parts = {k: v * float("nan") for k, v in parts.items()}
         return parts
 
-    monkeypatch.setattr(trainer, "shortcut_loss", poisoned)
+    monkeypatch.setattr(trainer, "get_objective", objective_with(poisoned))
     assert run_main(monkeypatch, "train", QUICK, "--no-progress",
                     *tiny_overrides(digits, tmp_path, "nan", 40, **{"run.log_every": 10})) == 2
     err = capsys.readouterr().err
@@ -238,7 +246,7 @@ def test_sigterm_checkpoints_the_step_reached_and_resume_is_exact(
     the exit code says "preempted", and --resume continues as if nothing had happened."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    real_loss = trainer.shortcut_loss
+    real_loss = get_objective("ism").fn
     calls: list[int] = []
 
     def signalled(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
@@ -247,7 +255,7 @@ def test_sigterm_checkpoints_the_step_reached_and_resume_is_exact(
             os.kill(os.getpid(), signal.SIGTERM)
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "shortcut_loss", signalled)
+    monkeypatch.setattr(trainer, "get_objective", objective_with(signalled))
     overrides = tiny_overrides(digits, tmp_path, "stopped", STEPS, **EXACT,
                                **{"run.ckpt_every": 1000})
     assert run_main(monkeypatch, "train", QUICK, "--no-progress",
@@ -258,7 +266,7 @@ def test_sigterm_checkpoints_the_step_reached_and_resume_is_exact(
     run = tmp_path / "stopped"
     assert sorted(losses(run)) == list(range(1, 8))
     assert [s for s, _ in list_checkpoints(run)] == [7]
-    monkeypatch.setattr(trainer, "shortcut_loss", real_loss)
+    monkeypatch.setattr(trainer, "get_objective", get_objective)
     assert run_main(monkeypatch, "train", QUICK, "--no-progress", "--resume", *overrides) == 0
     assert_same_losses(run, reference)
     # TensorBoard hides the events of the first attempt that the resumed one repeats.
@@ -335,7 +343,8 @@ def test_tensorboard_holds_every_metric_and_the_grids(short_run: Path) -> None:
     lines = [json.loads(ln) for ln in (short_run / "metrics.jsonl").read_text().splitlines()]
     keys = {"train/loss": "loss", "train/velocity": "velocity", "train/guidance": "guidance",
             "train/consistency": "consistency", "train/grad_norm": "grad_norm",
-            "train/lr": "lr", "perf/it_s": "it_s", "perf/img_s": "img_s"}
+            "train/lr": "lr", "perf/it_s": "it_s", "perf/img_s": "img_s",
+            "train/sot_cost_reduction": "sot_cost_reduction", "train/sot_leakage": "sot_leakage"}
     assert set(events.Tags()["scalars"]) == set(keys)
     for tag, key in keys.items():
         logged = [(e.step, e.value) for e in events.Scalars(tag)]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ import ismctl.trainer as trainer
 from ismctl.checkpoint import list_checkpoints, model_from_recipe
 from ismctl.data.manifest import read_manifest
 from ismctl.ema import unwrap_model
+from ismctl.objectives import get_objective
 from ismctl.recipe import Recipe, load_recipe
 
 QUICK = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
@@ -33,7 +35,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def recipe(digits: Path, root: Path, name: str, steps: int, **extra: Any) -> Recipe:
     sets = {"data.path": digits, "run.root": root, "run.name": name, "train.steps": steps,
-            "data.batch_size": 16, "coupling.pool_batches": 2, "run.log_every": 1,
+            "data.batch_size": 16, "coupling.pool_size": 32, "run.log_every": 1,
             "run.sample_every": 10_000, "run.sample_num": 10, "run.ckpt_every": 1000,
             "run.keep_last": 100, "optim.warmup_steps": 0, "run.tracker": "none", **extra}
     return load_recipe(QUICK, [f"{k}={v}" for k, v in sets.items()])
@@ -53,7 +55,7 @@ def test_target_ema_builds_targets_and_inference_ema_samples(
     sample from, and recompute both EMAs by hand from the online weights of every step."""
     targets: list[dict[str, torch.Tensor]] = []
     sampled: list[dict[str, torch.Tensor]] = []
-    real_loss, real_generate = trainer.shortcut_loss, trainer.generate_images
+    real_loss, real_generate = get_objective("ism").fn, trainer.generate_images
 
     def loss(net: Any, target: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         targets.append(snapshot(target))
@@ -63,7 +65,8 @@ def test_target_ema_builds_targets_and_inference_ema_samples(
         sampled.append(snapshot(run.model))
         return real_generate(run, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "shortcut_loss", loss)
+    monkeypatch.setattr(trainer, "get_objective",
+                        lambda mode: dataclasses.replace(get_objective(mode), fn=loss))
     monkeypatch.setattr(trainer, "generate_images", generate)
     decays = {"target_ema": 0.5, "inference_ema": 0.8}
     r = recipe(digits, tmp_path, "roles", 4, **{"run.ckpt_every": 1, "run.sample_every": 2,

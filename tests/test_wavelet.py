@@ -20,7 +20,19 @@ from ismctl.losses import (
     register_loss,
     wavelet_loss,
 )
-from ismctl.recipe import LossCfg
+from ismctl.losses.band_stats import (
+    BAND_STATS_FILE,
+    band_stats_for_run,
+    band_weights,
+    dataset_band_stats,
+    latent_like,
+    measure_band_stats,
+    run_band_stats,
+    weight_table,
+    white_stats,
+)
+from ismctl.losses.wavelet import band_energies
+from ismctl.recipe import DataCfg, LossCfg
 
 
 def _random(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -88,8 +100,7 @@ def test_idwt2_inverts_dwt2(wavelet: str, levels: int) -> None:
 @pytest.mark.parametrize("wavelet", ["haar", "db2"])
 def test_unit_weights_equal_mse(wavelet: str) -> None:
     pred, target = _random((4, 4, 32, 32), 1), _random((4, 4, 32, 32), 2)
-    loss = wavelet_loss(pred, target, wavelet, levels=5, approx_weight=1.0, detail_weights=1.0,
-                        energy_norm=False)
+    loss = wavelet_loss(pred, target, wavelet, levels=5, approx_weight=1.0, detail_weights=1.0)
     ref = ((pred - target).numpy() ** 2).mean(axis=(1, 2, 3))
     assert loss.shape == (4,)
     np.testing.assert_allclose(loss.numpy(), ref, rtol=1e-12)
@@ -104,7 +115,7 @@ def test_loss_matches_pywt_band_energies(
 ) -> None:
     pred, target = _random((3, 2, 16, 16), 3), _random((3, 2, 16, 16), 4)
     levels = 3 if wavelet == "haar" else 2
-    loss = wavelet_loss(pred, target, wavelet, levels, approx_w, detail_w, energy_norm=False)
+    loss = wavelet_loss(pred, target, wavelet, levels, approx_w, detail_w)
     ref = _pywt_loss((pred - target).numpy(), wavelet, levels, approx_w, detail_w)
     np.testing.assert_allclose(loss.numpy(), ref, rtol=1e-12)
 
@@ -118,7 +129,7 @@ def test_fixed_weights_price_high_frequency_error_more() -> None:
     np.testing.assert_allclose(mse_loss(offset, target).item(), mse_loss(checker, target).item())
 
     def loss(p: torch.Tensor) -> float:
-        return wavelet_loss(p, target, detail_weights=2.0, energy_norm=False).item()
+        return wavelet_loss(p, target, detail_weights=2.0).item()
 
     # A constant lives in the approximation band (weight 1), a checkerboard in the finest
     # diagonal band (weight 2).
@@ -126,28 +137,36 @@ def test_fixed_weights_price_high_frequency_error_more() -> None:
     np.testing.assert_allclose(loss(checker), 0.18, rtol=1e-12)
 
 
+def _smooth(seed: int, size: int, channels: int, count: int = 16) -> torch.Tensor:
+    """Smooth data: most of its variance at coarse scales."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(count, channels, size // 4, size // 4, generator=gen,
+                         dtype=torch.float64)
+    return 2.0 * torch.nn.functional.interpolate(coarse, size=size, mode="bilinear")
+
+
 def _velocity_like(seed: int, size: int, channels: int) -> torch.Tensor:
     """x1 - x0 with smooth data x1 (energy at coarse scales) and white noise x0."""
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(16, channels, size // 4, size // 4, generator=gen, dtype=torch.float64)
-    x1 = 2.0 * torch.nn.functional.interpolate(coarse, size=size, mode="bilinear")
-    return x1 - torch.randn(16, channels, size, size, generator=gen, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    x1 = _smooth(seed, size, channels)
+    return x1 - torch.randn(x1.shape, generator=gen, dtype=torch.float64)
 
 
 @pytest.mark.parametrize(("size", "channels"), [(32, 4), (8, 1)])
 def test_default_loss_is_not_a_rescaled_mse(size: int, channels: int) -> None:
     """The recipe default changes the direction of the gradient, not only its scale: a
-    uniform detail factor would not (SPEC 3.2), energy normalisation does."""
+    uniform detail factor would not (SPEC 3.2), the data set's band normaliser does."""
     target = _velocity_like(0, size, channels)
     pred = (target + 0.5 * _velocity_like(1, size, channels)).requires_grad_(True)
+    stats = measure_band_stats(_smooth(2, size, channels, 256), "haar", 5)
 
     def grad(loss_fn) -> torch.Tensor:
         pred.grad = None
         loss_fn(pred, target).sum().backward()
         return pred.grad.flatten().clone()
 
-    default = build_loss(LossCfg(), input_size=size)
-    uniform = build_loss(LossCfg(detail_weights=2.0, energy_norm=False), input_size=size)
+    default = build_loss(LossCfg(), input_size=size, band_stats=stats)
+    uniform = build_loss(LossCfg(detail_weights=2.0), input_size=size)
     g_mse = grad(mse_loss)
     cos = torch.nn.functional.cosine_similarity(grad(default), g_mse, dim=0)
     cos_uniform = torch.nn.functional.cosine_similarity(grad(uniform), g_mse, dim=0)
@@ -184,10 +203,10 @@ def test_levels_capped_on_small_inputs() -> None:
     assert max_levels(8, "haar") == 3
     assert max_levels(24, "haar") == 3  # 24 -> 12 -> 6 -> 3: odd sides stop the pyramid
     pred, target = _random((2, 3, 8, 8), 10), _random((2, 3, 8, 8), 11)
-    loss = wavelet_loss(pred, target, levels=5, detail_weights=2.0, energy_norm=False)
+    loss = wavelet_loss(pred, target, levels=5, detail_weights=2.0)
     ref = _pywt_loss((pred - target).numpy(), "haar", 3, 1.0, 2.0)
     np.testing.assert_allclose(loss.numpy(), ref, rtol=1e-12)
-    built = build_loss(LossCfg(name="wavelet", levels=5, detail_weights=2.0, energy_norm=False),
+    built = build_loss(LossCfg(name="wavelet", levels=5, detail_weights=2.0),
                        input_size=8)
     np.testing.assert_allclose(built(pred, target).numpy(), ref, rtol=1e-12)
 
@@ -199,26 +218,29 @@ def test_registry() -> None:
     ref = ((pred - target).numpy() ** 2).mean(axis=(1, 2, 3))
     np.testing.assert_allclose(mse(pred, target).numpy(), ref, rtol=1e-12)
     cfg = LossCfg(name="wavelet", levels=3, approx_weight=0.5, detail_weights=[1.0, 2.0, 4.0],
-                  energy_norm=False)
+                  band_norm="none")
     wav = pickle.loads(pickle.dumps(build_loss(cfg, input_size=8)))
     ref = _pywt_loss((pred - target).numpy(), "haar", 3, 0.5, [1.0, 2.0, 4.0])
     np.testing.assert_allclose(wav(pred, target).numpy(), ref, rtol=1e-12)
     with pytest.raises(ValueError, match="already registered"):
-        register_loss("mse")(lambda cfg, size: mse_loss)
+        register_loss("mse")(lambda cfg, size, stats: mse_loss)
 
 
 def test_registry_errors() -> None:
+    # The recipe schema refuses most of these too; build_loss checks again for losses built
+    # from a LossCfg that skipped validation (model_construct).
+    unchecked = LossCfg.model_construct
     expected = r"loss.name: unknown loss 'l7' \(choose from mse, wavelet\)"
     with pytest.raises(UserError, match=expected):
-        build_loss(LossCfg(name="l7"), input_size=32)
+        build_loss(unchecked(name="l7"), input_size=32)
     with pytest.raises(UserError, match="loss.wavelet: .*not orthogonal"):
-        build_loss(LossCfg(wavelet="bior2.2"), input_size=32)
+        build_loss(unchecked(wavelet="bior2.2"), input_size=32)
     with pytest.raises(UserError, match="loss.wavelet: .*not a discrete"):
-        build_loss(LossCfg(wavelet="nope"), input_size=32)
+        build_loss(unchecked(wavelet="nope"), input_size=32)
     with pytest.raises(UserError, match="loss.detail_weights"):
-        build_loss(LossCfg(levels=5, detail_weights=[1.0, 2.0]), input_size=32)
+        build_loss(unchecked(levels=5, detail_weights=[1.0, 2.0]), input_size=32)
     with pytest.raises(UserError, match="loss.detail_weights"):
-        build_loss(LossCfg(levels=1, detail_weights=-1.0), input_size=32)
+        build_loss(unchecked(levels=1, detail_weights=-1.0), input_size=32)
     x = torch.zeros(1, 1, 8, 8)
     with pytest.raises(UserError, match="not orthogonal"):
         wavelet_loss(x, x, "bior1.3")
@@ -232,35 +254,157 @@ def test_low_precision_inputs_give_float32_loss() -> None:
     torch.testing.assert_close(loss, ref)
 
 
-def _pywt_energy_norm_loss(pred: np.ndarray, target: np.ndarray, wavelet: str, levels: int,
-                           approx_w: float, detail_w: list[float]) -> np.ndarray:
-    """Reference: each level's weight divided by the batch's mean squared target coefficient
-    in that level's bands, from pywt's coefficients."""
-    diff = pywt.wavedec2(pred - target, wavelet, mode="periodization", level=levels)
-    sig = pywt.wavedec2(target, wavelet, mode="periodization", level=levels)
-    total = approx_w / (sig[0] ** 2).mean() * (diff[0] ** 2).sum(axis=(1, 2, 3))
-    # wavedec2 lists details coarsest-first; weights are finest-first.
-    for level, (dbands, sbands) in enumerate(zip(reversed(diff[1:]), reversed(sig[1:]),
-                                                 strict=True)):
-        energy = np.mean(np.concatenate([(b**2).ravel() for b in sbands]))
-        total += detail_w[level] / energy * sum((b**2).sum(axis=(1, 2, 3)) for b in dbands)
-    return total / np.prod(pred.shape[1:])
+def _pywt_band_stats(x1: np.ndarray, wavelet: str, levels: int) -> tuple[list, list]:
+    """Reference: per band (finest detail level first, then the approximation) the mean square
+    and the mean across-sample variance of the coefficients, from pywt."""
+    coeffs = pywt.wavedec2(x1, wavelet, mode="periodization", level=levels)
+    bands = [np.concatenate([b.reshape(len(x1), -1) for b in lv], axis=1)
+             for lv in reversed(coeffs[1:])] + [coeffs[0].reshape(len(x1), -1)]
+    return ([float((b**2).mean()) for b in bands],
+            [float(b.var(axis=0, ddof=1).mean()) for b in bands])
 
 
-@pytest.mark.parametrize("wavelet", ["haar", "db2"])
-def test_energy_norm_matches_pywt(wavelet: str) -> None:
-    pred = _random((5, 2, 16, 16), 11)
-    # A target with most of its energy at coarse scales, like a velocity of smooth images.
-    smooth = torch.nn.functional.interpolate(_random((5, 2, 4, 4), 12) * 4, size=16)
-    target = smooth + 0.2 * _random((5, 2, 16, 16), 13)
-    levels = 3 if wavelet == "haar" else 2
-    weights = [1.0, 2.0, 0.5][:levels]
-    loss = wavelet_loss(pred, target, wavelet, levels, 1.5, weights, energy_norm=True)
-    ref = _pywt_energy_norm_loss(pred.numpy(), target.numpy(), wavelet, levels, 1.5, weights)
-    np.testing.assert_allclose(loss.numpy(), ref, rtol=1e-10)
-    # The normaliser is a constant of the batch: no gradient flows through the target.
-    pred.requires_grad_(True)
-    target.requires_grad_(True)
-    wavelet_loss(pred, target, wavelet, levels, 1.0, 1.0, energy_norm=True).sum().backward()
-    assert target.grad is not None and pred.grad is not None
-    torch.testing.assert_close(target.grad, -pred.grad)
+@pytest.mark.parametrize(("wavelet", "levels"), [("haar", 3), ("db2", 2)])
+def test_band_stats_match_pywt(wavelet: str, levels: int) -> None:
+    x1 = _smooth(3, 16, 2, count=40) + 0.7
+    stats = measure_band_stats(x1, wavelet, levels)
+    energy, variance = _pywt_band_stats(x1.numpy(), wavelet, levels)
+    np.testing.assert_allclose(stats.energy, energy, rtol=1e-10)
+    np.testing.assert_allclose(stats.variance, variance, rtol=1e-10)
+    # The velocity x1 - x0 with independent unit noise: +1 per coefficient (orthonormal DWT).
+    np.testing.assert_allclose(stats.velocity("variance"), np.array(variance) + 1, rtol=1e-12)
+    assert sum(stats.coefficients) == x1[0].numel()
+
+
+def test_noise_adds_one_per_coefficient() -> None:
+    """The analytic noise term against a sampled velocity: v = x1 - x0 measured directly."""
+    x1 = latent_like(4096, channels=2, size=8, seed=1, mean_spread=0.3)
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(2))
+    direct = measure_band_stats(x1 - x0, "haar", 3)
+    analytic = measure_band_stats(x1, "haar", 3)
+    np.testing.assert_allclose(direct.variance, analytic.velocity("variance"), rtol=0.06)
+    np.testing.assert_allclose(direct.energy, analytic.velocity("energy"), rtol=0.06)
+
+
+def test_band_weights_closed_form_and_cap() -> None:
+    stats = measure_band_stats(_smooth(4, 16, 2, count=64), "haar", 4)
+    for norm in ("energy", "variance"):
+        weights = band_weights(stats, norm, None)
+        inverse = 1 / np.array(stats.velocity(norm))
+        # Proportional to 1 / (per-coefficient statistic), and a white residual costs its MSE.
+        np.testing.assert_allclose(np.array(weights) / inverse, weights[0] / inverse[0])
+        assert np.dot(stats.coefficients, weights) == pytest.approx(sum(stats.coefficients))
+    capped = band_weights(stats, "energy", 3.0)
+    assert max(capped) / min(capped) == pytest.approx(3.0)
+    assert band_weights(stats, "none", 3.0) == [1.0] * 5
+    white = white_stats((4, 32, 32), "haar", 5)
+    assert band_weights(white, "variance", None) == pytest.approx([1.0] * 6)
+
+
+def test_latent_like_mean_band_is_starved_by_raw_energy_only() -> None:
+    """32x32x4, unit white details, channel means +-0.5: the raw energy of the approximation
+    (the per-channel mean times 32) is ~1024 * 0.25 + 2 per coefficient, so the raw normaliser
+    prices mean errors ~130x below detail errors; the centred energy (variance) does not."""
+    stats = measure_band_stats(latent_like(2048), "haar", 5)
+    raw = band_weights(stats, "energy", None)
+    centred = band_weights(stats, "variance", None)
+    assert raw[0] / raw[-1] == pytest.approx(129, rel=0.05)
+    np.testing.assert_allclose(centred, 1.0, rtol=0.05)
+    assert "approx (1x1)" in weight_table(stats, 10.0)
+
+
+def _tiny_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GELU(),
+                               torch.nn.Conv2d(8, 4, 3, padding=1)).double()
+
+
+def _grads(net: torch.nn.Module, loss: torch.Tensor) -> list[torch.Tensor]:
+    return [g.clone() for g in torch.autograd.grad(loss, list(net.parameters()))]
+
+
+def _batch_normalised(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The former normaliser, each band divided by the batch's own target energy: the kind of
+    loss this test must catch."""
+    weights = [1 / (e.mean() / n) for e, n in
+               zip(band_energies(target, "haar", 5), [768 * 4, 192 * 4, 48 * 4, 12 * 4, 3 * 4,
+                                                      4], strict=True)]
+    return sum(w * e for w, e in zip(weights, band_energies(pred - target, "haar", 5),
+                                     strict=True)) / target[0].numel()
+
+
+def test_batch_split_gives_the_same_loss_and_gradients() -> None:
+    """The same 16 samples as 1 rank x 16, 2 ranks x 8 (DDP averages the ranks' gradients) and
+    1 rank x 2 accumulation steps of 8 (each micro-batch's mean loss / 2): the same per-sample
+    losses, mean loss and gradients with the data-set normaliser; a batch-estimated one
+    differs."""
+    stats = measure_band_stats(latent_like(512, seed=3, mean_spread=0.3).double(), "haar", 5)
+    loss_fn = build_loss(LossCfg(), 32, stats)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 4, 32, 32, generator=gen, dtype=torch.float64)
+    target = latent_like(16, seed=6, mean_spread=0.3).double() - x
+    net = _tiny_net()
+    whole = loss_fn(net(x), target)
+    halves = torch.cat([loss_fn(net(x[:8]), target[:8]), loss_fn(net(x[8:]), target[8:])])
+    torch.testing.assert_close(whole, halves, rtol=1e-12, atol=0)
+    one_rank = _grads(net, whole.mean())
+    ranks = [_grads(net, loss_fn(net(x[i:i + 8]), target[i:i + 8]).mean()) for i in (0, 8)]
+    two_ranks = [(a + b) / 2 for a, b in zip(*ranks, strict=True)]
+    accum = [sum(parts) for parts in zip(*[
+        _grads(net, loss_fn(net(x[i:i + 8]), target[i:i + 8]).mean() / 2) for i in (0, 8)],
+        strict=True)]
+    for g1, g2, g3 in zip(one_rank, two_ranks, accum, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(g1, g3, rtol=1e-10, atol=1e-14)
+    # The control: a normaliser estimated on each micro-batch changes with the split.
+    old_whole = _batch_normalised(net(x), target)
+    old_halves = torch.cat([_batch_normalised(net(x[:8]), target[:8]),
+                            _batch_normalised(net(x[8:]), target[8:])])
+    assert not torch.allclose(old_whole, old_halves, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory):
+    from ismctl.data.prepare import prepare_latents
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    prepare_latents("digits", out=out, progress=False)
+    return out
+
+
+def test_dataset_band_stats_are_the_loaders_latents(digits) -> None:
+    """The statistics of the prepared digits equal pywt's on the same samples (the digits are
+    stored with std 0, so a drawn latent is the scaled mean) and do not depend on the order
+    the subset is asked for: the first N samples in shard order."""
+    from ismctl.data.manifest import read_manifest
+    from ismctl.data.shards import decode_moments, iter_shard
+
+    manifest = read_manifest(digits)
+    samples = [decode_moments(s["npy"]) for shard in manifest.shards
+               for s in iter_shard(digits / shard.name)][:500]
+    x1 = manifest.scale_factor * np.stack(samples)[:, 0].astype(np.float64)
+    stats = dataset_band_stats(digits, "haar", 3, samples=500)
+    energy, variance = _pywt_band_stats(x1, "haar", 3)
+    np.testing.assert_allclose(stats.energy, energy, rtol=1e-5)
+    np.testing.assert_allclose(stats.variance, variance, rtol=1e-5)
+    assert stats.samples == 500 and stats.shape == (1, 8, 8)
+
+
+def test_run_band_stats_are_stored_and_reused(digits, tmp_path, monkeypatch) -> None:
+    loss, data = LossCfg(levels=3), DataCfg(path=str(digits), flip=False)
+    first = band_stats_for_run(loss, data, tmp_path, is_main=True)
+    stored = tmp_path / BAND_STATS_FILE
+    assert first is not None and stored.is_file()
+    # Another rank (and a resumed run) reads the stored numbers instead of measuring again.
+    import ismctl.losses.band_stats as bs
+
+    monkeypatch.setattr(bs, "dataset_band_stats", lambda *a, **k: pytest.fail("measured"))
+    assert band_stats_for_run(loss, data, tmp_path, is_main=False) == first
+    assert run_band_stats(tmp_path, digits, "haar", 3, 4096, False, write=True) == first
+    monkeypatch.undo()
+    # Other transform, other statistics: measured again.
+    assert run_band_stats(tmp_path, digits, "haar", 2, 4096, False, write=False).levels == 2
+    assert band_stats_for_run(LossCfg(name="mse"), data, tmp_path, True) is None
+    assert band_stats_for_run(LossCfg(band_norm="none"), data, tmp_path, True) is None
+    with pytest.raises(UserError, match="band statistics measured for haar L = 3"):
+        build_loss(LossCfg(levels=5), 32, first)

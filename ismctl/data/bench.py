@@ -67,14 +67,14 @@ def make_synthetic_latents(out: str | Path, count: int, channels: int = 4, size:
     return manifest
 
 
-def benchmark_loader(path: str | Path, batch_size: int, pool_batches: int, num_batches: int,
-                     num_workers: int) -> dict[str, float]:
+def benchmark_loader(path: str | Path, batch_size: int, pool_size: int, num_batches: int,
+                     num_workers: int, mode: str = "within_class") -> dict[str, float]:
     """Latents per second delivered by ``TrainLoader`` (paired, i.e. sOT included), measured
     after the first batch so that worker start-up is not counted."""
     if num_batches < 1:
         raise UserError(f"benchmark: num_batches={num_batches} must be positive")
-    loader = TrainLoader(path, batch_size=batch_size, pool_batches=pool_batches, seed=0,
-                         num_workers=num_workers)
+    loader = TrainLoader(path, batch_size=batch_size, pool_size=pool_size, seed=0,
+                         num_workers=num_workers, mode=mode)
     it = iter(loader)
     next(it)
     start = time.perf_counter()
@@ -84,4 +84,4 @@ def benchmark_loader(path: str | Path, batch_size: int, pool_batches: int, num_b
     rate = num_batches * batch_size / seconds
     return {"latents_per_s": rate, "latents_per_s_per_worker": rate / max(1, num_workers),
             "seconds": seconds, "batches": float(num_batches), "batch_size": float(batch_size),
-            "pool_batches": float(pool_batches), "num_workers": float(num_workers)}
+            "pool_size": float(pool_size), "num_workers": float(num_workers)}

@@ -1,22 +1,30 @@
 """The training loader: shards -> shuffle buffer -> latent draw -> sOT pairing, in workers.
 
 Each worker streams its slice of the epoch (``plan.py``) through a seeded shuffle buffer,
-groups batches into pools of ``pool_batches`` batches, draws ``x1 = scale * (mean + std * eps)``
+gathers ``coupling.pool_size`` samples of its stream (``K = pool_size / batch_size`` batches,
+across epoch boundaries when a pool straddles one), draws ``x1 = scale * (mean + std * eps)``
 (or the flipped pair with probability 1/2) and pairs the pool with noise by the sOT coupler
-(SPEC 3.3), all off the training step's critical path. Every random choice comes from a
-generator seeded by ``(seed, rank, worker, epoch[, pool])``, so the stream depends only on
-``(seed, rank, world_size, num_workers, batch_size)``.
+(SPEC 3.3), all off the training step's critical path. One assignment thus always covers
+``pool_size`` samples, however many ranks, accumulation slots and workers share the data.
+Every random choice comes from a generator seeded by ``(seed, rank, worker, epoch[, pool])``
+(a pool belongs to the epoch of its first batch, ``pool`` counts the pools that start in that
+epoch), so the stream depends only on ``(seed, rank, world_size, num_workers, batch_size,
+pool_size)``.
 
-Exact resume: ``start_batch = n`` locates batch ``n`` arithmetically (epoch, worker, pool),
-skips earlier epochs without reading them, passes the current epoch's earlier samples through
-the shuffle buffer undecoded, and draws latents and runs the coupler only for the pool that
-holds batch ``n``. The DataLoader's worker slots are rotated so that slot 0 serves batch ``n``.
+Each batch comes with the statistics of the pool it was paired in (``coupling.STATS``: the
+transport cost the assignment removed and a cheap estimate of the label leakage), which the
+trainer logs.
+
+Exact resume: ``start_batch = n`` locates batch ``n`` arithmetically (worker, its pool, that
+pool's first epoch and position), skips earlier epochs without reading them, passes the
+earlier samples of that epoch through the shuffle buffer undecoded, and draws latents and runs
+the coupler only from the pool that holds batch ``n``. The DataLoader's worker slots are
+rotated so that slot 0 serves batch ``n``.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,16 +41,18 @@ from ismctl.data.plan import (
     NOISE,
     SHUFFLE,
     Segment,
+    batches_per_pool,
     batches_per_rank,
     locate,
     mix_seed,
+    pool_key,
     worker_segments,
 )
 from ismctl.data.shards import decode_moments, iter_shard
 from ismctl.errors import UserError
 from ismctl.preemption import ignore_stop_signals
 
-Batch = tuple[Tensor, Tensor, Tensor]
+Batch = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -104,15 +114,18 @@ def draw_latents(moments: Tensor, scale: float, flip: bool, gen: torch.Generator
 
 
 class PairedLatents(IterableDataset):
-    """The per-worker stream of paired ``(x0, x1, y)`` batches (see the module docstring)."""
+    """The per-worker stream of paired ``(x0, x1, y, stats)`` batches (see the module
+    docstring)."""
 
-    def __init__(self, root: Path, manifest: Manifest, batch_size: int, pool_batches: int,
+    def __init__(self, root: Path, manifest: Manifest, batch_size: int, pool_size: int,
                  seed: int, rank: int, world_size: int, num_workers: int, shuffle_buffer: int,
-                 flip: bool, start_batch: int, within_class: bool = False) -> None:
+                 flip: bool, start_batch: int, mode: str = "within_class",
+                 min_group: int = 2) -> None:
         super().__init__()
         self.root, self.manifest = root, manifest
-        self.batch_size, self.pool_batches = batch_size, pool_batches
-        self.within_class = within_class
+        self.batch_size, self.pool_size = batch_size, pool_size
+        self.pool_batches = batches_per_pool(pool_size, batch_size)
+        self.mode, self.min_group = mode, min_group
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = max(1, num_workers)
         self.shuffle_buffer, self.flip, self.start_batch = shuffle_buffer, flip, start_batch
@@ -131,37 +144,44 @@ class PairedLatents(IterableDataset):
 
     def worker_stream(self, first_batch: int) -> Iterator[Batch]:
         """Batches ``first_batch, first_batch + P, ...`` of this rank (one worker's share)."""
-        worker = first_batch % self.num_workers
-        epoch, position = locate(first_batch, self.batches, self.num_workers)
+        workers, per_pool = self.num_workers, self.pool_batches
+        worker, first = first_batch % workers, first_batch // workers
+        pool = first // per_pool
+        raw = self._raw_batches(worker, pool * per_pool)
+        while True:
+            batches = list(itertools.islice(raw, per_pool))
+            key = (self.seed, self.rank, worker,
+                   *pool_key(pool, batches[0][0], self.batches, worker, workers, per_pool))
+            latent_gen = _generator(mix_seed(*key, LATENT))
+            drawn = [self._batch(samples, latent_gen) for _, samples in batches]
+            del batches  # a pool of encoded samples, not needed while pairing
+            coupler = SOTCoupler(self.pool_size, generator=_generator(mix_seed(*key, NOISE)),
+                                 mode=self.mode, min_group=self.min_group)
+            for i, paired in enumerate(coupler(drawn)):
+                if pool * per_pool + i >= first:
+                    yield paired
+            pool += 1
+
+    def _raw_batches(self, worker: int, start: int) -> Iterator[tuple[int, list[dict]]]:
+        """(epoch, raw samples) of this worker's batches ``start, start + 1, ...``."""
+        epoch, position = locate(worker + start * self.num_workers, self.batches,
+                                 self.num_workers)
+        bs = self.batch_size
         while True:
             count, segments = worker_segments(
                 self.shard_counts, self.seed, epoch, self.rank, self.world_size, worker,
-                self.num_workers, self.batch_size)
+                self.num_workers, bs)
             if position < count:
-                yield from self._epoch(worker, epoch, count, segments, position)
+                rng = np.random.default_rng(mix_seed(self.seed, self.rank, worker, epoch, SHUFFLE))
+                samples = shuffle_stream(
+                    read_segments(self.root, self.manifest, segments, self._shards),
+                    count * bs, self.shuffle_buffer, rng)
+                # Earlier batches of the epoch only advance the shuffle buffer.
+                for _ in itertools.islice(samples, position * bs):
+                    pass
+                for _ in range(position, count):
+                    yield epoch, list(itertools.islice(samples, bs))
             epoch, position = epoch + 1, 0
-
-    def _epoch(self, worker: int, epoch: int, count: int, segments: list[Segment],
-               position: int) -> Iterator[Batch]:
-        bs, pool = self.batch_size, max(1, self.pool_batches)
-        rng = np.random.default_rng(mix_seed(self.seed, self.rank, worker, epoch, SHUFFLE))
-        samples = shuffle_stream(read_segments(self.root, self.manifest, segments, self._shards),
-                                 count * bs, self.shuffle_buffer, rng)
-        first_pool = position // pool
-        # Whole pools before the resume point: their samples only advance the shuffle buffer.
-        for _ in itertools.islice(samples, first_pool * pool * bs):
-            pass
-        for p in range(first_pool, math.ceil(count / pool)):
-            n = min(pool, count - p * pool)
-            key = (self.seed, self.rank, worker, epoch, p)
-            latent_gen = _generator(mix_seed(*key, LATENT))
-            batches = [self._batch(list(itertools.islice(samples, bs)), latent_gen)
-                       for _ in range(n)]
-            coupler = SOTCoupler(self.pool_batches, generator=_generator(mix_seed(*key, NOISE)),
-                                 within_class=self.within_class)
-            for i, triple in enumerate(coupler(batches)):
-                if p * pool + i >= position:
-                    yield triple
 
     def _moments(self, sample: dict) -> np.ndarray:
         if self._decoded is None:
@@ -181,25 +201,34 @@ class PairedLatents(IterableDataset):
 
 
 class TrainLoader:
-    """Infinite stream of already-paired ``(x0, x1, y)`` micro-batches for one rank.
+    """Infinite stream of already-paired ``(x0, x1, y, stats)`` micro-batches for one rank.
 
-    ``x0`` is noise matched to ``x1`` by the sOT coupler over pools of ``pool_batches`` batches
-    (0: independent noise; ``within_class``: one assignment per class of the pool), ``x1`` a
-    drawn latent times the scale factor, ``y`` long labels. ``num_workers=0`` runs everything
-    in the calling process. ``start_batch=n`` continues exactly where a loader that already
-    yielded ``n`` batches would be; every ``iter()`` starts again from there.
+    ``x0`` is noise matched to ``x1`` by the sOT coupler, one assignment per ``pool_size``
+    samples (0: independent noise; ``mode``, ``min_group``: see ``coupling.pair_pool``), ``x1``
+    a drawn latent times the scale factor, ``y`` long labels, ``stats`` the float32
+    ``coupling.STATS`` of the batch's pool. ``pool_size`` must be a multiple or a divisor of
+    ``batch_size`` (``plan.batches_per_pool``). ``num_workers=0`` runs everything in the
+    calling process. ``start_batch=n`` continues exactly where a loader that already yielded
+    ``n`` batches would be; every ``iter()`` starts again from there.
+
+    Memory: a worker emits a whole pool at once, and the DataLoader keeps up to one pool of
+    batches per worker in flight (``prefetch_factor`` = batches per pool), so besides the pool
+    each worker is building, about ``num_workers x pool_size`` paired samples sit in shared
+    memory: with 4x32x32 float32 latents (x0 and x1: 32 KiB per sample) and ``pool_size`` 8192,
+    256 MiB per worker.
     """
 
-    def __init__(self, path: str | Path, batch_size: int, pool_batches: int, seed: int,
+    def __init__(self, path: str | Path, batch_size: int, pool_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  shuffle_buffer: int = 10_000, flip: bool = True, start_batch: int = 0,
-                 within_class: bool = False) -> None:
-        if batch_size < 1 or pool_batches < 0 or num_workers < 0 or start_batch < 0:
-            raise UserError(f"TrainLoader: invalid batch_size={batch_size}, pool_batches="
-                            f"{pool_batches}, num_workers={num_workers} or "
+                 mode: str = "within_class", min_group: int = 2) -> None:
+        if batch_size < 1 or pool_size < 0 or num_workers < 0 or start_batch < 0:
+            raise UserError(f"TrainLoader: invalid batch_size={batch_size}, pool_size="
+                            f"{pool_size}, num_workers={num_workers} or "
                             f"start_batch={start_batch}")
         if not 0 <= rank < world_size:
             raise UserError(f"TrainLoader: rank {rank} outside world size {world_size}")
+        per_pool = batches_per_pool(pool_size, batch_size)
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
         for shard in self.manifest.shards:
@@ -207,15 +236,15 @@ class TrainLoader:
                 raise UserError(f"{self.root / shard.name}: shard listed in manifest.json is "
                                 "missing — rerun `ismctl prepare-latents`")
         self.batches_per_epoch = batches_per_rank(self.manifest.count, world_size, batch_size)
-        self.dataset = PairedLatents(self.root, self.manifest, batch_size, pool_batches, seed,
+        self.dataset = PairedLatents(self.root, self.manifest, batch_size, pool_size, seed,
                                      rank, world_size, num_workers, shuffle_buffer,
-                                     flip and self.manifest.flip, start_batch, within_class)
-        # A worker emits a whole pool at once and then needs time to build the next one; with
-        # room for a pool of prefetched batches per worker, that work overlaps the training
-        # step instead of stalling the strictly round-robin DataLoader.
+                                     flip and self.manifest.flip, start_batch, mode, min_group)
+        # Room for a pool of prefetched batches per worker: the DataLoader asks its workers
+        # strictly in turn, so with less a worker would only start its next pool when the step
+        # is about to need it, instead of while the rest of the current pools are consumed.
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
                                  persistent_workers=num_workers > 0,
-                                 prefetch_factor=max(2, pool_batches) if num_workers else None,
+                                 prefetch_factor=max(2, per_pool) if num_workers else None,
                                  worker_init_fn=ignore_stop_signals if num_workers else None)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -14,6 +14,11 @@ batches ``j`` in ``[0, B)`` with ``(e * B + j) mod P == w``; it reads a contiguo
 rank's range holding exactly that many batches. Every epoch of the rank's stream is then
 exactly one pass over its range, and any batch index maps to (epoch, worker, position)
 arithmetically, which is what makes an exact resume cheap.
+
+sOT pools: worker ``w``'s ``k``-th batch is the rank's batch ``w + k P`` (whatever the epoch),
+and the worker pairs its batches ``[q K, (q + 1) K)`` as pool ``q``, with ``K`` =
+``batches_per_pool``. Pools run on across epoch boundaries (a batch never does), so every
+assignment covers exactly ``coupling.pool_size`` samples, on any number of ranks and workers.
 """
 
 from __future__ import annotations
@@ -97,3 +102,35 @@ def worker_segments(shard_counts: list[int], seed: int, epoch: int, rank: int, w
     stop = start + counts[worker] * batch_size
     order = shard_order(len(shard_counts), seed, epoch)
     return counts[worker], slice_segments(shard_counts, order, start, stop)
+
+
+def batches_per_pool(pool_size: int, batch_size: int, where: str = "") -> int:
+    """Batches a loader worker gathers per sOT pool of ``pool_size`` samples.
+
+    ``pool_size / batch_size`` when the pool is a multiple of the batch; 1 when the pool is 0
+    (independent pairing) or divides the batch (each batch then holds several assignments).
+    Any other pair is an error: an assignment would straddle a batch that is already gone.
+    ``where`` says where ``batch_size`` comes from, for the message.
+    """
+    if pool_size < 0 or batch_size < 1:
+        raise UserError(f"pool_size={pool_size} and batch size {batch_size}: need "
+                        "pool_size >= 0 and batch size >= 1")
+    if pool_size == 0 or batch_size % pool_size == 0:
+        return 1
+    if pool_size % batch_size == 0:
+        return pool_size // batch_size
+    lower = (pool_size // batch_size) * batch_size
+    upper = lower + batch_size
+    options = f"{lower} or {upper}" if lower else f"{upper} or a divisor of {batch_size}"
+    raise UserError(f"coupling.pool_size={pool_size} does not split into micro-batches of "
+                    f"{batch_size} samples{where}: make it a multiple of {batch_size} (e.g. "
+                    f"{options}) or change data.batch_size")
+
+
+def pool_key(pool: int, epoch: int, batches: int, worker: int, num_workers: int,
+             per_pool: int) -> tuple[int, int]:
+    """(epoch, index among the pools that start in it) of worker ``worker``'s pool ``pool``,
+    whose first batch lies in ``epoch``: the part of the pool's seed that says which pool."""
+    # The worker's batches before the epoch: the g < epoch * batches with g = worker mod P.
+    before = (epoch * batches - worker + num_workers - 1) // num_workers
+    return epoch, pool - -(-before // per_pool)

@@ -151,7 +151,7 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 def _check_args(resolution: int, batch_size: int, shard_size: int, num_workers: int) -> None:
     for flag, value, low in (("--resolution", resolution, 1), ("--batch-size", batch_size, 1),
-                             ("--shard-size", shard_size, 1), ("--workers", num_workers, 0)):
+                             ("--shard-size", shard_size, 1), ("--num-workers", num_workers, 0)):
         if value < low:
             raise UserError(f"{flag} {value}: must be at least {low}")
 

@@ -56,9 +56,6 @@ def iter_shard(path: Path) -> Iterator[dict[str, bytes]]:
     yield from tarfile_samples([{"url": str(path)}])
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()

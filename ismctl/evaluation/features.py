@@ -31,11 +31,8 @@ ImageBatch = np.ndarray | torch.Tensor
 
 @functools.cache
 def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def file_digest(path: Path) -> str:

@@ -30,6 +30,8 @@ from ismctl.evaluation.inception import (
 METRICS = ("fid", "isc", "prc", "fd-dinov2", "acc", "fd-digits", "cfd-digits")
 INCEPTION_METRICS = ("fid", "isc", "prc")
 DIGITS_METRICS = ("acc", "fd-digits", "cfd-digits")
+# Metrics compared with reference statistics (the others need the samples only).
+REFERENCE_METRICS = ("fid", "prc", "fd-dinov2", "fd-digits")
 ALIASES = {"is": "isc", "pr": "prc", "fd_dinov2": "fd-dinov2", "fd_digits": "fd-digits",
            "accuracy": "acc", "fd-dino": "fd-dinov2", "cfd_digits": "cfd-digits"}
 # Values where larger is better; every other one (FID and the other distances) is lower.

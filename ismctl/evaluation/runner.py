@@ -50,7 +50,9 @@ from ismctl.evaluation.plan import (
     HIGHER_IS_BETTER,
     INCEPTION_LOGITS,
     POOL,
+    REFERENCE_METRICS,
     MetricPlan,
+    normalise_metrics,
     plan_metrics,
     selection_metric,
 )
@@ -67,6 +69,7 @@ from ismctl.protocol import (
     remember_best,
     remembered_points,
 )
+from ismctl.sampler import continuous_jumps
 
 GRID_MAX = 100
 # Feature extraction runs at 299x299 (Inception) whatever the sample size: large batches
@@ -91,7 +94,9 @@ def default_out(run: Any) -> Path:
     return Path(run.run_dir) / "eval" / f"step-{run.step:07d}" / "results.json"
 
 
-def check_points(steps: list[int], guidance: Grid, base_steps: int) -> None:
+def check_points(steps: list[int], guidance: Grid, base_steps: int,
+                 continuous: bool = False) -> None:
+    """``continuous``: the network takes any jump size (MeanFlow), so any N >= 1 is valid."""
     from ismctl.sampler import check_steps
 
     if not steps:
@@ -99,7 +104,7 @@ def check_points(steps: list[int], guidance: Grid, base_steps: int) -> None:
     if not guidance:
         raise UserError("--guidance: give at least one guidance strength")
     for s in steps:
-        check_steps(s, base_steps)
+        check_steps(s, base_steps, continuous)
     if isinstance(guidance, dict) and not all(guidance.values()):
         raise UserError("eval.guidance: every step count needs at least one strength")
     for w in all_strengths(guidance):
@@ -133,18 +138,32 @@ def point_metrics(plan: MetricPlan, feats: dict[str, dict[str, np.ndarray]], lab
     return out
 
 
-def warn_own_data_reference(data_path: str, plan: MetricPlan, loud: bool) -> None:
+def warn_own_data_reference(data_path: str, loud: bool) -> str:
     """No reference given for a dataset other than the digits: the run's own training data
-    is the reference, which published FIDs never use. Say so on stderr and in the notes."""
+    is the reference, which published FIDs never use. Say so on stderr; returns the note."""
     text = (f"no --ref given: the reference is this run's own training data ({data_path}, "
             "latents decoded by the VAE), so FID and the other reference metrics are NOT "
             "comparable with published numbers; for ImageNet 256 pass ADM's reference batch, "
             "--ref VIRTUAL_imagenet256_labeled.npz (from openai/guided-diffusion's evaluations "
             "folder), or set eval.ref in the recipe")
-    plan.notes.append(text)
     if loud:
         Console(stderr=True).print(f"[bold red]WARNING:[/] {text}", soft_wrap=True,
                                    highlight=False)
+    return text
+
+
+def check_reference_path(ref: str) -> None:
+    """The reference exists and has a usable kind (what ``open_source`` accepts), checked
+    before any feature extractor or sample set is built."""
+    path = Path(ref).expanduser()
+    if ref == BUILTIN_DIGITS and not path.exists():
+        return
+    if path.is_file() and path.suffix.lower() != ".npz":
+        raise UserError(f"reference {path}: expected an ADM .npz file, an image folder or "
+                        "a prepared dataset folder (--ref)")
+    if not path.exists():
+        raise UserError(f"reference {path}: not found (pass --ref: an ADM .npz, an image folder "
+                        "or a prepared dataset folder)")
 
 
 def _build_extractors(plan: MetricPlan, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -227,13 +246,14 @@ def evaluate(
         run = load_for_sampling(path, which=which, device=str(info.device), compile=compile)
         ev = run.recipe.eval
         digits = is_digits(run.manifest)
-        steps = list(steps or ev.steps)
+        steps = list(ev.steps if steps is None else steps)
         if at_best:
             points = remembered_points(run.run_dir, steps)
             guidance = sorted({p.guidance for p in points})
         else:
             guidance = guidance if guidance is not None else ev.guidance
-        check_points(steps, guidance, run.recipe.objective.base_steps)
+        check_points(steps, guidance, run.recipe.objective.base_steps,
+                     continuous_jumps(run.model))
         if not at_best:
             points = plan_points(run.recipe, steps, guidance, double_guidance)
         cfg = Settings(
@@ -241,10 +261,11 @@ def evaluate(
             guidance=guidance,
             points=points,
             double_guidance=double_guidance,
-            num_samples=int(num_samples or ev.num_samples),
-            batch_size=int(batch_size or ev.batch_size),
+            num_samples=int(ev.num_samples if num_samples is None else num_samples),
+            batch_size=int(ev.batch_size if batch_size is None else batch_size),
             seed=ev.seed if seed is None else int(seed),
-            ref=ref or ev.ref or (BUILTIN_DIGITS if digits else run.recipe.data.path),
+            ref=next(r for r in (ref, ev.ref, BUILTIN_DIGITS if digits else run.recipe.data.path)
+                     if r is not None),
             out=Path(out) if out is not None else default_out(run),
             save_npz=save_npz,
             progress=progress and info.is_main,
@@ -256,10 +277,18 @@ def evaluate(
         if cfg.num_samples < 2 or cfg.batch_size < 1:
             raise UserError(f"--num-samples {cfg.num_samples} / --batch-size {cfg.batch_size}: "
                             "need at least 2 samples and a batch of at least 1")
+        # The cheap, certain failures first: a missing reference stops the evaluation before
+        # the feature extractors (optional packages, weights, downloads) are looked for.
+        names = normalise_metrics(list(ev.metrics) if metrics is None else metrics)
+        wants_ref = (digits and metrics is None) or bool(set(names) & set(REFERENCE_METRICS))
+        own_data = None
+        if wants_ref and ref is None and ev.ref is None and not digits:
+            own_data = warn_own_data_reference(cfg.ref, info.is_main)
+        if wants_ref:
+            check_reference_path(cfg.ref)
         plan = plan_metrics(metrics, list(ev.metrics), digits, inception_weights)
-        if not ref and not ev.ref and not digits and any(
-                g.ref_layer is not None for g in plan.groups.values()):
-            warn_own_data_reference(cfg.ref, plan, info.is_main)
+        if own_data is not None:
+            plan.notes.append(own_data)
         selection_metric(value_names(plan.metrics), select_by, digits)
         w_max = run.recipe.guidance.w_max
         far = [w for w in all_strengths(cfg.guidance) if w > w_max]

@@ -136,7 +136,8 @@ class ShardImages:
         self.count = self.manifest.count
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.manifest_file.read_bytes()).hexdigest()
+        with open(self.manifest_file, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         from ismctl.data.encoders import load_encoder

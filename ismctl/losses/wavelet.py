@@ -21,12 +21,13 @@ Weights. One factor on every detail band is (almost) MSE: at the maximum depth t
 approximation band is the per-channel mean, so ``approx 1, details 2`` is
 ``2 MSE - mean error^2`` and Adam ignores the factor 2 (SPEC 3.2). What changes what the
 network learns is the *relative* price of the scales: per-level detail weights
-(``loss.detail_weights``, finest first) and/or ``loss.energy_norm``, which divides each
-band's error by the target's energy per coefficient in that band, so that a scale with little
-signal (the fine detail of a velocity target, next to its coarse structure) is not drowned
-out by the scales that carry most of the energy. The paper does not publish its weights; the
-recipes use ``energy_norm``, which the digits study (``docs/ablation_digits.md``) measured as
-neutral against MSE at that scale.
+(``loss.detail_weights``, finest first) and the band normaliser ``loss.band_norm``, which
+divides each band's error by the velocity target's variance per coefficient in that band, so
+that a scale with little signal is not drowned out by the scales that carry most of it. The
+normaliser is a constant of the data set (``ismctl/losses/band_stats.py``, measured once per
+run), never of the batch: the same samples give the same loss however the batch is split
+across GPUs and accumulation steps. The paper does not publish its weights; the digits study
+(``docs/ablation_digits.md``) measured the normalised loss as neutral against MSE there.
 """
 
 from __future__ import annotations
@@ -180,15 +181,16 @@ def wavelet_loss(
     levels: int = 5,
     approx_weight: float = 1.0,
     detail_weights: float | Sequence[float] = 1.0,
-    energy_norm: bool = True,
+    band_scales: Sequence[float] | None = None,
 ) -> Tensor:
     """Per-sample band-weighted squared error (B,), see the module docstring.
 
     ``levels`` is capped by :func:`max_levels` of the input; ``detail_weights`` is one
     number or one per level finest-first (entries past the capped depth are unused).
-    ``energy_norm`` divides each band's error by the target's mean energy per coefficient in
-    that band (a batch estimate, no gradient), so every scale is priced relative to its own
-    signal rather than in absolute terms.
+    ``band_scales`` (one per band at the capped depth: detail levels finest first, then the
+    approximation) multiplies the weights: the data-set normaliser of
+    :func:`ismctl.losses.band_stats.band_weights`. Each sample's loss depends on that sample
+    alone.
     """
     diff = residual(pred, target)
     batch, channels, height, width = diff.shape
@@ -200,18 +202,14 @@ def wavelet_loss(
     if len(weights) < depth:
         raise ValueError(f"{len(weights)} detail weights for {depth} wavelet levels")
     weights = [*weights[:depth], float(approx_weight)]
+    if band_scales is not None:
+        if len(band_scales) != depth + 1:
+            raise ValueError(f"{len(band_scales)} band scales for {depth} levels + approximation")
+        weights = [w * float(s) for w, s in zip(weights, band_scales, strict=True)]
     # The DWT is linear: transforming the residual once equals the difference of the
     # coefficients of pred and target. Autocast would run the matrix products in half
     # precision, which the loss should not inherit.
     with torch.autocast(device_type=diff.device.type, enabled=False):
         errors = band_energies(diff, wavelet, depth)
-        if energy_norm:
-            with torch.no_grad():
-                sizes = [3 * channels * (height >> lv) * (width >> lv)
-                         for lv in range(1, depth + 1)]
-                sizes.append(channels * (height >> depth) * (width >> depth))
-                signal = band_energies(target.detach().to(diff.dtype), wavelet, depth)
-                weights = [w / (e.mean() / n).clamp_min(1e-12)
-                           for w, e, n in zip(weights, signal, sizes, strict=True)]
         total = sum(w * e for w, e in zip(weights, errors, strict=True))
     return total / (channels * height * width)

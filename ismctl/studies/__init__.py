@@ -1,0 +1,1 @@
+"""Studies that measure a design choice of the toolkit on simulated data, runnable as modules."""

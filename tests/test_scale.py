@@ -82,7 +82,10 @@ def _record(out: Path) -> None:
 
     def build_loss(*args: Any, **kwargs: Any) -> Any:
         fn = real_build(*args, **kwargs)
-        write("bands", _band_weights(fn))
+        # The loss trained with gets the data set's band statistics; a call without them only
+        # checks the recipe before the run folder is written.
+        if len(args) > 2 or kwargs.get("band_stats") is not None:
+            write("bands", _band_weights(fn))
         return fn
 
     coupling.pair_pool, ema.ema_decay, trainer.build_loss = pair_pool, ema_decay, build_loss

@@ -153,20 +153,10 @@ def _model_sizes(recipe: Recipe, manifest: Any) -> tuple[int, int, int]:
 
 def _run_state(run_dir: Path, recipe: Recipe, resume: bool | str, overwrite: bool) -> str:
     """The trainer's own refusals (``_prepare_run_dir``), checked without touching the run."""
-    from ismctl.checkpoint import list_checkpoints
-    from ismctl.resume import check_resumable
+    from ismctl.resume import check_run_start
 
-    ckpts = list_checkpoints(run_dir)
-    if resume and overwrite:
-        raise UserError("--resume/--auto-resume and --overwrite: choose one")
-    if resume is True and not ckpts:
-        raise UserError(f"{run_dir}: no checkpoint to resume from; --auto-resume starts a new "
-                        "run when there is none")
-    if ckpts and not (resume or overwrite):
-        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it "
-                        "or --overwrite to start over")
+    ckpts = check_run_start(run_dir, recipe, resume, overwrite)
     if ckpts and resume:
-        check_resumable(run_dir, recipe)
         return f"resume from step {ckpts[-1][0]}"
     if overwrite and run_dir.exists():
         return "existing folder deleted first (--overwrite)"

@@ -90,3 +90,27 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> None:
                     "only train.steps, train.grad_accum, train.device, train.precision, "
                     "train.compile, data.num_workers, the data location, run.* and eval.* may "
                     "change. Use another run.name, or --overwrite to start over")
+
+
+def check_run_start(run_dir: Path, recipe: Recipe, resume: bool | str,
+                    overwrite: bool) -> list[tuple[int, Path]]:
+    """Refuse a start the run directory does not allow; return its checkpoints.
+
+    ``resume``: False (a new run; refused over a checkpoint unless ``overwrite``), True
+    (continue; refused without a checkpoint or with an unsafe recipe change) or "auto".
+    Only reads: the trainer and ``train --dry-run`` share it.
+    """
+    from ismctl.checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(run_dir)
+    if resume and overwrite:
+        raise UserError("--resume/--auto-resume and --overwrite: choose one")
+    if resume is True and not ckpts:
+        raise UserError(f"{run_dir}: no checkpoint to resume from; --auto-resume starts a new "
+                        "run when there is none")
+    if ckpts and not (resume or overwrite):
+        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it "
+                        "or --overwrite to start over")
+    if ckpts and resume:
+        check_resumable(run_dir, recipe)
+    return ckpts

@@ -54,7 +54,7 @@ from ismctl.pretrained import init_from_pretrained, plan_import, read_pretrained
 from ismctl.progress import progress_bar, stdout_is_terminal
 from ismctl.protocol import choose_point, run_sampler
 from ismctl.recipe import Recipe, save_recipe
-from ismctl.resume import check_resumable
+from ismctl.resume import check_run_start
 from ismctl.rng import capture_rng_state, restore_rng_state
 from ismctl.runtime import autocast, autocast_dtype, compile_network
 from ismctl.tracking import RunLog
@@ -96,17 +96,7 @@ def _flops_per_sample(recipe: Recipe, model: torch.nn.Module) -> float:
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool | str, overwrite: bool,
                      info: DistInfo) -> None:
     # Every rank checks (the same files), so a refusal stops all of them with the same error.
-    has_checkpoint = bool(list_checkpoints(run_dir))
-    if resume and overwrite:
-        raise UserError("--resume/--auto-resume and --overwrite: choose one")
-    if resume is True and not has_checkpoint:
-        raise UserError(f"{run_dir}: no checkpoint to resume from; --auto-resume starts a new "
-                        "run when there is none")
-    if has_checkpoint and not (resume or overwrite):
-        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it "
-                        "or --overwrite to start over")
-    if has_checkpoint and resume:
-        check_resumable(run_dir, recipe)
+    check_run_start(run_dir, recipe, resume, overwrite)
     if info.is_main:
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)

@@ -39,16 +39,19 @@ $(BARE_VENV)/.installed: $(STAMP)
 
 # The fast tests as a user of `pip install -e .[dev]` runs them: tests of an extra skip.
 test-no-extras: $(BARE_VENV)/.installed
-	$(BARE_VENV)/bin/python -m pytest -q -m "not slow"
+	$(BARE_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+# pytest-xdist workers: one per core ("auto"); TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= auto
 
 lint: install
 	$(PY) -m ruff check ismctl tests
 
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 demo: install
 	$(ISMCTL) prepare-latents digits --out $(DEMO_DIR)/data/digits

@@ -288,7 +288,8 @@ def eval_settings(recipe: Recipe, num_samples: int | None,
                   inception_weights: str | None) -> EvalSettings:
     e = recipe.eval
     return EvalSettings(steps=list(e.steps), guidance=e.guidance,
-                        num_samples=num_samples or e.num_samples, metrics=list(e.metrics),
+                        num_samples=e.num_samples if num_samples is None else num_samples,
+                        metrics=list(e.metrics),
                         ref=e.ref, batch_size=e.batch_size, seed=e.seed,
                         device=recipe.train.device, inception_weights=inception_weights)
 

@@ -272,7 +272,7 @@ def ablate(
 @app.command()
 def bench(
     out: Annotated[Path | None, typer.Option(help="JSON output file (default bench.json; gpu-check.json with --full).")] = None,
-    presets: Annotated[str | None, typer.Option(help="Comma-separated presets (default: tiny/2,B/2 on CPU; B/2,XL/2 on GPU).")] = None,
+    presets: Annotated[str | None, typer.Option(help="Comma-separated presets (default: tiny/2 on CPU, where tiny/2,B/2 adds ~10 min on 2 cores; B/2,XL/2 on GPU).")] = None,
     quick: Annotated[bool, typer.Option(help="A reduced run (tiny preset, few iterations).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     threads: Threads = None,

@@ -5,6 +5,8 @@ threads mostly spin against each other; subprocesses inherit OMP_NUM_THREADS.
 """
 
 import os
+import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -41,3 +43,24 @@ class HostReads(TorchDispatchMode):
 @pytest.fixture
 def host_reads() -> type[HostReads]:
     return HostReads
+
+
+@pytest.fixture
+def ismctl_main(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
+    """The real ``ismctl`` entry point in this process: ``ismctl_main("train", ...)`` returns
+    the exit code. Commands set torch's thread count for their process; the suite's is put
+    back."""
+    from ismctl.cli import main
+
+    def run(*args: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["ismctl", *args])
+        threads = torch.get_num_threads()
+        try:
+            main()
+        except SystemExit as stop:
+            return int(stop.code or 0)
+        finally:
+            torch.set_num_threads(threads)
+        return 0
+
+    return run

@@ -5,6 +5,7 @@ runs (the ``train`` cases in test_train.py also go through a fresh interpreter).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -145,23 +146,14 @@ def test_bad_recipe_creates_no_run_folder(text: str, digits_run: Path, tmp_path:
     assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]
 
 
-def _run_main(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    monkeypatch.setattr(sys, "argv", ["ismctl", *args])
-    try:
-        main()
-    except SystemExit as stop:
-        return int(stop.code or 0)
-    return 0
-
-
-def test_version_and_debug(monkeypatch: pytest.MonkeyPatch,
+def test_version_and_debug(ismctl_main: Callable[..., int], monkeypatch: pytest.MonkeyPatch,
                            capsys: pytest.CaptureFixture[str]) -> None:
     import ismctl
     from ismctl.errors import UserError
 
-    assert _run_main(monkeypatch, "--version") == 0
+    assert ismctl_main("--version") == 0
     assert capsys.readouterr().out.strip() == f"ismctl {ismctl.__version__}"
-    assert _run_main(monkeypatch, "--help") == 0
+    assert ismctl_main("--help") == 0
     out = capsys.readouterr().out
     assert "--version" in out and "--debug" in out and "recipe" in out
     # --debug anywhere: the error propagates with its traceback instead of one line.
@@ -169,31 +161,31 @@ def test_version_and_debug(monkeypatch: pytest.MonkeyPatch,
         monkeypatch.setattr(sys, "argv", ["ismctl", *args])
         with pytest.raises(UserError, match="recipe file not found"):
             main()
-    assert _run_main(monkeypatch, "train", "nowhere.yaml") == 2
+    assert ismctl_main("train", "nowhere.yaml") == 2
 
 
-def test_old_option_names_are_hidden_aliases(digits_run: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_old_option_names_are_hidden_aliases(
+        ismctl_main: Callable[..., int], digits_run: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import numpy as np
 
-    assert _run_main(monkeypatch, "sample", "--help") == 0
+    assert ismctl_main("sample", "--help") == 0
     help_text = capsys.readouterr().out
     assert "--num-samples" in help_text and "--num " not in help_text
-    assert _run_main(monkeypatch, "prepare-latents", "--help") == 0
+    assert ismctl_main("prepare-latents", "--help") == 0
     help_text = capsys.readouterr().out
     assert "--num-workers" in help_text and "--workers" not in help_text
     common = ["sample", str(digits_run), "--steps", "1", "--seed", "3", "--device", "cpu"]
-    assert _run_main(monkeypatch, *common, "--num", "6", "--out", str(tmp_path / "a.npz")) == 0
-    assert _run_main(monkeypatch, *common, "--num-samples", "6",
-                     "--out", str(tmp_path / "b.npz")) == 0
+    assert ismctl_main(*common, "--num", "6", "--out", str(tmp_path / "a.npz")) == 0
+    assert ismctl_main(*common, "--num-samples", "6",
+                       "--out", str(tmp_path / "b.npz")) == 0
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     assert a["arr_0"].shape[0] == 6 and np.array_equal(a["arr_0"], b["arr_0"])
     out = tmp_path / "p"
-    assert _run_main(monkeypatch, "prepare-latents", "digits", "--out", str(out),
-                     "--workers", "0") == 0
-    assert _run_main(monkeypatch, "prepare-latents", "digits", "--out", str(out),
-                     "--num-workers", "0") == 0
+    assert ismctl_main("prepare-latents", "digits", "--out", str(out),
+                       "--workers", "0") == 0
+    assert ismctl_main("prepare-latents", "digits", "--out", str(out),
+                       "--num-workers", "0") == 0
     assert (out / "manifest.json").is_file()
 
 

@@ -4,13 +4,12 @@ origin, every settable key, and a run's plan, with nothing written."""
 from __future__ import annotations
 
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from ismctl.checkpoint import prune_checkpoints
-from ismctl.cli import main
 from ismctl.recipe import Recipe, load_recipe
 from ismctl.recipe_info import (
     checkpoint_steps,
@@ -22,15 +21,6 @@ from ismctl.recipe_info import (
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = str(REPO / "recipes" / "quickstart.yaml")
-
-
-def _run_main(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    monkeypatch.setattr(sys, "argv", ["ismctl", *args])
-    try:
-        main()
-    except SystemExit as stop:
-        return int(stop.code or 0)
-    return 0
 
 
 def _tree(root: Path) -> list[tuple[str, float]]:
@@ -70,9 +60,9 @@ def test_show_names_the_origin_of_every_field(tmp_path: Path) -> None:
     assert recipe.run.sample_num_samples == 9 and recipe.eval.default_guidance[4] == 2
 
 
-def test_show_prints_every_field(monkeypatch: pytest.MonkeyPatch,
+def test_show_prints_every_field(ismctl_main: Callable[..., int], monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    assert _run_main(monkeypatch, "recipe", "show", QUICK, "--set", "optim.lr=3e-4") == 0
+    assert ismctl_main("recipe", "show", QUICK, "--set", "optim.lr=3e-4") == 0
     lines = capsys.readouterr().out.splitlines()
     fields = recipe_fields()
     assert len(lines) == len(fields)
@@ -83,9 +73,10 @@ def test_show_prints_every_field(monkeypatch: pytest.MonkeyPatch,
     assert by_key["optim.eps"].endswith("# default")
 
 
-def test_keys_lists_every_field_with_its_description(monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    assert _run_main(monkeypatch, "recipe", "keys") == 0
+def test_keys_lists_every_field_with_its_description(
+        ismctl_main: Callable[..., int], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert ismctl_main("recipe", "keys") == 0
     lines = capsys.readouterr().out.splitlines()
     fields = recipe_fields()
     assert len(lines) == len(fields)
@@ -95,9 +86,9 @@ def test_keys_lists_every_field_with_its_description(monkeypatch: pytest.MonkeyP
                for line in lines)
 
 
-def test_bad_show_is_one_line(monkeypatch: pytest.MonkeyPatch,
+def test_bad_show_is_one_line(ismctl_main: Callable[..., int], monkeypatch: pytest.MonkeyPatch,
                               capsys: pytest.CaptureFixture[str]) -> None:
-    assert _run_main(monkeypatch, "recipe", "show", QUICK, "--set", "optim.lrr=1") == 2
+    assert ismctl_main("recipe", "show", QUICK, "--set", "optim.lrr=1") == 2
     err = capsys.readouterr().err
     assert err.strip() == ("error: --set optim.lrr=1: optim.lrr: unknown key "
                            "(did you mean optim.lr?)")
@@ -129,15 +120,15 @@ def test_plan_predicts_the_checkpoint_size(trained: Path) -> None:
     assert plan.parameters > 0 and plan.disk_bytes == 2 * plan.checkpoint_bytes
 
 
-def test_dry_run_plans_and_writes_nothing(trained: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_plans_and_writes_nothing(
+        ismctl_main: Callable[..., int], trained: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
     root = trained.parent
     before, repo_before = _tree(root), _tree(REPO / "recipes")
     args = ["train", QUICK, "--dry-run", "--set", f"data.path={root / 'digits'}",
             "--set", f"run.root={root}", "--set", "run.name=dry", "--set", "train.device=cpu"]
-    assert _run_main(monkeypatch, *args) == 0
+    assert ismctl_main(*args) == 0
     out = capsys.readouterr().out
     assert f"{root / 'dry'} (new)" in out
     assert "64 global = 64 per rank x 1 rank(s) x 1 accumulation step(s)" in out
@@ -145,17 +136,17 @@ def test_dry_run_plans_and_writes_nothing(trained: Path, tmp_path: Path,
     assert "3 written, 2 kept" in out and "dry run: nothing written" in out
     # Two ranks: half the batch each; three do not divide 64.
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert _run_main(monkeypatch, *args) == 0
+    assert ismctl_main(*args) == 0
     assert "32 per rank x 2 rank(s)" in capsys.readouterr().out
     monkeypatch.setenv("WORLD_SIZE", "3")
-    assert _run_main(monkeypatch, *args) == 2
+    assert ismctl_main(*args) == 2
     assert "not divisible by ranks x train.grad_accum = 3" in capsys.readouterr().err
     monkeypatch.delenv("WORLD_SIZE")
     # The run that exists is refused as train would refuse it; --resume plans the resume.
     existing = ["train", str(trained / "recipe.yaml"), "--dry-run"]
-    assert _run_main(monkeypatch, *existing) == 2
+    assert ismctl_main(*existing) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert _run_main(monkeypatch, *existing, "--resume", "--set", "train.steps=5") == 0
+    assert ismctl_main(*existing, "--resume", "--set", "train.steps=5") == 0
     assert "resume from step 1" in capsys.readouterr().out
     assert _tree(root) == before and _tree(REPO / "recipes") == repo_before
     assert os.listdir(tmp_path) == []

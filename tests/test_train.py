@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import ismctl.trainer as trainer
 from ismctl.checkpoint import list_checkpoints
-from ismctl.cli import app, main
+from ismctl.cli import app
 from ismctl.objectives import ObjectiveSpec, get_objective
 from ismctl.pngdir import read_png_folder
 from ismctl.preemption import PREEMPTED_EXIT_CODE
@@ -50,19 +50,6 @@ def one_line_error(res: subprocess.CompletedProcess[str], code: int = 2) -> str:
     assert res.returncode == code, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     return res.stderr
-
-
-def run_main(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    """The real entry point, in this process: returns the exit code. The commands set torch's
-    thread count for their process; the suite's one thread is put back afterwards."""
-    monkeypatch.setattr(sys, "argv", ["ismctl", *args])
-    threads = torch.get_num_threads()
-    try:
-        with pytest.raises(SystemExit) as stop:
-            main()
-    finally:
-        torch.set_num_threads(threads)
-    return stop.value.code
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -163,9 +150,9 @@ def objective_with(fn: Callable[..., dict[str, torch.Tensor]]) -> Callable[[str]
     return lambda mode: dataclasses.replace(get_objective(mode), fn=fn)
 
 
-def test_non_finite_loss_after_a_checkpoint_keeps_it(digits: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_non_finite_loss_after_a_checkpoint_keeps_it(
+        ismctl_main: Callable[..., int], digits: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The loss turns NaN at step 8, after the step-5 checkpoint: the run stops at its next
     check (step 10) with one line and exit 2, writes no checkpoint from the broken weights and
     leaves the step-5 checkpoint byte for byte as it was."""
@@ -184,8 +171,8 @@ def test_non_finite_loss_after_a_checkpoint_keeps_it(digits: Path, tmp_path: Pat
         return parts
 
     monkeypatch.setattr(trainer, "get_objective", objective_with(poisoned))
-    assert run_main(monkeypatch, "train", QUICK, "--no-progress",
-                    *tiny_overrides(digits, tmp_path, "nan", 40, **{"run.log_every": 10})) == 2
+    assert ismctl_main("train", QUICK, "--no-progress",
+                       *tiny_overrides(digits, tmp_path, "nan", 40, **{"run.log_every": 10})) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "step 10: non-finite loss" in err and "step-0000005" in err
@@ -240,8 +227,8 @@ def test_resume_after_kill_matches_uninterrupted(digits: Path, reference: Path,
 
 
 def test_sigterm_checkpoints_the_step_reached_and_resume_is_exact(
-        digits: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        ismctl_main: Callable[..., int], digits: Path, reference: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """SIGTERM arrives while step 7 is computed: the step finishes, step 7 is checkpointed,
     the exit code says "preempted", and --resume continues as if nothing had happened."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -258,8 +245,8 @@ def test_sigterm_checkpoints_the_step_reached_and_resume_is_exact(
     monkeypatch.setattr(trainer, "get_objective", objective_with(signalled))
     overrides = tiny_overrides(digits, tmp_path, "stopped", STEPS, **EXACT,
                                **{"run.ckpt_every": 1000})
-    assert run_main(monkeypatch, "train", QUICK, "--no-progress",
-                    *overrides) == PREEMPTED_EXIT_CODE
+    assert ismctl_main("train", QUICK, "--no-progress",
+                       *overrides) == PREEMPTED_EXIT_CODE
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "stopped at step 7 by SIGTERM" in err
@@ -267,7 +254,7 @@ def test_sigterm_checkpoints_the_step_reached_and_resume_is_exact(
     assert sorted(losses(run)) == list(range(1, 8))
     assert [s for s, _ in list_checkpoints(run)] == [7]
     monkeypatch.setattr(trainer, "get_objective", get_objective)
-    assert run_main(monkeypatch, "train", QUICK, "--no-progress", "--resume", *overrides) == 0
+    assert ismctl_main("train", QUICK, "--no-progress", "--resume", *overrides) == 0
     assert_same_losses(run, reference)
     # TensorBoard hides the events of the first attempt that the resumed one repeats.
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
@@ -287,12 +274,12 @@ def test_resume_refuses_a_changed_recipe(short_run: Path, digits: Path) -> None:
 
 
 def test_resume_needs_a_checkpoint_auto_resume_does_not(
-        digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        ismctl_main: Callable[..., int], digits: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     def train(flag: str, steps: int) -> int:
-        return run_main(monkeypatch, "train", QUICK, "--no-progress", flag,
-                        *tiny_overrides(digits, tmp_path, "requeued", steps,
-                                        **{"run.tracker": "none"}))
+        return ismctl_main("train", QUICK, "--no-progress", flag,
+                           *tiny_overrides(digits, tmp_path, "requeued", steps,
+                                           **{"run.tracker": "none"}))
 
     assert train("--resume", 4) == 2
     err = capsys.readouterr().err
@@ -308,9 +295,9 @@ def test_resume_needs_a_checkpoint_auto_resume_does_not(
     assert after[:4] == lines and [json.loads(ln)["step"] for ln in after] == list(range(1, 9))
 
 
-def test_piped_stdout_gets_plain_log_lines(short_run: Path, digits: Path, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_piped_stdout_gets_plain_log_lines(
+        ismctl_main: Callable[..., int], short_run: Path, digits: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     res = cli("train", QUICK, *tiny_overrides(digits, tmp_path, "logged", 10,
                                               **{"run.log_every": 5, "run.sample_every": 10}),
               ISMCTL_LOG_INTERVAL="0")
@@ -324,13 +311,13 @@ def test_piped_stdout_gets_plain_log_lines(short_run: Path, digits: Path, tmp_pa
     assert "\x1b" not in res.stdout and "━" not in res.stdout
     # The other commands in this process: captured stdout is not a terminal either.
     monkeypatch.setenv("ISMCTL_LOG_INTERVAL", "0")
-    assert run_main(monkeypatch, "eval", str(short_run), "--steps", "1,2", "--guidance", "1",
-                    "--num-samples", "20", "--metrics", "acc",
-                    "--out", str(tmp_path / "ev" / "results.json")) == 0
+    assert ismctl_main("eval", str(short_run), "--steps", "1,2", "--guidance", "1",
+                       "--num-samples", "20", "--metrics", "acc",
+                       "--out", str(tmp_path / "ev" / "results.json")) == 0
     out = capsys.readouterr().out
     assert "sampling 1 step(s), w=1: 20/20" in out
     assert "\n1 step, w=1: acc=" in out and "\n2 steps, w=1: acc=" in out
-    assert run_main(monkeypatch, "prepare-latents", "digits", "--out", str(tmp_path / "d")) == 0
+    assert ismctl_main("prepare-latents", "digits", "--out", str(tmp_path / "d")) == 0
     assert "encoding: 1,797/1,797 img (100%)" in capsys.readouterr().out
 
 

@@ -98,3 +98,13 @@ def test_run_names_and_overrides_are_those_of_the_recipes() -> None:
         for value in m.values or (None,):
             recipe = load_recipe(m.recipe, m.train_overrides(value, 0))
             assert recipe.objective.mode == m.name.split("+")[0]
+
+
+def test_step_seconds_reads_the_least_disturbed_intervals(tmp_path: Path) -> None:
+    """A run logged at 4 it/s, slowed to 1 it/s for half its intervals by another job and with a
+    slow first interval (start-up): 0.25 s per step, while its logged total is longer."""
+    rates = [0.5] + [4.0, 1.0] * 10
+    lines = [json.dumps({"step": 50 * (i + 1), "it_s": r}) for i, r in enumerate(rates)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert fs.step_seconds(tmp_path) == pytest.approx(0.25)
+    assert fs.train_seconds(tmp_path) == pytest.approx(50 * (2 + 10 * 0.25 + 10 * 1.0))

@@ -108,3 +108,11 @@ def test_step_seconds_reads_the_least_disturbed_intervals(tmp_path: Path) -> Non
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     assert fs.step_seconds(tmp_path) == pytest.approx(0.25)
     assert fs.train_seconds(tmp_path) == pytest.approx(50 * (2 + 10 * 0.25 + 10 * 1.0))
+
+
+def test_plot_is_written(tmp_path: Path) -> None:
+    study = _study(tmp_path / "study")
+    _fabricate(study)
+    fs.write(study.out / "chosen.json", fs.choose(study))
+    fs.plot(fs.summarise(study), tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

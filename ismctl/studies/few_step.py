@@ -24,7 +24,8 @@ also evaluated at the last kept checkpoint within the fastest method's full trai
 
     python -m ismctl.studies.few_step run runs/few-step --steps 1000 --seeds 0,1,2
     python -m ismctl.studies.few_step report runs/few-step \\
-        --json docs/few_step_digits/results.json --markdown docs/few_step_digits/tables.md
+        --json docs/few_step_digits/results.json --markdown docs/few_step_digits/tables.md \\
+        --plot docs/few_step_digits.png
 
 Training and evaluation run as ``ismctl`` subprocesses (``--jobs`` at a time, one thread each);
 a run whose final checkpoint exists and an evaluation whose results file exists are reused, so
@@ -343,6 +344,38 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """cfd-digits (mean and sd over the seeds) against step count, one line per method: equal
+    training steps left, equal wall-clock right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, table, title in ((axes[0], "equal_steps", f"{summary['train_steps']:,} steps each"),
+                             (axes[1], "equal_wall_clock", "equal wall-clock")):
+        for name, rows in summary[table].items():
+            ns = sorted(int(n) for n in rows)
+            mean = [rows[str(n)][SELECT_BY]["mean"] for n in ns]
+            sd = [rows[str(n)][SELECT_BY]["sd"] for n in ns]
+            ax.errorbar(ns, mean, yerr=sd, marker="o", capsize=3,
+                        label=summary["methods"][name]["label"])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel(f"{SELECT_BY} (lower is better), mean ± sd")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def write(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -363,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--jobs", type=int, default=2, help="subprocesses at a time")
     rep.add_argument("--json", type=Path, help="write the summary here")
     rep.add_argument("--markdown", type=Path, help="write the tables here")
+    rep.add_argument("--plot", type=Path, help="write the cfd-digits plot here (PNG)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     ismctl = [sys.executable, "-m", "ismctl"]
@@ -377,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.markdown:
             args.markdown.parent.mkdir(parents=True, exist_ok=True)
             args.markdown.write_text(text)
+        if args.plot:
+            plot(summary, args.plot)
     print(text)
 
 

@@ -278,11 +278,15 @@ def summarise(study: Study) -> dict[str, Any]:
                 c = chosen[method.name][n]
                 values: dict[str, list[float]] = {k: [] for k in METRICS}
                 steps_used = []
-                for seed in study.seeds:
-                    step = (study.train_steps if table == "equal_steps"
-                            else budget["step"][method.name][str(seed)])
-                    res = json.loads(study.eval_file(study.run_dir(method, c["value"], seed),
-                                                     step, n, REPORT_SEED).read_text())
+                files = [study.eval_file(study.run_dir(method, c["value"], seed),
+                                         study.train_steps if table == "equal_steps"
+                                         else budget["step"][method.name][str(seed)], n,
+                                         REPORT_SEED) for seed in study.seeds]
+                if table == "equal_wall_clock" and not all(f.is_file() for f in files):
+                    continue   # not evaluated (yet): the row is left out, not guessed
+                for file in files:
+                    step = int(file.name.split("-")[0].removeprefix("step"))
+                    res = json.loads(file.read_text())
                     point = next(p for p in res["points"] if p["sampler"] == c["sampler"]
                                  and p["guidance"] == c["guidance"])
                     for k in METRICS:
@@ -322,6 +326,8 @@ def markdown(summary: dict[str, Any]) -> str:
                       "| method | knob | w | NFE | train steps | acc | fd-digits | cfd-digits |",
                       "|---|---|---|---|---|---|---|---|"]
             for name, rows in summary[table].items():
+                if str(n) not in rows:
+                    continue
                 r = rows[str(n)]
                 meta = summary["methods"][name]
                 knob = ("-" if meta["knob"] is None
@@ -357,6 +363,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                              (axes[1], "equal_wall_clock", "equal wall-clock")):
         for name, rows in summary[table].items():
             ns = sorted(int(n) for n in rows)
+            if not ns:
+                continue
             mean = [rows[str(n)][SELECT_BY]["mean"] for n in ns]
             sd = [rows[str(n)][SELECT_BY]["sd"] for n in ns]
             ax.errorbar(ns, mean, yerr=sd, marker="o", capsize=3,

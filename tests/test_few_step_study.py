@@ -66,7 +66,7 @@ def test_choice_uses_the_selection_samples_only(tmp_path: Path) -> None:
 def test_tables_report_the_other_samples_and_count_two_pass_nfe(tmp_path: Path) -> None:
     study = _study(tmp_path)
     _fabricate(study)
-    fs.write(tmp_path / "chosen.json", fs.choose(study))
+    fs.write_json(tmp_path / "chosen.json", fs.choose(study))
     summary = fs.summarise(study)
     ism = summary["equal_steps"]["ism"]["1"]
     assert ism["cfd-digits"]["mean"] == pytest.approx(30.0 - 0.5)
@@ -113,6 +113,6 @@ def test_step_seconds_reads_the_least_disturbed_intervals(tmp_path: Path) -> Non
 def test_plot_is_written(tmp_path: Path) -> None:
     study = _study(tmp_path / "study")
     _fabricate(study)
-    fs.write(study.out / "chosen.json", fs.choose(study))
+    fs.write_json(study.out / "chosen.json", fs.choose(study))
     fs.plot(fs.summarise(study), tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

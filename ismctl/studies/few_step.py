@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ismctl.fileio import atomic_path, atomic_write_text, write_json
+
 STEPS = (1, 2, 4, 128)
 SELECT_SEED, REPORT_SEED = 1, 0
 METRICS = ("acc", "fd-digits", "cfd-digits")
@@ -196,7 +198,7 @@ def run_study(study: Study) -> None:
                                                          SELECT_SEED)
                    for m, v, _ in grid_runs for n in STEPS)
     chosen = choose(study)
-    write(study.out / "chosen.json", chosen)
+    write_json(study.out / "chosen.json", chosen)
     needed = sorted({(name, c["value"], s) for name, per in chosen.items()
                      for c in per.values() for s in rest if c["value"] is not None})
     study.parallel(lambda r=r: study.train(METHODS[r[0]], r[1], r[2]) for r in needed)
@@ -277,21 +279,20 @@ def summarise(study: Study) -> dict[str, Any]:
             for n in step_counts:
                 c = chosen[method.name][n]
                 values: dict[str, list[float]] = {k: [] for k in METRICS}
-                steps_used = []
-                files = [study.eval_file(study.run_dir(method, c["value"], seed),
-                                         study.train_steps if table == "equal_steps"
-                                         else budget["step"][method.name][str(seed)], n,
-                                         REPORT_SEED) for seed in study.seeds]
+                steps_used = [study.train_steps if table == "equal_steps"
+                              else budget["step"][method.name][str(seed)]
+                              for seed in study.seeds]
+                files = [study.eval_file(study.run_dir(method, c["value"], seed), step, n,
+                                         REPORT_SEED)
+                         for seed, step in zip(study.seeds, steps_used, strict=True)]
                 if table == "equal_wall_clock" and not all(f.is_file() for f in files):
                     continue   # not evaluated (yet): the row is left out, not guessed
                 for file in files:
-                    step = int(file.name.split("-")[0].removeprefix("step"))
                     res = json.loads(file.read_text())
                     point = next(p for p in res["points"] if p["sampler"] == c["sampler"]
                                  and p["guidance"] == c["guidance"])
                     for k in METRICS:
                         values[k].append(point["metrics"][k])
-                    steps_used.append(step)
                 rows[str(n)] = {"knob": c["value"], "guidance": c["guidance"],
                                 "sampler": c["sampler"], "nfe": nfe(method, n, c["sampler"]),
                                 "train_steps": steps_used, "candidates": c["candidates"],
@@ -377,18 +378,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel(f"{SELECT_BY} (lower is better), mean ± sd")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
-
-
-def write(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -415,10 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(summary)
     if args.command == "report":
         if args.json:
-            write(args.json, summary)
+            write_json(args.json, summary)
         if args.markdown:
-            args.markdown.parent.mkdir(parents=True, exist_ok=True)
-            args.markdown.write_text(text)
+            atomic_write_text(args.markdown, text)
         if args.plot:
             plot(summary, args.plot)
     print(text)

@@ -64,6 +64,25 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+def needs_torch(version: str, what: str, hint: str = "") -> UserError:
+    """The one-line error for a feature this torch lacks: ``what`` needs torch >= ``version``.
+    Releases older than pyproject's minimum are refused where a feature is used, not on import,
+    so that what they can do still runs."""
+    return UserError(f"{what} needs torch >= {version} (this is torch {torch.__version__})"
+                     + (f"; {hint}" if hint else ""))
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """Attention on the math kernel, whose ops have forward-mode derivatives (``torch.func.jvp``
+    through the fused kernels is not implemented). torch >= 2.3."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as exc:
+        raise needs_torch("2.3", "a Jacobian-vector product through attention "
+                                 "(objective.mode meanflow)") from exc
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def autocast_dtype(precision: str) -> torch.dtype | None:
     if precision not in PRECISIONS:
         raise UserError(f"train.precision {precision!r}: expected one of {', '.join(PRECISIONS)}")

@@ -2,7 +2,7 @@
 
 The points to sample come from the run's protocol (``ismctl/protocol.py``): every (steps, w)
 of the grid for an iSM run; for an sm run its authors' protocol, the conditional output at
-every step count plus two-pass CFG at the training scale on the d = 0 velocity at 128 steps.
+every step count plus two-pass CFG at the training scale on the flow velocity at 128 steps.
 For every point: generate ``num_samples`` class-balanced samples (under ``torchrun`` each rank
 its strided share), run every feature extractor the metrics need on them, gather the
 features on rank 0 and score them against reference statistics computed once (and cached).

@@ -40,6 +40,7 @@ from ismctl.evaluation.digits_classifier import (
     LOGITS,
     class_accuracy,
     class_conditional_fd,
+    class_spread,
 )
 from ismctl.evaluation.dinov2 import DINOV2_NAME, build_dinov2
 from ismctl.evaluation.features import extract_features, iter_batches
@@ -135,6 +136,8 @@ def point_metrics(plan: MetricPlan, feats: dict[str, dict[str, np.ndarray]], lab
         out["fd-digits"] = frechet_to_reference(feats["digits"][FEATURES], refs["digits"])
     if "cfd-digits" in m:
         out["cfd-digits"] = class_conditional_fd(feats["digits"][FEATURES], labels)
+    if "spread-digits" in m:
+        out["spread-digits"] = class_spread(feats["digits"][FEATURES], labels)
     return out
 
 

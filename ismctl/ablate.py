@@ -14,10 +14,11 @@ The five components of SPEC 3 and the recipe fields each one flips when disabled
 ``--disable a,b`` compares the full recipe with one variant that has all the named components
 off; ``--cumulative`` rebuilds the paper's table: a baseline, then each component added in the
 paper's order, ending at the full iSM recipe. The baseline row is a recipe of its own
-(``--baseline RECIPE``; by default the published SM settings ``sm_<size>.yaml`` beside an
-``ism_<size>.yaml`` recipe), or, for a recipe without one such as the quickstart, the recipe
-with all five components off (``--baseline components-off``). The two differ: the official SM
-settings also change the EMA, weight decay, gradient clipping, target clipping and steps.
+(``--baseline RECIPE``; by default the official SM algorithm beside the recipe: ``sm_<size>.yaml``
+for ``ism_<size>.yaml``, ``sm_quickstart.yaml`` for the quickstart), or, for a recipe without
+one, the recipe with all five components off (``--baseline components-off``). The two differ:
+the official SM recipes also set its bootstrap share, time grid, target clipping, interpolation
+offset and, on ImageNet, its EMA, weight decay and steps.
 ``--sweep key=v1,v2`` makes one variant per value of a recipe field (the paper's component
 sweeps; a single value adds one variant to compare with an earlier study of the same
 settings). With ``--seeds 0,1,2`` every variant is trained once per seed (``train.seed``).
@@ -189,14 +190,12 @@ def plan_variants(recipe: Recipe, disable: list[str] | None,
 
 
 def default_baseline(recipe_path: str) -> str | None:
-    """The published SM settings for an ImageNet iSM recipe: ``sm_<size>.yaml`` beside
-    ``ism_<size>.yaml`` when it exists; None (the components-off baseline) otherwise."""
+    """The official SM algorithm beside an iSM recipe: ``sm_<size>.yaml`` for ``ism_<size>.yaml``,
+    ``sm_<name>.yaml`` for another ``<name>.yaml`` (``sm_quickstart.yaml``) when it exists; None
+    (the components-off baseline) otherwise."""
     path = Path(recipe_path)
-    if path.name.startswith("ism_"):
-        sibling = path.with_name("sm_" + path.name.removeprefix("ism_"))
-        if sibling.is_file():
-            return str(sibling)
-    return None
+    sibling = path.with_name("sm_" + path.name.removeprefix("ism_"))
+    return str(sibling) if sibling.is_file() else None
 
 
 def baseline_recipe(recipe_path: str, baseline: str | None, cumulative: bool) -> str | None:
@@ -410,7 +409,7 @@ def run_name(variant: str, seed: int, seeds: list[int] | None) -> str:
 
 def _point_guidance(recipe: Recipe, cfg: EvalSettings) -> Grid:
     # Each variant is sampled by its authors' protocol (ismctl.protocol): sm and baked-guidance
-    # meanflow from the conditional output (sm plus the d = 0 CFG entry at 128 steps), their
+    # meanflow from the conditional output (sm plus the flow-CFG entry at 128 steps), their
     # guidance fixed by their training; ism and intrinsic meanflow over the w grid.
     return cfg.guidance if run_sampler(recipe) == "intrinsic" else [0.0]
 

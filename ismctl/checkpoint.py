@@ -189,7 +189,7 @@ def resolve_checkpoint(path: str | Path | None) -> tuple[Path, Path]:
 
 
 def model_from_recipe(recipe: Recipe, manifest: Manifest) -> ShortcutDiT:
-    from ismctl.objectives import jump_embedding
+    from ismctl.objectives import flow_jump, jump_embedding
 
     m = recipe.model
     return build_model(
@@ -201,6 +201,7 @@ def model_from_recipe(recipe: Recipe, manifest: Manifest) -> ShortcutDiT:
         dropout=m.dropout,
         grad_checkpointing=m.grad_checkpointing,
         jump_embedding=jump_embedding(recipe),
+        flow_jump=flow_jump(recipe),
     )
 
 

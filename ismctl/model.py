@@ -83,8 +83,13 @@ def check_jump_sizes(d: Tensor, base_steps: int) -> None:
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
-    """Fixed 2D sin-cos position table (grid*grid, dim), row-major over the patch grid: the
-    first half of the channels encodes the row, the second half the column (MAE / DiT)."""
+    """Fixed 2D sin-cos position table (grid*grid, dim), row-major over the patch grid.
+
+    The first half of the channels encodes the patch's row (vertical position), the second half
+    its column, each as [sin, cos] at dim/4 frequencies. DiT and MAE build theirs from
+    ``meshgrid(w, h)``, which puts the column in the first half: the transpose of this table,
+    the same up to transposing the image. A network imported from DiT/SiT (``model.init_from``)
+    brings its own table, so the import is exact either way."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     pos = torch.arange(grid, dtype=torch.float64)
     rows, cols = torch.meshgrid(pos, pos, indexing="ij")
@@ -202,7 +207,8 @@ class ShortcutDiT(nn.Module):
     def __init__(self, input_size: int, in_channels: int, num_classes: int, patch_size: int = 2,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, base_steps: int = 128, dropout: float = 0.0,
-                 grad_checkpointing: bool = False, jump_embedding: str = "table") -> None:
+                 grad_checkpointing: bool = False, jump_embedding: str = "table",
+                 flow_jump: float = 0.0) -> None:
         super().__init__()
         if input_size % patch_size:
             raise UserError(f"model: input size {input_size} is not a multiple of the patch "
@@ -227,6 +233,9 @@ class ShortcutDiT(nn.Module):
         self.grid = input_size // patch_size
         self.grad_checkpointing = grad_checkpointing
         self.jump_embedding = jump_embedding
+        # The jump size of the instantaneous velocity (what two-pass flow CFG samples): d = 0,
+        # or 1/M for sm networks, whose flow shares the finest jump's row (SPEC 2).
+        self.flow_jump = flow_jump
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None])
@@ -306,13 +315,14 @@ class ShortcutDiT(nn.Module):
 
 def build_model(preset: str, input_size: int, in_channels: int, num_classes: int,
                 base_steps: int = 128, dropout: float = 0.0,
-                grad_checkpointing: bool = False, jump_embedding: str = "table") -> ShortcutDiT:
+                grad_checkpointing: bool = False, jump_embedding: str = "table",
+                flow_jump: float = 0.0) -> ShortcutDiT:
     """A ShortcutDiT from a preset name such as 'XL/2' (size from PRESETS, patch size)."""
     size, patch = parse_preset(preset)
     return ShortcutDiT(input_size, in_channels, num_classes, patch_size=patch,
                        base_steps=base_steps, dropout=dropout,
                        grad_checkpointing=grad_checkpointing, jump_embedding=jump_embedding,
-                       **PRESETS[size])
+                       flow_jump=flow_jump, **PRESETS[size])
 
 
 def forward_flops(model: ShortcutDiT) -> float:

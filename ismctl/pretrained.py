@@ -8,27 +8,32 @@ adaLN_modulation.1}.*`` and ``final_layer.{linear, adaLN_modulation.1}.*``. Our 
 (:mod:`ismctl.model`) is the same network with two more conditioning inputs, the jump size d
 and the guidance strength w, added to the conditioning vector c = t_emb + d_emb + y_emb +
 w_emb. The import copies every shared tensor and starts the new embedders at zero, so
-d_emb(0) = 0 and w_emb(w) = 0 for every w, and
+d_emb = 0 and w_emb(w) = 0 for every w, and
 
-    F(x, t, d=0, c, w=0) == source(x, 1000 t, c)[:, :C]
+    F(x, t, d=0, c, w=0) == source(x, k t, c)[:, :C]
 
-exactly: the same weights compute the same function. (The d table starts at zero in every
-row, so at the start every jump size returns the source's output; the w embedder's last
-layer is zero, its first layer keeps our initialisation.) What that function *means* differs
-per source, and the import converts nothing:
+exactly: the same weights compute the same function. The time factor k is our t embedder's
+scale, which depends on how the network embeds jump sizes: k = 1000 for a jump-size table
+(sm, ism: DiT's own ``1000 t`` features), k = 1 for a continuous jump embedding (MeanFlow,
+whose JVP target needs t and d unscaled; :mod:`ismctl.model`). (The d embedding starts at zero
+for every jump size, so at the start every jump size returns the source's output; the w
+embedder's last layer is zero, its first layer keeps our initialisation.) What that function
+*means* differs per source, and the import converts nothing:
 
 - Our time runs from noise (t = 0) to data (t = 1), ``x_t = (1 - t) x0 + t x1``, and F is a
-  velocity ``x1 - x0`` (SPEC section 1); our t embedder sees ``1000 t``.
+  velocity ``x1 - x0`` (SPEC section 1); our t embedder sees ``k t``.
 - DiT takes a DDPM step index tau in 0..999 with tau = 0 (almost) clean data and tau = 999
   (almost) pure noise, and its first C output channels predict the noise epsilon (the other
-  C, learned variances, are dropped here). Our t corresponds to tau = 1000 t, so the time
+  C, learned variances, are dropped here). Our t corresponds to tau = k t, so the time
   direction is the opposite of ours and the output is a noise prediction, not a velocity:
   an imported DiT is an initialisation for fine-tuning, not a sampler.
 - SiT (linear interpolant, velocity prediction) shares our path and sign: t = 0 noise,
-  t = 1 data, v = x1 - x0. But SiT feeds its t in [0, 1] to the embedder unscaled, so its
-  velocity at time s is our network at t = s / 1000: the time argument must be rescaled by
-  1000 before the imported network is a flow velocity in our time (training rescales it).
-  SiT checkpoints of other interpolants (GVP, VP) or noise/score prediction differ further.
+  t = 1 data, v = x1 - x0, and feeds its t in [0, 1] to the embedder unscaled. Into a
+  continuous-jump network (k = 1) it imports as its own velocity in our time; into a table
+  network (k = 1000) its velocity at time s is our network at t = s / 1000, so the time
+  argument must be rescaled before the imported network is a flow velocity in our time
+  (training rescales it). SiT checkpoints of other interpolants (GVP, VP) or noise/score
+  prediction differ further.
 
 Every tensor is accounted for in the returned report: mapped (source key -> our key),
 initialised (our keys the source lacks, and how) and ignored (source keys we do not use, e.g.
@@ -70,12 +75,14 @@ class ImportReport:
 
     source: str
     entry: str | None
+    time_scale: float = 1000.0                                  # k: F(., t, ...) = source(., k t)
     mapped: dict[str, str] = field(default_factory=dict)        # our key -> source key
     initialised: dict[str, str] = field(default_factory=dict)   # our key -> how
     ignored: list[str] = field(default_factory=list)            # source keys not used
 
     def as_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "entry": self.entry, "mapped": dict(self.mapped),
+        return {"source": self.source, "entry": self.entry, "time_scale": self.time_scale,
+                "mapped": dict(self.mapped),
                 "initialised": dict(self.initialised), "ignored": list(self.ignored)}
 
 
@@ -149,7 +156,7 @@ def plan_import(model: nn.Module, state: dict[str, Tensor], source: str = "",
     """
     net = unwrap_model(model)
     ours = net.state_dict()
-    report = ImportReport(source=source, entry=entry)
+    report = ImportReport(source=source, entry=entry, time_scale=time_scale(net))
     values: dict[str, Tensor] = {}
     if "x_embedder.proj.weight" not in state or "blocks.0.attn.qkv.weight" not in state:
         raise UserError(f"model.init_from {source}: not a DiT/SiT state dict (no "
@@ -193,6 +200,29 @@ def plan_import(model: nn.Module, state: dict[str, Tensor], source: str = "",
     return values, report
 
 
+def time_scale(model: nn.Module) -> float:
+    """k, the factor our t embedder applies to t: F(x, t, 0, c, 0) = source(x, k t, c)."""
+    return float(unwrap_model(model).t_embedder.scale)
+
+
+def _embedding_note(scale: float) -> str:
+    return ("jump-size table: DiT's 1000 t time features" if scale == 1000.0
+            else "continuous jump embedding: t unscaled")
+
+
+def check_init_from(model: nn.Module, path: str | None, resuming: bool
+                    ) -> dict[str, Tensor] | None:
+    """``model.init_from`` read and planned against ``model`` (e.g. built on the meta device) as
+    a run does before it writes anything, so ``train`` and ``train --dry-run`` refuse the same
+    files with the same one-line error. Returns the source state dict, or None when the run
+    does not read it (no ``init_from``, or a resumed run, which continues its own weights)."""
+    if not path or resuming:
+        return None
+    state, entry = read_pretrained(path)
+    plan_import(model, state, path, entry)
+    return state
+
+
 def print_report(report: ImportReport, console: Console | None = None) -> None:
     table = Table(title=f"model.init_from {report.source}"
                         + (f" (entry '{report.entry}')" if report.entry else ""))
@@ -207,7 +237,8 @@ def print_report(report: ImportReport, console: Console | None = None) -> None:
     (console or Console()).print(table)
     (console or Console()).print(
         f"{len(report.mapped)} mapped, {len(report.initialised)} initialised, "
-        f"{len(report.ignored)} ignored; F(x, t, 0, c, 0) = source(x, 1000 t, c): see "
+        f"{len(report.ignored)} ignored; F(x, t, 0, c, 0) = source(x, "
+        f"{report.time_scale:g} t, c) ({_embedding_note(report.time_scale)}): see "
         "ismctl/pretrained.py for the source's time and output conventions")
 
 

@@ -5,7 +5,7 @@
 - sm runs follow their authors' protocol (SPEC 2): the shortcuts already carry the CFG of
   their training targets, so every step count samples the conditional output alone (w = 0);
   the 128-step entry is joined by a separate one with two-pass CFG at the training scale on
-  the d = 0 velocity. CFG on top of the baked-in guidance (``double_guidance``) guides twice
+  the flow velocity. CFG on top of the baked-in guidance (``double_guidance``) guides twice
   and is only reachable on request.
 - meanflow runs follow MeanFlow's protocol (SPEC 4.1): with ``meanflow_guidance: baked`` CFG is
   in the training target, so every step count samples the conditional output (w = 0), one pass

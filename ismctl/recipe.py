@@ -108,20 +108,21 @@ class DataCfg(Section):
 
 
 class ObjectiveCfg(Section):
-    mode: Literal["ism", "sm", "meanflow"] = Field("ism", description="'ism': intrinsic guidance (SPEC 3.1); 'sm': Frans et al. baseline with CFG in the finest targets (SPEC 2); 'meanflow': continuous jumps, MeanFlow identity target (SPEC 4.1, docs/meanflow.md).")
+    mode: Literal["ism", "sm", "meanflow"] = Field("ism", description="'ism': intrinsic guidance (SPEC 3.1); 'sm': the official shortcut-models algorithm, flow at d = 1/M and CFG in the d = 2/M targets (SPEC 2); 'meanflow': continuous jumps, MeanFlow identity target (SPEC 4.1, docs/meanflow.md).")
     base_steps: int = Field(128, description="M, the finest number of steps; jump sizes d = 2^-k down to 1/M (sm/ism; meanflow samples any step count).")
-    bootstrap_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of the batch used for self-consistency (bootstrap) targets (paper 1/4, official code 1/8); meanflow: the share with d > 0 (MeanFlow paper 25%).")
+    bootstrap_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of the batch used for self-consistency (bootstrap) targets (paper 1/4, official code 1/8; sm: floor(global batch x this) rows in the official level histogram); meanflow: the share with d > 0 (MeanFlow paper 25%).")
     guidance_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Share of the batch for the guidance objective (ism only; ignored by sm).")
-    class_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Probability of replacing the label by the null class in the velocity/flow part.")
+    class_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Probability of replacing the label by the null class in the velocity/flow part (sm, ism: bootstrap rows keep their labels; meanflow: every row).")
     t_grid: bool = Field(False, description="Draw flow-part t on the 1/M grid (official code) instead of uniformly on [0, 1).")
     target_clip: float | None = Field(None, gt=0.0, description="Clip bootstrap midpoints and targets to [-v, v] (official code uses 4); None disables.")
+    sigma_min: float = Field(0.0, ge=0.0, lt=1.0, description="sm/ism: x_t = (1 - (1 - sigma_min) t) x0 + t x1 with velocity x1 - (1 - sigma_min) x0 (official shortcut-models code 1e-5); 0 is the plain linear path.")
     velocity_weight: float = Field(1.0, ge=0.0, description="a: weight of L_velocity (flow part).")
     guidance_weight: float = Field(1.0, ge=0.0, description="b: weight of L_guidance (ism only).")
     consistency_weight: float = Field(1.0, ge=0.0, description="g: weight of L_consistency (bootstrap part).")
     time_mean: float = Field(-0.4, description="meanflow: mean of the logit-normal both jump ends are drawn from, in MeanFlow's time (1 = noise; ours is 1 minus it); paper -0.4.")
     time_std: float = Field(1.0, gt=0.0, description="meanflow: std of that logit-normal; paper 1.0.")
     adaptive_p: float = Field(1.0, ge=0.0, description="meanflow: per-sample loss l weighted by 1 / sg(l + adaptive_c)^p (paper p = 1); 0 disables.")
-    adaptive_c: float = Field(1e-3, gt=0.0, description="meanflow: c in the adaptive weight (paper 1e-3), relative to the per-sample loss of loss.name.")
+    adaptive_c: float = Field(0.01, gt=0.0, description="meanflow: c in the adaptive weight, in units of the per-sample squared error summed over all dimensions as MeanFlow defines it (its official JAX code: 0.01; its PyTorch port: 1e-3).")
     meanflow_guidance: Literal["baked", "intrinsic"] = Field("baked", description="meanflow: 'baked' puts CFG into the target (guidance.omega/kappa, sampled at w = 0, MeanFlow's way); 'intrinsic' takes w as an input like ism (guidance.w_max/w_step).")
 
     @model_validator(mode="after")
@@ -134,6 +135,10 @@ class ObjectiveCfg(Section):
             raise ValueError("t_grid does not apply to meanflow (continuous logit-normal t); set it to false")
         if self.mode == "meanflow" and self.target_clip is not None:
             raise ValueError("target_clip does not apply to meanflow (it clips bootstrap half jumps); set it to null")
+        if self.mode == "meanflow" and self.sigma_min:
+            raise ValueError("sigma_min does not apply to meanflow (its identity is derived on the plain linear path); set it to 0")
+        if self.mode == "sm" and self.base_steps < 2:
+            raise ValueError("sm needs base_steps >= 2 (the flow trains at d = 1/M, the bootstrap levels above it)")
         return self
 
 
@@ -141,7 +146,7 @@ class GuidanceCfg(Section):
     w_max: float = Field(3.5, ge=0.0, description="Largest guidance strength w seen in training (delta convention: CFG scale s = 1 + w).")
     w_step: float = Field(0.25, gt=0.0, description="Training w is drawn from the grid {0, w_step, ..., w_max}.")
     interval_start: float = Field(0.3, ge=0.0, le=1.0, description="No guidance term in targets for t < this (high-noise end); 0 disables interval guidance. meanflow too: MeanFlow's interval t <= t_end in its time is t >= 1 - t_end here.")
-    cfg_scale: float = Field(1.5, ge=1.0, description="sm mode: classic CFG scale s inside the finest bootstrap targets (w = s - 1).")
+    cfg_scale: float = Field(1.5, ge=1.0, description="sm mode: classic CFG scale s inside the bootstrap targets of the d = 2/M level, whose half jumps are the flow (w = s - 1); 1 is none.")
     omega: float = Field(1.0, ge=0.0, description="meanflow baked: target velocity omega v + kappa F_c + (1 - omega - kappa) F_null at d = 0, i.e. CFG scale s = omega / (1 - kappa), w = s - 1; omega 1, kappa 0: none.")
     kappa: float = Field(0.0, ge=0.0, lt=1.0, description="meanflow baked: MeanFlow's kappa, the weight of the network's own conditional velocity in that target (see omega).")
 

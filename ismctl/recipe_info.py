@@ -153,6 +153,19 @@ def kept_checkpoints(saved: list[int], keep_last: int, keep_every: int) -> list[
     return sorted(last | {s for s in saved if keep_every and s % keep_every == 0})
 
 
+def _check_init_from(recipe: Recipe, manifest: Any, run_dir: Path, resume: bool | str) -> None:
+    """``model.init_from`` read and checked against the network's shapes exactly as the run
+    does it (:func:`ismctl.pretrained.check_init_from`, on the meta device)."""
+    import torch
+
+    from ismctl.checkpoint import list_checkpoints, model_from_recipe
+    from ismctl.pretrained import check_init_from
+
+    with torch.device("meta"):
+        model = model_from_recipe(recipe, manifest)
+    check_init_from(model, recipe.model.init_from, bool(resume and list_checkpoints(run_dir)))
+
+
 def _model_sizes(recipe: Recipe, manifest: Any) -> tuple[int, int, int]:
     """(parameters, bytes of one weights file, bytes of the AdamW state), from the network
     built on the meta device: no memory, no initialisation cost."""
@@ -203,6 +216,7 @@ def plan_training(recipe: Recipe, recipe_path: str | None, resume: bool | str = 
     build_loss(recipe.loss, recipe.model.input_size or manifest.latent_size)
     run_dir = run_directory(recipe, recipe_path)
     state = _run_state(run_dir, recipe, resume, overwrite)
+    _check_init_from(recipe, manifest, run_dir, resume)
 
     coupling = recipe.coupling
     pool = getattr(coupling, "pool_size", None)

@@ -14,9 +14,11 @@ Samplers (the ``mode`` argument):
 - ``cfg`` runs the label and the null rows with w = 0 and combines them as
   v_c + w (v_c - v_null), i.e. CFG scale s = 1 + w: two passes per step. On an sm network
   this guides twice (baked-in guidance, then CFG on top): reachable, never the default.
-- ``flow-cfg`` is ``cfg`` on the instantaneous velocity (d = 0) instead of the jump of size
-  1/N: N Euler steps of classic flow matching with CFG. The sm authors' separate 128-step CFG
-  entry samples exactly this (their d = 0 and d = 1/128 share one embedding, SPEC 1).
+- ``flow-cfg`` is ``cfg`` on the instantaneous velocity instead of the jump of size 1/N: N Euler
+  steps of classic flow matching with CFG. The velocity is asked for at the network's
+  ``flow_jump``: d = 0 for ism and MeanFlow networks, d = 1/M for sm networks, whose flow is
+  trained at the finest jump's embedding as in the official code (SPEC 2). The sm authors'
+  separate 128-step CFG entry samples exactly this.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def check_steps(steps: int, base_steps: int, continuous: bool = False) -> None:
 def continuous_jumps(model: nn.Module) -> bool:
     """Whether ``model`` (possibly DDP/compile-wrapped) takes any jump size d in [0, 1]."""
     return bool(getattr(unwrap_model(model), "continuous_jumps", False))
+
+
+def flow_jump(model: nn.Module) -> float:
+    """The jump size at which ``model`` (possibly wrapped) was trained as a plain flow."""
+    return float(getattr(unwrap_model(model), "flow_jump", 0.0))
 
 
 def _null_class(model: nn.Module, num_classes: int | None) -> int:
@@ -90,7 +97,8 @@ def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, guidance
     null = _null_class(model, num_classes) if two_pass else 0
     autocast = (torch.autocast(noise.device.type, dtype=autocast_dtype)
                 if autocast_dtype is not None else contextlib.nullcontext())
-    d = torch.full((batch,), 0.0 if mode == "flow-cfg" else 1.0 / steps, device=noise.device)
+    jump = flow_jump(model) if mode == "flow-cfg" else 1.0 / steps
+    d = torch.full((batch,), jump, device=noise.device)
     if not two_pass:
         w = torch.full((batch,), float(guidance), device=noise.device)
     else:

@@ -50,7 +50,7 @@ from ismctl.losses.band_stats import band_stats_for_run
 from ismctl.model import forward_flops
 from ismctl.objectives import get_objective
 from ismctl.preemption import Preempted, StopSignals
-from ismctl.pretrained import init_from_pretrained, plan_import, read_pretrained
+from ismctl.pretrained import check_init_from, init_from_pretrained
 from ismctl.progress import progress_bar, stdout_is_terminal
 from ismctl.protocol import choose_point, run_sampler
 from ismctl.recipe import Recipe, save_recipe
@@ -145,11 +145,8 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
     with torch.device("meta"):
         shapes = model_from_recipe(recipe, manifest)
     build_loss(recipe.loss, shapes.input_size)
-    pretrained = None
-    if recipe.model.init_from and not (resume and list_checkpoints(run_dir)):
-        pretrained, _ = read_pretrained(recipe.model.init_from)
-        with torch.device("meta"):
-            plan_import(shapes, pretrained, recipe.model.init_from)
+    pretrained = check_init_from(shapes, recipe.model.init_from,
+                                 bool(resume and list_checkpoints(run_dir)))
     _prepare_run_dir(run_dir, recipe, resume, overwrite, info)
 
     torch.manual_seed(cfg.seed)
@@ -311,13 +308,15 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
                 if cp.pool_size:
                     for k, v in zip(STATS, pool_stats, strict=True):
                         pool_sums[f"sot_{k}"] = pool_sums.get(f"sot_{k}", 0.0) + v / cfg.grad_accum
-                gen.manual_seed(_stream_seed(cfg.seed, step, info.rank * cfg.grad_accum + m))
+                slot = info.rank * cfg.grad_accum + m
+                gen.manual_seed(_stream_seed(cfg.seed, step, slot))
                 last_micro = m == cfg.grad_accum - 1
                 sync = contextlib.nullcontext() if last_micro or not info.enabled else net.no_sync()
                 with sync:
                     with amp:
                         parts = objective_fn(online, target, x0, x1, y, recipe.objective,
-                                             recipe.guidance, loss_fn, model.num_classes, gen)
+                                             recipe.guidance, loss_fn, model.num_classes, gen,
+                                             (slot, slots))
                     (parts["loss"] / cfg.grad_accum).backward()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum

@@ -257,15 +257,16 @@ def test_run_ablation_end_to_end_on_digits(digits_data: Path, tmp_path: Path) ->
                  "eval.batch_size=100"]
     report = run_ablation(str(RECIPES / "quickstart.yaml"), None, cumulative=True,
                           overrides=overrides, out=out, eval_num_samples=100, progress=False)
-    names = ["baseline", "no-interval-guidance+wavelet+sot+twin-ema", "no-wavelet+sot+twin-ema",
-             "no-sot+twin-ema", "no-twin-ema", "full"]
+    names = ["baseline-sm_quickstart", "no-interval-guidance+wavelet+sot+twin-ema",
+             "no-wavelet+sot+twin-ema", "no-sot+twin-ema", "no-twin-ema", "full"]
     assert [v["name"] for v in report["variants"]] == names
     assert report["select_by"] == "cfd-digits"
     assert report["main_metrics"] == ["cfd-digits", "fd-digits", "acc"]
     # Each saved variant recipe differs from the full one in exactly its components' fields.
     full = load_recipe(out / "full.yaml")
     flips = {**EXPECTED, "twin-ema": {"ema.target_decay": full.ema.inference_decay}}
-    for name, off in zip(names, [list(ORDER[k:]) for k in range(len(ORDER) + 1)], strict=True):
+    for name, off in zip(names[1:], [list(ORDER[k:]) for k in range(1, len(ORDER) + 1)],
+                         strict=True):
         diff = changes(full, load_recipe(out / f"{name}.yaml"))
         assert diff.pop("run.name", name) == name
         assert diff == {k: v for c in off for k, v in flips[c].items()}, name
@@ -281,7 +282,9 @@ def test_run_ablation_end_to_end_on_digits(digits_data: Path, tmp_path: Path) ->
     # The sm baseline is sampled by its authors' protocol: conditional output, w = 0.
     assert set(stored["variants"][0]["points"]) == {"1@0", "4@0"}
     assert set(stored["variants"][-1]["points"]) == {"1@1", "4@1"}
-    assert load_recipe(out / "baseline.yaml").objective.mode == "sm"
+    # The baseline row is the official SM algorithm on the quickstart (sm_quickstart.yaml).
+    base = load_recipe(out / "baseline-sm_quickstart.yaml").objective
+    assert base.mode == "sm" and base.bootstrap_fraction == 0.125 and base.sigma_min == 1e-5
     # Resumable: a second run finds every checkpoint and result and changes nothing.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
     again = run_ablation(str(RECIPES / "quickstart.yaml"), None, cumulative=True,
@@ -361,7 +364,7 @@ def test_default_baseline_is_the_published_sm_recipe_beside_an_ism_one(tmp_path:
 
     assert default_baseline(str(RECIPES / "ism_xl.yaml")) == str(RECIPES / "sm_xl.yaml")
     assert default_baseline(str(RECIPES / "ism_b.yaml")) == str(RECIPES / "sm_b.yaml")
-    assert default_baseline(str(RECIPES / "quickstart.yaml")) is None
+    assert default_baseline(str(RECIPES / "quickstart.yaml")) == str(RECIPES / "sm_quickstart.yaml")
     lonely = tmp_path / "ism_l.yaml"
     lonely.write_text("extends: " + str(RECIPES / "ism_xl.yaml") + "\n")
     assert default_baseline(str(lonely)) is None
@@ -420,13 +423,18 @@ def test_cumulative_ism_xl_starts_from_the_published_sm_baseline(
     assert first["best"] == {"1": "1@0", "4": "4@0"}
 
 
-def test_cumulative_quickstart_keeps_the_components_off_baseline_unless_given(
+def test_cumulative_quickstart_baseline_is_the_official_sm_unless_given(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from ismctl.ablate import run_ablation
 
     trained = _fake_ablation(monkeypatch)
     quick = str(RECIPES / "quickstart.yaml")
-    report = run_ablation(quick, None, cumulative=True, out=tmp_path / "a", progress=False)
+    report = run_ablation(quick, None, cumulative=True, out=tmp_path / "d", progress=False)
+    assert report["variants"][0]["name"] == "baseline-sm_quickstart"
+    assert trained[0].objective.mode == "sm" and trained[0].objective.t_grid
+    trained.clear()
+    report = run_ablation(quick, None, cumulative=True, out=tmp_path / "a", progress=False,
+                          baseline="components-off")
     assert report["variants"][0]["name"] == "baseline"
     assert report["variants"][0]["label"] == "baseline (components off)"
     assert report["baseline"]["kind"] == "components-off"

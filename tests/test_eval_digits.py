@@ -11,6 +11,7 @@ from ismctl.evaluation.digits_classifier import (
     LOGITS,
     class_accuracy,
     class_conditional_fd,
+    class_spread,
     classifier_path,
     digits_dataset,
     load_digits_classifier,
@@ -140,3 +141,22 @@ def test_class_conditional_fd_sees_wrong_classes_that_fd_digits_misses(real_feat
     rotated = (labels + 1) % 10
     assert frechet_distance(*feature_stats(f), *ref) < 1e-4
     assert class_conditional_fd(f, rotated) > 100 * max(class_conditional_fd(f, labels), 1e-3)
+
+
+def test_class_spread_is_one_for_real_digits_and_sees_collapse(real_features):
+    """spread-digits against a numpy reference: 1 for the real digits themselves, ~1 for a
+    random half of them, 0 when every sample of a class is the same image, and 1/2 when each
+    class's features are pulled halfway to their mean (the covariance scales by 1/4)."""
+    _, labels, feats = real_features
+    f = feats[FEATURES].astype(np.float64)
+    assert class_spread(f, labels) == pytest.approx(1.0, abs=1e-9)
+    rows = np.arange(len(labels)) % 2 == 0
+    want = np.mean([np.sqrt(np.trace(np.cov(f[rows & (labels == c)], rowvar=False))
+                            / np.trace(np.cov(f[labels == c], rowvar=False))) for c in range(10)])
+    assert class_spread(f[rows], labels[rows]) == pytest.approx(want, rel=1e-9)
+    assert 0.9 < want < 1.1
+    collapsed = np.stack([f[np.flatnonzero(labels == c)[0]] for c in labels])
+    assert class_spread(collapsed, labels) == pytest.approx(0.0, abs=1e-9)
+    means = np.stack([f[labels == c].mean(0) for c in range(10)])
+    shrunk = means[labels] + 0.5 * (f - means[labels])
+    assert class_spread(shrunk, labels) == pytest.approx(0.5, rel=1e-9)

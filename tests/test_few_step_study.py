@@ -1,6 +1,7 @@
 """The few-step study's bookkeeping (ismctl/studies/few_step.py) on fabricated run folders:
-the knob is chosen on the selection samples only, the tables report the other samples, and
-the equal-wall-clock checkpoints follow the logged training rates."""
+the knob is chosen on the selection samples only, grids grow until no choice sits on an upper
+edge, the tables report the other samples, and the equal-wall-clock checkpoints follow the
+logged training rates."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _write_eval(study: fs.Study, run_dir: Path, step: int, n: int, seed: int,
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"points": [
         {"steps": n, "guidance": w, "sampler": sampler,
-         "metrics": {"acc": 0.9, "fd-digits": cfd / 2, "cfd-digits": cfd}}
+         "metrics": {"acc": 0.9, "fd-digits": cfd / 2, "cfd-digits": cfd, "spread-digits": 0.9}}
         for w, sampler, cfd in points]}))
 
 
@@ -32,25 +33,36 @@ def _write_metrics(run_dir: Path, it_s: float) -> None:
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def _fabricate(study: fs.Study) -> None:
+def _fabricate(study: fs.Study, values: dict[str, list[float]] | None = None) -> None:
     """Selection files where the selection samples and the reported samples disagree: a
-    choice that peeked at the reported samples would pick another point."""
+    choice that peeked at the reported samples would pick another point. The best selection
+    point is w = 0.5 for intrinsic methods and the grid's second value for baked ones."""
     for m in fs.METHODS.values():
-        values = m.values or (None,)
-        for i, value in enumerate(values):
+        grid = (values or {}).get(m.name, study.grids.values[m.name])
+        for i, value in enumerate(grid):
             for seed in study.seeds:
                 run_dir = study.run_dir(m, value, seed)
                 _write_metrics(run_dir, it_s=4.0 if m.name == "sm" else 2.0)
                 for n in fs.STEPS:
-                    grid = m.grid(n)
-                    sel = [(w, "intrinsic", 10.0 + abs(w - 0.5) + i) for w in grid]
-                    rep = [(w, "intrinsic", 30.0 - w - i) for w in grid]
+                    ws = study.grids.w_grid(m, value, n)
+                    sampler = "intrinsic" if m.intrinsic else "conditional"
+                    sel = [(w, sampler, 10.0 + abs(w - 0.5) + abs(i - 1)) for w in ws]
+                    rep = [(w, sampler, 30.0 - w - i) for w in ws]
                     if m.name == "sm" and n == 128:
-                        sel.append((value - 1, "flow-cfg", 5.0))
+                        sel.append((value - 1, "flow-cfg", 5.0 + abs(i - 1)))
                         rep.append((value - 1, "flow-cfg", 50.0))
-                    for step in (250, 500, 1000):
+                    for step in (500, 1000):
                         _write_eval(study, run_dir, step, n, fs.SELECT_SEED, sel)
                         _write_eval(study, run_dir, step, n, fs.REPORT_SEED, rep)
+
+
+def _tuned(study: fs.Study) -> None:
+    fs.write_json(study.out / "chosen.json", {"chosen": fs.choose(study), "widened": [],
+                                              "grids": {}})
+    data = json.loads((study.out / "chosen.json").read_text())
+    data["grids"] = {name: {"values": study.grids.values[name],
+                            "top128": study.grids.top128[name]} for name in fs.METHODS}
+    fs.write_json(study.out / "chosen.json", data)
 
 
 def test_choice_uses_the_selection_samples_only(tmp_path: Path) -> None:
@@ -58,23 +70,51 @@ def test_choice_uses_the_selection_samples_only(tmp_path: Path) -> None:
     _fabricate(study)
     chosen = fs.choose(study)
     assert chosen["ism"][1]["guidance"] == 0.5 and chosen["ism"][1]["candidates"] == 7
-    assert chosen["meanflow"][4]["value"] == 0.5          # the first grid value wins (i = 0)
+    assert chosen["ism"][128]["candidates"] == 5            # 128 steps: w up to 1 first
+    assert chosen["meanflow"][4]["value"] == 0.75            # the second grid value wins
     assert chosen["sm"][128]["sampler"] == "flow-cfg"
-    assert chosen["sm"][1]["value"] == 1.0 and chosen["sm"][1]["candidates"] == 3
+    assert chosen["sm"][1]["value"] == 1.5 and chosen["sm"][1]["candidates"] == 4
+
+
+def test_grids_grow_until_no_choice_sits_on_an_upper_edge(tmp_path: Path) -> None:
+    """A baked knob chosen at its largest value gets one more value; an intrinsic method whose
+    best w is its 128-step ceiling gets a higher ceiling, and one whose best w is the w_max it
+    was trained with gets a run with a larger w_max. The low ends are never grown."""
+    study = _study(tmp_path)
+    _fabricate(study)
+    chosen = fs.choose(study)
+    assert fs.edges(study, chosen) == []                       # all interior
+    chosen["meanflow"][1] = {**chosen["meanflow"][1], "value": 1.0}
+    chosen["ism"][128] = {**chosen["ism"][128], "guidance": 1.0}
+    chosen["meanflow+sot+twin-ema+intrinsic"][2] = {
+        **chosen["meanflow+sot+twin-ema+intrinsic"][2], "guidance": 1.5}
+    chosen["sm"][4] = {**chosen["sm"][4], "value": 1.0}      # the low end: no guidance
+    grown = fs.edges(study, chosen)
+    assert len(grown) == 3
+    assert study.grids.values["meanflow"] == [0.5, 0.75, 1.0, 1.25]
+    assert study.grids.top128["ism"] == 1.5 and study.grids.values["ism"] == [1.5]
+    assert study.grids.values["meanflow+sot+twin-ema+intrinsic"] == [1.5, 3.0]
+    assert study.grids.values["sm"] == [1.0, 1.5, 2.0, 3.0]
+    # Persisted: a resumed study continues with the grown grids.
+    again = fs.Grids(tmp_path / "grids.json")
+    assert again.values["meanflow"] == [0.5, 0.75, 1.0, 1.25] and again.top128["ism"] == 1.5
+    assert again.w_grid(fs.METHODS["ism"], 1.5, 128) == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
 
 
 def test_tables_report_the_other_samples_and_count_two_pass_nfe(tmp_path: Path) -> None:
     study = _study(tmp_path)
     _fabricate(study)
-    fs.write_json(tmp_path / "chosen.json", fs.choose(study))
+    _tuned(study)
     summary = fs.summarise(study)
     ism = summary["equal_steps"]["ism"]["1"]
     assert ism["cfd-digits"]["mean"] == pytest.approx(30.0 - 0.5)
+    assert ism["spread-digits"]["mean"] == pytest.approx(0.9)
     assert ism["nfe"] == 1
     sm128 = summary["equal_steps"]["sm"]["128"]
     assert sm128["nfe"] == 256 and sm128["cfd-digits"]["mean"] == pytest.approx(50.0)
     text = fs.markdown(summary)
-    assert "flow CFG" in text and "Equal wall-clock" in text
+    assert "flow CFG" in text and "Equal wall-clock" in text and "| spread |" in text
+    assert "MeanFlow + sOT + twin EMA + wavelet" in text
 
 
 def test_wall_clock_budget_is_the_fastest_method_s_full_run(tmp_path: Path) -> None:
@@ -88,16 +128,26 @@ def test_wall_clock_budget_is_the_fastest_method_s_full_run(tmp_path: Path) -> N
 
 
 def test_run_names_and_overrides_are_those_of_the_recipes() -> None:
+    from ismctl.recipe import load_recipe
+
     sm = fs.METHODS["sm"]
     assert sm.run_name(1.5, 2) == "sm_cfg1.5-seed2"
     assert "guidance.cfg_scale=1.5" in sm.train_overrides(1.5, 2)
-    assert fs.METHODS["ism"].run_name(None, 0) == "ism-seed0"
+    assert fs.METHODS["ism"].run_name(1.5, 0) == "ism_wmax1.5-seed0"
     for m in fs.METHODS.values():
-        from ismctl.recipe import load_recipe
-
-        for value in m.values or (None,):
+        for value in m.values:
             recipe = load_recipe(m.recipe, m.train_overrides(value, 0))
             assert recipe.objective.mode == m.name.split("+")[0]
+            if m.name.startswith("meanflow"):
+                assert ("+sot" in m.name) == (recipe.coupling.pool_size > 0)
+                assert ("twin-ema" in m.name) == recipe.ema.target_enabled
+                assert ("wavelet" in m.name) == (recipe.loss.name == "wavelet")
+    sm_recipe = load_recipe(sm.recipe, sm.train_overrides(1.5, 0))
+    assert sm_recipe.objective.bootstrap_fraction == 0.125 and sm_recipe.objective.t_grid
+    intrinsic = load_recipe(fs.MF, fs.METHODS["meanflow+sot+twin-ema+intrinsic"]
+                            .train_overrides(1.5, 0))
+    assert intrinsic.objective.meanflow_guidance == "intrinsic"
+    assert intrinsic.guidance.w_max == 1.5
 
 
 def test_step_seconds_reads_the_least_disturbed_intervals(tmp_path: Path) -> None:
@@ -110,9 +160,25 @@ def test_step_seconds_reads_the_least_disturbed_intervals(tmp_path: Path) -> Non
     assert fs.train_seconds(tmp_path) == pytest.approx(50 * (2 + 10 * 0.25 + 10 * 1.0))
 
 
+def test_slim_checkpoints_keep_the_inference_weights_and_the_final_checkpoint(
+        tmp_path: Path) -> None:
+    files = ("state.pt", "online.safetensors", "target_ema.safetensors",
+             "inference_ema.safetensors")
+    for step in (100, 200, 300):
+        ckpt = tmp_path / "checkpoints" / f"step-{step:07d}"
+        ckpt.mkdir(parents=True)
+        for name in files:
+            (ckpt / name).write_bytes(b"x")
+    fs.slim_checkpoints(tmp_path, 300)
+    for step in (100, 200):
+        assert sorted(p.name for p in (tmp_path / "checkpoints" / f"step-{step:07d}").iterdir()) \
+            == ["inference_ema.safetensors"]
+    assert len(list((tmp_path / "checkpoints" / "step-0000300").iterdir())) == 4
+
+
 def test_plot_is_written(tmp_path: Path) -> None:
     study = _study(tmp_path / "study")
     _fabricate(study)
-    fs.write_json(study.out / "chosen.json", fs.choose(study))
+    _tuned(study)
     fs.plot(fs.summarise(study), tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

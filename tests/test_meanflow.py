@@ -24,6 +24,7 @@ from ismctl.guidance import baked_scale
 from ismctl.model import build_model
 from ismctl.objectives import available_objectives, get_objective
 from ismctl.objectives.meanflow import (
+    adaptive_weighted,
     baked_velocity,
     logit_normal_jumps,
     meanflow_loss,
@@ -260,7 +261,8 @@ def _batch(n: int = 8, seed: int = 6) -> tuple[Tensor, Tensor, Tensor]:
 
 def test_batch_layout_targets_and_adaptive_weight() -> None:
     """Rows [0:6] at d = 0 with target v; rows [6:8] at d > 0 with target v + d (0.5 v - 1)
-    from the target network; the loss is mean(l / (l + c)) with p = 1."""
+    from the target network; the loss is mean(l / (l + c)) with p = 1 and l the squared error
+    summed over the sample's 4 dimensions (MeanFlow's units, official c = 0.01)."""
     x0, x1, y = _batch()
     obj = ObjectiveCfg(mode="meanflow", class_dropout=0.0)
     captured = {}
@@ -280,7 +282,9 @@ def test_batch_layout_targets_and_adaptive_weight() -> None:
     target = v.clone()
     target[6:] = v[6:] + _col(d[6:]) * (0.5 * v[6:] - 1.0)
     per = _mse(torch.zeros_like(v), target)
-    assert out["loss"].item() == pytest.approx((per / (per + 1e-3)).mean().item(), rel=1e-5)
+    summed = (target**2).sum(dim=(1, 2, 3))
+    assert obj.adaptive_c == 0.01
+    assert out["loss"].item() == pytest.approx((summed / (summed + 0.01)).mean().item(), rel=1e-5)
     assert out["velocity"].item() == pytest.approx(per[:6].mean().item(), rel=1e-5)
     assert out["consistency"].item() == pytest.approx(per[6:].mean().item(), rel=1e-5)
 
@@ -328,8 +332,9 @@ def test_intrinsic_guidance_draws_w_and_builds_the_ism_target() -> None:
     v_tilde = v + 2 * _col(w)
     target = v_tilde.clone()
     target[12:] = v_tilde[12:] + _col(d[12:]) * (0.5 * v_tilde[12:] - 1.0)
-    assert out["loss"].item() == pytest.approx(_mse(torch.zeros_like(v), target).mean().item(),
-                                               rel=1e-5)
+    # adaptive_p = 0: the loss is the squared error summed over the sample (MeanFlow's units).
+    summed = target.pow(2).sum(dim=(1, 2, 3))
+    assert out["loss"].item() == pytest.approx(summed.mean().item(), rel=1e-5)
     assert torch.equal(tgt.calls[1]["w"], w[12:])
 
 
@@ -571,3 +576,25 @@ def test_composes_with_the_wavelet_loss_and_intrinsic_interval_guidance() -> Non
     assert torch.isfinite(out["loss"]) and 0 < out["loss"].item() < 1
     out["loss"].backward()
     assert all(p.grad is None for p in target.parameters())
+
+
+def test_adaptive_weight_is_in_meanflows_units() -> None:
+    """The weight both ways on a known error: MeanFlow's l is the squared error summed over the
+    D dimensions, and c is added to that sum. Our per-sample MSE times D is that l; adding c to
+    the per-dimension mean instead is the same as c x D on the sum, a different weight."""
+    err = torch.tensor([[0.1, -0.2, 0.3, 0.0], [1.0, 2.0, -1.0, 0.5]]).view(2, 1, 2, 2)
+    dims, c = 4, 0.01
+    summed = err.pow(2).sum(dim=(1, 2, 3))            # MeanFlow: l = ||e||^2
+    official = summed / (summed + c)                  # l / sg(l + c), p = 1
+    mse = err.pow(2).mean(dim=(1, 2, 3)).requires_grad_()
+    ours = adaptive_weighted(mse, dims, c, 1.0)
+    torch.testing.assert_close(ours.detach(), official)
+    per_dim_c = mse.detach() / (mse.detach() + c)     # c on the mean: c x D on the sum
+    torch.testing.assert_close(per_dim_c, summed / (summed + c * dims))
+    assert not torch.allclose(per_dim_c, official)
+    # The gradient is that of l / sg(l + c) in l (the weight is a constant): D / (l + c) per unit
+    # of the per-dimension mean.
+    ours.sum().backward()
+    torch.testing.assert_close(mse.grad, dims / (summed + c))
+    # p = 0 disables the weight: the summed error itself.
+    torch.testing.assert_close(adaptive_weighted(mse.detach(), dims, c, 0.0), summed)

@@ -12,6 +12,7 @@ from ismctl.objectives.shortcut import (
     guidance_target,
     jump_levels,
     shortcut_loss,
+    sm_bootstrap_target,
     split_sizes,
 )
 from ismctl.recipe import GuidanceCfg, ObjectiveCfg
@@ -176,26 +177,28 @@ def test_ism_bootstrap_passes_the_same_w_to_both_half_jumps() -> None:
     torch.testing.assert_close(second["t"], t + d / 2)
 
 
-def test_sm_bootstrap_applies_cfg_at_the_finest_level_only() -> None:
+def test_sm_bootstrap_applies_cfg_at_the_flow_level_only() -> None:
+    """sm: half jumps at d/2 (never d = 0); the rows at d = 2/M, whose half jumps are the flow
+    (d = 1/M), take classic CFG v_null + s (v_c - v_null) in both half jumps (SPEC 2)."""
     base, s = 8, 1.5
     rec = Recorder(_constant_field(cond=3.0, null=1.0, d_coef=100.0))
-    d = torch.tensor([1 / base, 0.5, 1 / base])
+    d = torch.tensor([2 / base, 0.5, 2 / base])
     t = torch.tensor([0.25, 0.0, 0.5])
     y = torch.tensor([2, 2, NULL])
-    w = torch.zeros(3)
-    got = bootstrap_target(rec, torch.zeros(3, 1, 2, 2), t, d, y, w, base, NULL, cfg_scale=s)
-    # Finest conditional row: classic CFG v_null + s (v_c - v_null) of the d = 0 velocities.
-    # Coarse row: the conditional d = 1/4 call alone (3 + 100 / 4). Finest null row: v_null.
-    want = torch.tensor([1.0 + s * (3.0 - 1.0), 3.0 + 25.0, 1.0])
+    got = sm_bootstrap_target(rec, torch.zeros(3, 1, 2, 2), t, d, y, base, NULL, cfg_scale=s)
+    # Row 0: CFG of the d = 1/8 velocities, (1 + 12.5) + 1.5 ((3 + 12.5) - (1 + 12.5)).
+    # Row 1: the conditional d = 1/4 call alone (3 + 100 / 4). Row 2 (null label): v_null.
+    want = torch.tensor([13.5 + s * 2.0, 3.0 + 25.0, 1.0 + 12.5])
     torch.testing.assert_close(got[:, 0, 0, 0], want)
-    # One call per half jump: 3 rows plus one null row for the finest conditional sample.
+    # One call per half jump: 3 rows plus one null row for the conditional d = 2/M sample.
     assert rec.rows == [4, 4]
     for call in rec.calls:
         torch.testing.assert_close(call["y"], torch.tensor([2, 2, NULL, NULL]))
         torch.testing.assert_close(call["w"], torch.zeros(4))
-    plain = bootstrap_target(_constant_field(d_coef=100.0), torch.zeros(3, 1, 2, 2), t, d, y, w,
-                             base, NULL)
-    torch.testing.assert_close(plain[:, 0, 0, 0], torch.tensor([3.0, 28.0, 1.0]))
+        torch.testing.assert_close(call["d"], torch.tensor([1 / base, 0.25, 1 / base, 1 / base]))
+    plain = sm_bootstrap_target(_constant_field(d_coef=100.0), torch.zeros(3, 1, 2, 2), t, d, y,
+                                base, NULL, cfg_scale=1.0)
+    torch.testing.assert_close(plain[:, 0, 0, 0], torch.tensor([15.5, 28.0, 13.5]))
 
 
 def test_guidance_target_with_interval() -> None:
@@ -381,35 +384,44 @@ def test_shortcut_loss_label_dropout_extremes() -> None:
         obj = ObjectiveCfg(mode="ism", base_steps=8, class_dropout=p)
         shortcut_loss(model, _constant_field(), x0, x1, y, obj, GuidanceCfg(), _mse,
                       NUM_CLASSES, torch.Generator().manual_seed(0))
-        lab, w = model.calls[0]["y"], model.calls[0]["w"]
+        lab = model.calls[0]["y"]
         assert torch.all(lab[16:24] == y[16:24])
+        # Only the velocity part drops labels; the consistency rows keep theirs (SPEC 2).
+        assert torch.all(lab[24:] == y[24:])
         if p == 1.0:
-            assert torch.all(lab[:16] == NULL) and torch.all(lab[24:] == NULL)
-            assert torch.all(w[24:] == 0)
+            assert torch.all(lab[:16] == NULL)
         else:
             assert torch.all(lab == y)
 
 
 def test_shortcut_loss_sm_mode() -> None:
+    """sm on one slot of 32 with M = 8: floor(32 / 8) = 4 bootstrap rows first, one per level
+    1/4, 1/2 and two at d = 1 (the official histogram); the 28 flow rows at d = 1/8 on the 1/8
+    time grid; CFG moves the d = 1/4 row only; the loss is one mean over all rows."""
     model = Recorder(ZeroNet())
     target = Recorder(_constant_field(cond=3.0, null=1.0))
     x0, x1, y = _batch(32, seed=5)
-    obj = ObjectiveCfg(mode="sm", base_steps=8, class_dropout=0.0, t_grid=True)
+    obj = ObjectiveCfg(mode="sm", base_steps=8, class_dropout=0.0, t_grid=True,
+                       bootstrap_fraction=0.125)
     guid = GuidanceCfg(cfg_scale=1.5)
     parts = shortcut_loss(model, target, x0, x1, y, obj, guid, _mse, NUM_CLASSES,
                           torch.Generator().manual_seed(3))
     assert set(parts) == {"loss", "velocity", "consistency"}
     inp = model.calls[0]
-    nv, nc = 24, 8
+    nb = 4
     assert torch.all(inp["w"] == 0)
-    t_v = inp["t"][:nv]
-    torch.testing.assert_close(t_v * 8, torch.round(t_v * 8))
-    finest = int((inp["d"][nv:] == 1 / 8).sum())
-    assert finest == 2
-    assert target.rows == [nc + finest, nc + finest]
-    # Finest rows: CFG 1 + 1.5 (3 - 1) = 4; coarser rows: 3 (the conditional call alone).
-    want_c = (finest * 16.0 + (nc - finest) * 9.0) / nc
+    assert inp["d"][:nb].tolist() == [0.25, 0.5, 1.0, 1.0]
+    assert torch.all(inp["d"][nb:] == 1 / 8)
+    t_f = inp["t"][nb:]
+    torch.testing.assert_close(t_f * 8, torch.round(t_f * 8))
+    assert target.rows == [nb + 1, nb + 1]
+    # d = 1/4 row: CFG 1 + 1.5 (3 - 1) = 4; coarser rows: 3 (the conditional call alone).
+    want_c = (16.0 + 3 * 9.0) / nb
     torch.testing.assert_close(parts["consistency"], torch.tensor(want_c))
+    v = x1 - x0
+    want_v = v[nb:].pow(2).mean(dim=(1, 2, 3)).mean()
+    torch.testing.assert_close(parts["velocity"], want_v)
+    torch.testing.assert_close(parts["loss"], (want_c * nb + want_v * 28) / 32)
 
 
 def test_shortcut_loss_is_deterministic_given_generator() -> None:

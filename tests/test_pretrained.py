@@ -169,12 +169,12 @@ def ours(num_classes=10, in_channels=4):
                        num_classes=num_classes).eval()
 
 
-def compare(src: DiT, net, labels: torch.Tensor) -> None:
+def compare(src: DiT, net, labels: torch.Tensor, time_scale: float = 1000.0) -> None:
     torch.manual_seed(2)
     x = torch.randn(len(labels), src.in_channels, 8, 8)
     t = torch.rand(len(labels))
     with torch.no_grad():
-        expected = src(x, 1000 * t, labels)[:, :src.in_channels]
+        expected = src(x, time_scale * t, labels)[:, :src.in_channels]
         got = net(x, t, torch.zeros(len(labels)), labels, torch.zeros(len(labels)))
     assert expected.abs().mean() > 0.1  # a non-trivial function
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -198,6 +198,26 @@ def test_dit_checkpoint_gives_the_same_output_at_d0_w0(tmp_path: Path) -> None:
         "d_embedder.weight", "w_embedder.mlp.0.weight", "w_embedder.mlp.0.bias",
         "w_embedder.mlp.2.weight", "w_embedder.mlp.2.bias"}
     assert torch.count_nonzero(net.d_embedder.weight) == 0
+    assert report["time_scale"] == 1000.0
+
+
+def test_continuous_jump_networks_import_at_the_source_time(capsys) -> None:
+    """A MeanFlow (continuous jump embedding) network feeds t unscaled: the import gives
+    F(x, t, 0, c, 0) = source(x, t, c), and the report says so (not 1000 t)."""
+    from ismctl.pretrained import plan_import, print_report
+
+    src = random_dit()
+    torch.manual_seed(1)
+    net = build_model("tiny/2", input_size=8, in_channels=4, num_classes=10,
+                      jump_embedding="continuous").eval()
+    report = init_from_pretrained(net, src.state_dict(), verbose=False)
+    compare(src, net, torch.tensor([0, 3, 9, 10]), time_scale=1.0)
+    assert report["time_scale"] == 1.0
+    assert report["initialised"]["d_embedder.mlp.2.weight"].startswith("zeros")
+    _, rep = plan_import(net, src.state_dict(), "src")
+    print_report(rep)
+    out = capsys.readouterr().out
+    assert "source(x, 1 t, c)" in out and "t unscaled" in out and "1000 t" not in out
 
 
 def test_new_inputs_start_neutral_and_can_learn() -> None:

@@ -156,3 +156,30 @@ def test_every_section_field_is_listed() -> None:
     names = {f"{s}.{n}" for s, n, _ in recipe_fields()}
     defaults = Recipe().model_dump()
     assert names == {f"{s}.{n}" for s, fields in defaults.items() for n in fields}
+
+
+def test_dry_run_refuses_the_init_from_files_the_run_refuses(
+        ismctl_main: Callable[..., int], trained: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`train --dry-run` reads and plans model.init_from as the run does: a missing file, a file
+    that is not a checkpoint and a network of other shapes each exit 2 with the run's line."""
+    import torch
+
+    from ismctl.model import build_model
+
+    root = trained.parent
+    base = ["train", QUICK, "--dry-run", "--set", f"data.path={root / 'digits'}",
+            "--set", f"run.root={tmp_path}", "--set", "run.name=pre", "--set", "train.device=cpu"]
+    other = build_model("tiny/2", input_size=16, in_channels=1, num_classes=10)
+    state = {("x_embedder.proj.weight" if k == "x_embedder.weight" else k): v
+             for k, v in other.state_dict().items()}
+    wrong = tmp_path / "wrong.pt"
+    torch.save(state, wrong)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for path, line in ((tmp_path / "missing.pt", "file not found"),
+                       (tmp_path / "junk.pt", "not a readable checkpoint"),
+                       (wrong, "pos_embed has shape")):
+        assert ismctl_main(*base, "--set", f"model.init_from={path}") == 2
+        err = capsys.readouterr().err
+        assert f"model.init_from {path}" in err and line in err, err
+    assert not (tmp_path / "pre").exists()

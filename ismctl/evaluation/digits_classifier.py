@@ -11,6 +11,8 @@ builds the same weights in a few seconds; they are cached on disk. It gives
 - ``cfd-digits``: the same distance per class (the samples generated for class ``c`` against
   the real digits of class ``c``), averaged over the classes. Unlike ``fd-digits`` it sees
   samples of the wrong class, and a model that ignores its label cannot score well on it.
+- ``spread-digits``: within-class diversity, the features' spread per class relative to the
+  real digits' (1 = as diverse as the data), averaged over the classes.
 
 Pixels are the dataset's 0..16 intensities mapped to uint8 by ``round(v * 255 / 16)`` and then
 to [-1, 1] by ``u / 127.5 - 1``, the range the pixel-space model generates. Images that are
@@ -191,6 +193,23 @@ def class_conditional_fd(features: np.ndarray, labels: np.ndarray) -> float:
     if not dists:
         raise ValueError("cfd-digits: no class has two samples")
     return float(np.mean(dists))
+
+
+def class_spread(features: np.ndarray, labels: np.ndarray) -> float:
+    """Diversity: per class, the spread of the samples' features relative to the real digits',
+    sqrt(tr Cov(samples of c) / tr Cov(real digits of c)), averaged over the classes with at
+    least two samples. 1 is the real data's within-class diversity; below 1 the samples of a
+    class are more alike than real digits (a model trading diversity for accuracy), above 1
+    they scatter more. A distance such as cfd-digits mixes this with the error of the mean."""
+    labels = np.asarray(labels)
+    ratios = []
+    for c, (_, sigma) in enumerate(class_reference_stats()):
+        rows = features[labels == c]
+        if len(rows) >= 2:
+            ratios.append(np.sqrt(np.trace(np.cov(rows, rowvar=False)) / np.trace(sigma)))
+    if not ratios:
+        raise ValueError("spread-digits: no class has two samples")
+    return float(np.mean(ratios))
 
 
 class DigitsFeatureExtractor(FeatureExtractorBase):

@@ -27,13 +27,16 @@ from ismctl.evaluation.inception import (
     missing_weights_message,
 )
 
-METRICS = ("fid", "isc", "prc", "fd-dinov2", "acc", "fd-digits", "cfd-digits")
+METRICS = ("fid", "isc", "prc", "fd-dinov2", "acc", "fd-digits", "cfd-digits", "spread-digits")
 INCEPTION_METRICS = ("fid", "isc", "prc")
-DIGITS_METRICS = ("acc", "fd-digits", "cfd-digits")
+DIGITS_METRICS = ("acc", "fd-digits", "cfd-digits", "spread-digits")
 # Metrics compared with reference statistics (the others need the samples only).
 REFERENCE_METRICS = ("fid", "prc", "fd-dinov2", "fd-digits")
 ALIASES = {"is": "isc", "pr": "prc", "fd_dinov2": "fd-dinov2", "fd_digits": "fd-digits",
-           "accuracy": "acc", "fd-dino": "fd-dinov2", "cfd_digits": "cfd-digits"}
+           "accuracy": "acc", "fd-dino": "fd-dinov2", "cfd_digits": "cfd-digits",
+           "spread_digits": "spread-digits", "spread": "spread-digits"}
+# Values that describe rather than rank (best at 1, not at an end): never a selection metric.
+DESCRIPTIVE = frozenset({"spread-digits"})
 # Values where larger is better; every other one (FID and the other distances) is lower.
 HIGHER_IS_BETTER = frozenset({"isc", "acc", "precision", "recall"})
 # The value that picks the best guidance per step count when none is named. On the digits
@@ -103,7 +106,7 @@ def plan_metrics(
         plan.groups["dinov2"] = Group(ExtractorSpec(DINOV2_NAME), [DINOV2_LAYER], DINOV2_LAYER)
     if wanted & set(DIGITS_METRICS):
         load_digits_classifier()
-        layers = [FEATURES] if wanted & {"fd-digits", "cfd-digits"} else []
+        layers = [FEATURES] if wanted & {"fd-digits", "cfd-digits", "spread-digits"} else []
         layers += [LOGITS] if "acc" in wanted else []
         plan.groups["digits"] = Group(
             ExtractorSpec(DIGITS_NAME, classifier_path()), layers,
@@ -119,12 +122,16 @@ def selection_metric(values: list[str], requested: str | None = None,
     computed one of the preference lists (the digits list first for the digits)."""
     if requested is not None:
         name = ALIASES.get(requested.strip().lower(), requested.strip().lower())
+        if name in DESCRIPTIVE:
+            raise UserError(f"--select-by {requested}: describes diversity (best at 1, not at an "
+                            "end of its range), so it cannot rank guidance strengths")
         if name not in values:
             raise UserError(f"--select-by {requested}: not among the computed values "
                             f"({', '.join(values)})")
         return name
     order = (DIGITS_SELECT_PREFERENCE if digits else ()) + SELECT_PREFERENCE
-    return next((m for m in order if m in values), values[0])
+    ranked = [v for v in values if v not in DESCRIPTIVE] or values
+    return next((m for m in order if m in ranked), ranked[0])
 
 
 def _plan_inception(plan: MetricPlan, wanted: set[str], names: list[str], digits: bool,

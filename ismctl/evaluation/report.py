@@ -28,6 +28,7 @@ VALUES = {
     "acc": ("acc",),
     "fd-digits": ("fd-digits",),
     "cfd-digits": ("cfd-digits",),
+    "spread-digits": ("spread-digits",),
 }
 
 

@@ -2,7 +2,7 @@
 
 The points to sample come from the run's protocol (``ismctl/protocol.py``): every (steps, w)
 of the grid for an iSM run; for an sm run its authors' protocol, the conditional output at
-every step count plus two-pass CFG at the training scale on the d = 0 velocity at 128 steps.
+every step count plus two-pass CFG at the training scale on the flow velocity at 128 steps.
 For every point: generate ``num_samples`` class-balanced samples (under ``torchrun`` each rank
 its strided share), run every feature extractor the metrics need on them, gather the
 features on rank 0 and score them against reference statistics computed once (and cached).
@@ -40,6 +40,7 @@ from ismctl.evaluation.digits_classifier import (
     LOGITS,
     class_accuracy,
     class_conditional_fd,
+    class_spread,
 )
 from ismctl.evaluation.dinov2 import DINOV2_NAME, build_dinov2
 from ismctl.evaluation.features import extract_features, iter_batches
@@ -135,6 +136,8 @@ def point_metrics(plan: MetricPlan, feats: dict[str, dict[str, np.ndarray]], lab
         out["fd-digits"] = frechet_to_reference(feats["digits"][FEATURES], refs["digits"])
     if "cfd-digits" in m:
         out["cfd-digits"] = class_conditional_fd(feats["digits"][FEATURES], labels)
+    if "spread-digits" in m:
+        out["spread-digits"] = class_spread(feats["digits"][FEATURES], labels)
     return out
 
 

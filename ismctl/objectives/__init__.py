@@ -3,12 +3,15 @@
 Every objective has one signature (the trainer calls it through :func:`get_objective`)::
 
     fn(model, target_model, x0, x1, y, objective, guidance, loss_fn, num_classes,
-       generator) -> {"loss": differentiable scalar, <part>: detached scalar, ...}
+       generator, slot) -> {"loss": differentiable scalar, <part>: detached scalar, ...}
 
 ``model`` is the gradient-carrying online network (DDP-wrapped under torchrun: every
 gradient must come from it, so the all-reduce sees it), ``target_model`` the network that
-builds targets under no_grad (the target EMA, SPEC 3.4). Besides the function, an entry says
-how the network embeds jump sizes, which sampler its runs use and what its step costs; fields
+builds targets under no_grad (the target EMA, SPEC 3.4), ``slot`` the micro-batch's (index,
+count) among the data slots (ranks x accumulation steps) of one optimiser step, for objectives
+whose batch layout belongs to the global batch (sm's level histogram). Besides the function,
+an entry says how the network embeds jump sizes, which sampler its runs use and what its step
+costs; fields
 that do not apply to a family are refused by the recipe's validation (ismctl.recipe). A new
 family is one module that calls :func:`register_objective` and is imported below.
 """
@@ -27,7 +30,8 @@ from ismctl.recipe import GuidanceCfg, ObjectiveCfg, Recipe
 Network = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 ObjectiveFn = Callable[[Network, Network, Tensor, Tensor, Tensor, ObjectiveCfg, GuidanceCfg,
-                        LossFn, int, "torch.Generator | None"], dict[str, Tensor]]
+                        LossFn, int, "torch.Generator | None", tuple[int, int]],
+                       dict[str, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class ObjectiveSpec:
     input, "conditional" samples w = 0 because guidance is baked in), see ismctl.protocol.
     ``target_passes(objective, guidance)``: target-network forward-pass equivalents per
     training sample (SPEC 5), for the FLOP count.
+    ``flow_jump(objective)``: the jump size at which the family trains its instantaneous
+    velocity, which two-pass flow CFG samples: 0 (a level of its own), or 1/M for sm, whose
+    flow shares the finest jump's embedding as in the official code (SPEC 2).
     """
 
     name: str
@@ -46,6 +53,7 @@ class ObjectiveSpec:
     jump_embedding: str
     sampler: Callable[[Recipe], str]
     target_passes: Callable[[ObjectiveCfg, GuidanceCfg], float]
+    flow_jump: Callable[[ObjectiveCfg], float] = lambda objective: 0.0
 
 
 _REGISTRY: dict[str, ObjectiveSpec] = {}
@@ -70,6 +78,11 @@ def get_objective(mode: str) -> ObjectiveSpec:
     return spec
 
 
+def flow_jump(recipe: Recipe) -> float:
+    """The jump size of this recipe's instantaneous velocity (see :class:`ObjectiveSpec`)."""
+    return get_objective(recipe.objective.mode).flow_jump(recipe.objective)
+
+
 def jump_embedding(recipe: Recipe) -> str:
     """How the network of this recipe embeds jump sizes (see ismctl.model)."""
     return get_objective(recipe.objective.mode).jump_embedding
@@ -78,5 +91,5 @@ def jump_embedding(recipe: Recipe) -> str:
 # Imported last: each module registers its families with the registry above.
 from ismctl.objectives import meanflow, shortcut  # noqa: E402
 
-__all__ = ["ObjectiveSpec", "available_objectives", "get_objective",
+__all__ = ["ObjectiveSpec", "available_objectives", "flow_jump", "get_objective",
            "jump_embedding", "meanflow", "register_objective", "shortcut"]

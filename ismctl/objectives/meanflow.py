@@ -107,10 +107,24 @@ def baked_velocity(v: Tensor, v_cond: Tensor, v_null: Tensor, apply: Tensor, ome
     return torch.where(_bcast(apply, v).bool(), guided, v)
 
 
+def adaptive_weighted(per_sample: Tensor, dims: int, c: float, p: float) -> Tensor:
+    """MeanFlow's adaptively weighted loss l / sg(l + c)^p per sample, l in MeanFlow's units.
+
+    ``per_sample`` is the loss of ``loss.name`` averaged over the ``dims`` dimensions of a sample
+    (MSE, or the wavelet loss in the same units); MeanFlow's l is the squared error *summed* over
+    them, so l = dims x per_sample and c is in those units (official JAX code c = 0.01, SPEC
+    4.1). The weighted value and its gradient are the official ones exactly; c applied to the
+    per-dimension mean would be dims times larger in effect (4,096x on ImageNet latents). p = 1
+    makes each sample's gradient that of log(l + c), so large-error samples do not dominate.
+    """
+    summed = per_sample * dims
+    return summed / (summed.detach() + c).pow(p)
+
+
 def meanflow_loss(model: Network, target_model: Network, x0: Tensor, x1: Tensor, y: Tensor,
                   objective: ObjectiveCfg, guidance: GuidanceCfg, loss_fn: LossFn,
-                  num_classes: int, generator: torch.Generator | None = None
-                  ) -> dict[str, Tensor]:
+                  num_classes: int, generator: torch.Generator | None = None,
+                  slot: tuple[int, int] = (0, 1)) -> dict[str, Tensor]:
     """One training batch of MeanFlow (SPEC 4.1). Returns "loss" (differentiable: the mean of
     the adaptively weighted per-sample losses), and the unweighted mean per-sample loss of the
     d = 0 rows ("velocity") and the d > 0 rows ("consistency"), detached."""
@@ -150,14 +164,13 @@ def meanflow_loss(model: Network, target_model: Network, x0: Tensor, x1: Tensor,
 
     pred = model(x_t, t, d, labels, w)
     per_sample = loss_fn(pred, target)
-    # Adaptive weight 1 / sg(l + c)^p (MeanFlow): p = 1 makes each sample's gradient that of
-    # log(l + c), so large-error samples do not dominate the batch.
-    adaptive = (per_sample.detach() + objective.adaptive_c).pow(-objective.adaptive_p)
+    weighted = adaptive_weighted(per_sample, x0[0].numel(), objective.adaptive_c,
+                                 objective.adaptive_p)
     part_weight = torch.cat([per_sample.new_full((n0,), objective.velocity_weight),
                              per_sample.new_full((n1,), objective.consistency_weight)])
     zero = per_sample.new_zeros(())
     return {
-        "loss": (part_weight * adaptive * per_sample).mean(),
+        "loss": (part_weight * weighted).mean(),
         "velocity": per_sample[:n0].mean().detach() if n0 else zero,
         "consistency": per_sample[jumps].mean().detach() if n1 else zero,
     }

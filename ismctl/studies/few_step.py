@@ -1,35 +1,46 @@
-"""Few-step generation on the built-in digits: SM, iSM, MeanFlow, and MeanFlow with iSM's sOT
-and twin EMA, each tuned the same way and compared at 1, 2, 4 and 128 steps (SPEC 4.1,
+"""Few-step generation on the built-in digits: SM, iSM, MeanFlow, and MeanFlow with each of
+iSM's components, each tuned the same way and compared at 1, 2, 4 and 128 steps (SPEC 4.1,
 ``docs/few_step_digits.md``).
 
 Every method is the quickstart's network, data, optimiser and schedule (``recipes/
-quickstart.yaml``, ``recipes/meanflow_digits.yaml``) with its own objective:
+quickstart.yaml``, ``recipes/sm_quickstart.yaml``, ``recipes/meanflow_digits.yaml``) with its
+own objective and components:
 
-- ``sm``: the shortcut-model baseline (SPEC 2): CFG at ``guidance.cfg_scale`` baked into the
-  finest bootstrap targets, MSE, independent pairing, one 0.999 EMA, sampled by its authors'
-  protocol (the conditional output; at 128 steps also two-pass CFG on the d = 0 flow).
+- ``sm``: the official shortcut-models algorithm (SPEC 2, ``sm_quickstart.yaml``), CFG at
+  ``guidance.cfg_scale`` baked into its bootstrap targets, sampled by its authors' protocol
+  (the conditional output; at 128 steps also two-pass CFG on the flow).
 - ``ism``: the quickstart (every iSM component), w an input of the network.
 - ``meanflow``: MeanFlow's objective with its CFG baked into the target (``guidance.omega``,
-  kappa 0.5), MSE, independent pairing, targets from the online weights, sampled at w = 0.
-- ``meanflow+sot+twin-ema``: the same with the quickstart's within-class sOT pools and its
-  0.95 target EMA as the network of the JVP target.
+  kappa 0.5), MSE, independent pairing, targets from the online weights, sampled at w = 0;
+  then the same with iSM's components added one at a time and together: within-class sOT
+  (``coupling.pool_size=256``), the twin EMA (the 0.95 target EMA computes the JVP and the
+  guidance rows), both, both plus the wavelet loss, and both plus intrinsic guidance (w an
+  input, ``objective.meanflow_guidance=intrinsic``).
 
-Each method's guidance knob is tuned with the same protocol. A knob baked into training
-(SM's CFG scale, MeanFlow's omega) is a grid of training runs; iSM's w is a grid at sampling.
-The knob is chosen per method and step count on training seed ``seeds[0]`` and sampling seed
-``SELECT_SEED``, and every reported number comes from the chosen setting at sampling seed
-``REPORT_SEED``, for every training seed: the choice never sees the samples it is scored on.
+Each method's guidance knob is tuned with one protocol. A knob baked into training (SM's CFG
+scale, MeanFlow's omega) is a grid of training runs; an intrinsic method's w is a grid at
+sampling, up to the ``guidance.w_max`` it was trained with. The choice is made per method and
+step count on training seed ``seeds[0]`` and sampling seed ``SELECT_SEED``; every reported
+number comes from the chosen setting at sampling seed ``REPORT_SEED``, for every training seed:
+the choice never sees the samples it is scored on. No choice may sit on the upper edge of its
+grid: a baked knob's grid grows by one value, an intrinsic method's 128-step w grid by 0.5, and
+when the best w is the largest w trained, a run with a larger ``w_max`` joins the grid; then the
+choice is made again (``MAX_ROUNDS`` times at most; what still sits on an edge is reported). The
+low ends (CFG scale 1, w = 0: no guidance) are the ends of the knobs' domains.
+
 Equal wall-clock: the methods' training times per step are read from their logs, and each is
-also evaluated at the last kept checkpoint within the fastest method's full training time.
+evaluated at its last checkpoint (every ``CKPT_EVERY`` steps) within the fastest method's full
+training time.
 
-    python -m ismctl.studies.few_step run runs/few-step --steps 1000 --seeds 0,1,2
-    python -m ismctl.studies.few_step report runs/few-step \\
+    python -m ismctl.studies.few_step run runs/few-step --steps 3000 --seeds 0,1,2
+    python -m ismctl.studies.few_step report runs/few-step --steps 3000 \\
         --json docs/few_step_digits/results.json --markdown docs/few_step_digits/tables.md \\
         --plot docs/few_step_digits.png
 
 Training and evaluation run as ``ismctl`` subprocesses (``--jobs`` at a time, one thread each);
 a run whose final checkpoint exists and an evaluation whose results file exists are reused, so
-an interrupted study continues where it stopped.
+an interrupted study continues where it stopped. Once a run is trained its intermediate
+checkpoints keep only the inference weights, all an evaluation reads.
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +62,20 @@ from ismctl.fileio import atomic_path, atomic_write_text, write_json
 
 STEPS = (1, 2, 4, 128)
 SELECT_SEED, REPORT_SEED = 1, 0
-METRICS = ("acc", "fd-digits", "cfd-digits")
+METRICS = ("acc", "fd-digits", "cfd-digits", "spread-digits")
 SELECT_BY = "cfd-digits"
 NUM_SAMPLES = 1000
-CKPT_EVERY = 250   # kept checkpoints: the equal-wall-clock points
+CKPT_EVERY = 100   # kept checkpoints: the equal-wall-clock points
 # Wall-clock: the few-step counts only (a 128-step point costs as much as ~40 few-step ones).
 WALL_STEPS = (1, 2, 4)
-SM_OFF = ("objective.mode=sm", "guidance.interval_start=0", "loss.name=mse",
-          "coupling.pool_size=0", "ema.target_decay=0.999")
-ISM_W = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+W_STEP = 0.25          # the sampling grid of intrinsic methods, as trained
+TOP_128 = 1.0          # their first 128-step grid ends here (128-step points are dear)
+MAX_ROUNDS = 3
+MF = "recipes/meanflow_digits.yaml"
+SOT = ("coupling.pool_size=256",)
+TWIN = ("ema.target_enabled=true",)
+# Trained on every seed whatever the choice: the ablation study's baseline and full-iSM rows.
+FORCED = {"sm": 1.5, "ism": 1.5}
 
 
 @dataclass(frozen=True)
@@ -69,42 +85,72 @@ class Method:
     name: str
     label: str
     recipe: str
-    overrides: tuple[str, ...] = ()
-    knob: str | None = None        # recipe field baked into training, one run per value
-    short: str = ""                # run-name tag of the knob
-    values: tuple[float, ...] = ()
-    w_grid: dict[int, list[float]] = field(default_factory=dict)   # sampling grid per N
+    overrides: tuple[str, ...]
+    knob: str                      # recipe field of the training runs (one run per value)
+    short: str                     # run-name tag of the knob
+    values: tuple[float, ...]      # its first grid
+    widen: float                   # a grid grows by this step
+    intrinsic: bool = False        # w is a network input: knob = guidance.w_max
 
-    def grid(self, steps: int) -> list[float]:
-        return self.w_grid.get(steps, [0.0])
+    def run_name(self, value: float, seed: int) -> str:
+        return f"{self.name}_{self.short}{value:g}-seed{seed}"
 
-    def run_name(self, value: float | None, seed: int) -> str:
-        tag = "" if self.knob is None else f"_{self.short}{value:g}"
-        return f"{self.name}{tag}-seed{seed}"
-
-    def train_overrides(self, value: float | None, seed: int) -> list[str]:
-        knob = [] if self.knob is None else [f"{self.knob}={value:g}"]
-        return [*self.overrides, *knob, f"train.seed={seed}"]
+    def train_overrides(self, value: float, seed: int) -> list[str]:
+        return [*self.overrides, f"{self.knob}={value:g}", f"train.seed={seed}"]
 
 
-# CFG scale s in {1, 1.5, 2} for both baked methods (MeanFlow: s = omega / (1 - kappa),
-# kappa 0.5), and the quickstart's w grid for iSM (w = s - 1 in {0, ..., 1.5}).
+# CFG scale grids: SM s in {1, 1.5, 2, 3}; MeanFlow s = omega / (1 - kappa) = 2 omega in
+# {1, 1.5, 2}. Intrinsic methods start at the quickstart's w_max (1.5).
 METHODS = {m.name: m for m in (
-    Method("sm", "SM (authors' protocol)", "recipes/quickstart.yaml", SM_OFF,
-           "guidance.cfg_scale", "cfg", (1.0, 1.5, 2.0)),
-    Method("ism", "iSM (quickstart)", "recipes/quickstart.yaml",
-           w_grid={1: ISM_W, 2: ISM_W, 4: ISM_W, 128: [0.0, 0.25, 0.5]}),
-    Method("meanflow", "MeanFlow", "recipes/meanflow_digits.yaml", (),
-           "guidance.omega", "omega", (0.5, 0.75, 1.0)),
-    Method("meanflow+sot+twin-ema", "MeanFlow + sOT + twin EMA", "recipes/meanflow_digits.yaml",
-           ("coupling.pool_size=256", "ema.target_enabled=true"),
-           "guidance.omega", "omega", (0.5, 0.75, 1.0)),
+    Method("sm", "SM (official algorithm)", "recipes/sm_quickstart.yaml", (),
+           "guidance.cfg_scale", "cfg", (1.0, 1.5, 2.0, 3.0), 1.0),
+    Method("ism", "iSM (quickstart)", "recipes/quickstart.yaml", (),
+           "guidance.w_max", "wmax", (1.5,), 1.5, intrinsic=True),
+    Method("meanflow", "MeanFlow", MF, (), "guidance.omega", "omega", (0.5, 0.75, 1.0), 0.25),
+    Method("meanflow+sot", "MeanFlow + sOT", MF, SOT, "guidance.omega", "omega",
+           (0.5, 0.75, 1.0), 0.25),
+    Method("meanflow+twin-ema", "MeanFlow + twin EMA", MF, TWIN, "guidance.omega", "omega",
+           (0.5, 0.75, 1.0), 0.25),
+    Method("meanflow+sot+twin-ema", "MeanFlow + sOT + twin EMA", MF, SOT + TWIN,
+           "guidance.omega", "omega", (0.5, 0.75, 1.0), 0.25),
+    Method("meanflow+sot+twin-ema+wavelet", "MeanFlow + sOT + twin EMA + wavelet", MF,
+           SOT + TWIN + ("loss.name=wavelet",), "guidance.omega", "omega", (0.5, 0.75, 1.0),
+           0.25),
+    Method("meanflow+sot+twin-ema+intrinsic", "MeanFlow + sOT + twin EMA + intrinsic guidance",
+           MF, SOT + TWIN + ("objective.meanflow_guidance=intrinsic",), "guidance.w_max", "wmax",
+           (1.5,), 1.5, intrinsic=True),
 )}
 
 
-def nfe(method: Method, steps: int, sampler: str) -> int:
+def nfe(steps: int, sampler: str) -> int:
     """Network evaluations per sample: two-pass CFG costs 2 per step (SPEC 2)."""
     return steps * (2 if sampler == "flow-cfg" else 1)
+
+
+class Grids:
+    """Each method's knob values and its 128-step w ceiling, as widened so far (``grids.json``:
+    an interrupted study resumes with the grids it had reached)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        self.values = {m.name: sorted(set(stored.get(m.name, {}).get("values", m.values)))
+                       for m in METHODS.values()}
+        self.top128 = {m.name: float(stored.get(m.name, {}).get("top128", TOP_128))
+                       for m in METHODS.values()}
+
+    def save(self) -> None:
+        write_json(self.path, {name: {"values": self.values[name], "top128": self.top128[name]}
+                               for name in self.values})
+
+    def w_grid(self, method: Method, value: float, steps: int) -> list[float]:
+        """The sampling strengths of one run at ``steps``: w = 0 for baked methods (SM adds its
+        flow-CFG entry at 128 steps itself); 0..top in ``W_STEP`` for intrinsic ones, top being
+        the run's w_max (at 128 steps at most the method's ceiling)."""
+        if not method.intrinsic:
+            return [0.0]
+        top = value if steps != 128 else min(value, self.top128[method.name])
+        return [round(k * W_STEP, 6) for k in range(int(round(top / W_STEP)) + 1)]
 
 
 class Study:
@@ -115,8 +161,9 @@ class Study:
         self.out, self.train_steps, self.seeds, self.jobs = out, train_steps, seeds, jobs
         self.ismctl = ismctl
         (out / "logs").mkdir(parents=True, exist_ok=True)
+        self.grids = Grids(out / "grids.json")
 
-    def run_dir(self, method: Method, value: float | None, seed: int) -> Path:
+    def run_dir(self, method: Method, value: float, seed: int) -> Path:
         return self.out / method.run_name(value, seed)
 
     def checkpoint(self, run_dir: Path, step: int) -> Path:
@@ -133,34 +180,59 @@ class Study:
         if done.returncode != 0:
             raise RuntimeError(f"`ismctl {' '.join(args)}` failed ({done.returncode}): see {log}")
 
-    def train(self, method: Method, value: float | None, seed: int) -> None:
+    def train(self, method: Method, value: float, seed: int) -> None:
         run_dir = self.run_dir(method, value, seed)
-        if self.trained(run_dir):
-            return
-        sets = [*method.train_overrides(value, seed), f"train.steps={self.train_steps}",
-                f"run.ckpt_every={CKPT_EVERY}", f"run.keep_every={CKPT_EVERY}",
-                f"run.root={self.out}", f"run.name={run_dir.name}"]
-        args = ["train", method.recipe, *[a for s in sets for a in ("--set", s)],
-                "--auto-resume", "--no-progress"]
-        self._call(args, self.out / "logs" / f"train-{run_dir.name}.log")
+        if not self.trained(run_dir):
+            sets = [*method.train_overrides(value, seed), f"train.steps={self.train_steps}",
+                    f"run.ckpt_every={CKPT_EVERY}", f"run.keep_every={CKPT_EVERY}",
+                    f"run.root={self.out}", f"run.name={run_dir.name}"]
+            args = ["train", method.recipe, *[a for s in sets for a in ("--set", s)],
+                    "--auto-resume", "--no-progress"]
+            self._call(args, self.out / "logs" / f"train-{run_dir.name}.log")
+        slim_checkpoints(run_dir, self.train_steps)
 
     def eval_file(self, run_dir: Path, step: int, steps: int, seed: int) -> Path:
         return run_dir / "few-step" / f"step{step}-{steps}steps-seed{seed}.json"
 
     def evaluate(self, run_dir: Path, step: int, steps: int, grid: list[float],
                  seed: int) -> dict[str, Any]:
+        """The evaluation of ``grid`` at one checkpoint, step count and sampling seed; a file
+        that lacks a requested w (the grid has grown since) is extended, not redone."""
         out = self.eval_file(run_dir, step, steps, seed)
-        if not out.is_file():
-            args = ["eval", str(self.checkpoint(run_dir, step)), "--steps", str(steps),
-                    "--guidance", ",".join(f"{w:g}" for w in grid), "--seed", str(seed),
-                    "--num-samples", str(NUM_SAMPLES), "--metrics", ",".join(METRICS),
-                    "--select-by", SELECT_BY, "--no-remember", "--out", str(out)]
-            self._call(args, self.out / "logs" / f"eval-{run_dir.name}-{out.stem}.log")
-        return json.loads(out.read_text())
+        have = json.loads(out.read_text()) if out.is_file() else None
+        done = {p["guidance"] for p in have["points"]} if have else set()
+        missing = [w for w in grid if w not in done]
+        if not missing:
+            return have
+        part = out.with_name(out.stem + f"-part{len(done)}.json")
+        args = ["eval", str(self.checkpoint(run_dir, step)), "--steps", str(steps),
+                "--guidance", ",".join(f"{w:g}" for w in missing), "--seed", str(seed),
+                "--num-samples", str(NUM_SAMPLES), "--metrics", ",".join(METRICS),
+                "--select-by", SELECT_BY, "--no-remember", "--out", str(part)]
+        self._call(args, self.out / "logs" / f"eval-{run_dir.name}-{part.stem}.log")
+        new = json.loads(part.read_text())
+        if have:
+            # Points with a sampler of their own (SM's flow CFG) are evaluated once.
+            seen = {(p["guidance"], p["sampler"]) for p in have["points"]}
+            new["points"] = have["points"] + [p for p in new["points"]
+                                              if (p["guidance"], p["sampler"]) not in seen]
+        write_json(out, new)
+        part.unlink()
+        return new
 
     def parallel(self, tasks: Iterable[Callable[[], Any]]) -> list[Any]:
         with ThreadPoolExecutor(self.jobs) as pool:
             return [f.result() for f in [pool.submit(t) for t in tasks]]
+
+
+def slim_checkpoints(run_dir: Path, final: int) -> None:
+    """Keep only the inference weights in every checkpoint but the final one (evaluations read
+    nothing else; a study's 30 full checkpoints per run would take ~0.8 GB)."""
+    for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
+        if ckpt.name == f"step-{final:07d}" or not (ckpt / "inference_ema.safetensors").is_file():
+            continue
+        for name in ("state.pt", "online.safetensors", "target_ema.safetensors"):
+            (ckpt / name).unlink(missing_ok=True)
 
 
 def points(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -169,38 +241,87 @@ def points(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def choose(study: Study) -> dict[str, dict[int, dict[str, Any]]]:
     """Per method and step count, the knob value, w and sampler with the lowest selection
-    metric on training seed ``seeds[0]`` and sampling seed ``SELECT_SEED``."""
+    metric on training seed ``seeds[0]`` and sampling seed ``SELECT_SEED``, among the points of
+    the current grids."""
     seed = study.seeds[0]
     chosen: dict[str, dict[int, dict[str, Any]]] = {}
     for method in METHODS.values():
         chosen[method.name] = {}
         for n in STEPS:
             candidates = []
-            for value in method.values or (None,):
+            for value in study.grids.values[method.name]:
                 run_dir = study.run_dir(method, value, seed)
                 res = json.loads(study.eval_file(run_dir, study.train_steps, n,
                                                  SELECT_SEED).read_text())
+                grid = set(study.grids.w_grid(method, value, n))
                 candidates += [{"value": value, "guidance": p["guidance"],
                                 "sampler": p["sampler"], SELECT_BY: p["metrics"][SELECT_BY]}
-                               for p in points(res)]
+                               for p in points(res)
+                               if p["guidance"] in grid or p["sampler"] == "flow-cfg"]
             best = min(candidates, key=lambda c: c[SELECT_BY])
             chosen[method.name][n] = {**best, "candidates": len(candidates)}
     return chosen
 
 
+def edges(study: Study, chosen: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """Grow every grid whose chosen point sits on its upper edge; returns what was grown."""
+    grown: list[str] = []
+    g = study.grids
+    for method in METHODS.values():
+        values = g.values[method.name]
+        for n, c in chosen[method.name].items():
+            if not method.intrinsic:
+                edge = c["value"] == max(values)
+            elif c["guidance"] < max(g.w_grid(method, c["value"], n)):
+                continue
+            elif n == 128 and g.top128[method.name] < c["value"]:
+                g.top128[method.name] += 0.5
+                grown.append(f"{method.name}: 128-step w up to {g.top128[method.name]:g}")
+                continue
+            else:
+                edge = c["value"] == max(values)
+            if edge:
+                new = round(max(values) + method.widen, 6)
+                if new not in values:
+                    values.append(new)
+                    grown.append(f"{method.name}: {method.knob} {new:g} ({n} steps chose the "
+                                 "edge)")
+    g.save()
+    return grown
+
+
+def tune(study: Study) -> dict[str, Any]:
+    """Train and evaluate the first seed over the grids, choose, grow the grids whose choice
+    sits on an edge, and choose again (``MAX_ROUNDS`` at most)."""
+    first = study.seeds[0]
+    history: list[list[str]] = []
+    for _ in range(MAX_ROUNDS + 1):
+        g = study.grids
+        runs = [(m, v) for m in METHODS.values() for v in g.values[m.name]]
+        study.parallel(lambda r=r: study.train(r[0], r[1], first) for r in runs)
+        study.parallel(lambda m=m, v=v, n=n, w=g.w_grid(m, v, n): study.evaluate(
+            study.run_dir(m, v, first), study.train_steps, n, w, SELECT_SEED)
+            for m, v in runs for n in STEPS)
+        chosen = choose(study)
+        if len(history) == MAX_ROUNDS:
+            break
+        grown = edges(study, chosen)
+        if not grown:
+            break
+        history.append(grown)
+    return {"chosen": chosen, "widened": history, "grids": {
+        name: {"values": study.grids.values[name], "top128": study.grids.top128[name]}
+        for name in study.grids.values}}
+
+
 def run_study(study: Study) -> None:
-    first, rest = study.seeds[0], study.seeds[1:]
-    grid_runs = [(m, v, first) for m in METHODS.values() for v in (m.values or (None,))]
-    free_runs = [(m, None, s) for m in METHODS.values() if m.knob is None for s in rest]
-    study.parallel(lambda r=r: study.train(*r) for r in grid_runs + free_runs)
-    study.parallel(lambda m=m, v=v, n=n: study.evaluate(study.run_dir(m, v, first),
-                                                         study.train_steps, n, m.grid(n),
-                                                         SELECT_SEED)
-                   for m, v, _ in grid_runs for n in STEPS)
-    chosen = choose(study)
-    write_json(study.out / "chosen.json", chosen)
+    tuned = tune(study)
+    chosen = tuned["chosen"]
+    write_json(study.out / "chosen.json", tuned)
+    rest = study.seeds[1:]
     needed = sorted({(name, c["value"], s) for name, per in chosen.items()
-                     for c in per.values() for s in rest if c["value"] is not None})
+                     for c in per.values() for s in rest}
+                    | {(name, value, s) for name, value in FORCED.items() for s in rest})
     study.parallel(lambda r=r: study.train(METHODS[r[0]], r[1], r[2]) for r in needed)
     study.parallel(lambda m=m, n=n, s=s: report_eval(study, chosen, m, n, s, study.train_steps)
                    for m in METHODS.values() for n in STEPS for s in study.seeds)
@@ -215,8 +336,8 @@ def report_eval(study: Study, chosen: dict[str, dict[int, dict[str, Any]]], meth
     c = chosen[method.name][n]
     run_dir = study.run_dir(method, c["value"], seed)
     # A baked knob samples at w = 0 (sm adds its flow-CFG entry at 128 steps by itself).
-    grid = [c["guidance"]] if method.knob is None else method.grid(n)
-    return study.evaluate(run_dir, step, n, grid, REPORT_SEED)
+    return study.evaluate(run_dir, step, n, [c["guidance"] if method.intrinsic else 0.0],
+                          REPORT_SEED)
 
 
 def _logged_rates(run_dir: Path) -> list[tuple[int, float]]:
@@ -255,7 +376,7 @@ def wall_budget(study: Study, chosen: dict[str, dict[int, dict[str, Any]]]) -> d
         per_step[method.name] = statistics.median(step_seconds(r) for r in runs)
         logged[method.name] = statistics.median(train_seconds(r) for r in runs)
     budget = min(per_step.values()) * study.train_steps
-    reached = {name: CKPT_EVERY * math.floor(budget / sec / CKPT_EVERY)
+    reached = {name: CKPT_EVERY * math.floor(budget / sec / CKPT_EVERY + 1e-9)
                for name, sec in per_step.items()}
     step = {name: {str(s): min(study.train_steps, max(CKPT_EVERY, n)) for s in study.seeds}
             for name, n in reached.items()}
@@ -269,8 +390,8 @@ def _mean_sd(values: list[float]) -> dict[str, float]:
 
 
 def summarise(study: Study) -> dict[str, Any]:
-    chosen = {m: {int(n): c for n, c in per.items()}
-              for m, per in json.loads((study.out / "chosen.json").read_text()).items()}
+    tuned = json.loads((study.out / "chosen.json").read_text())
+    chosen = {m: {int(n): c for n, c in per.items()} for m, per in tuned["chosen"].items()}
     budget = wall_budget(study, chosen)
     tables: dict[str, Any] = {"equal_steps": {}, "equal_wall_clock": {}}
     for table, step_counts in (("equal_steps", STEPS), ("equal_wall_clock", WALL_STEPS)):
@@ -285,7 +406,7 @@ def summarise(study: Study) -> dict[str, Any]:
                 files = [study.eval_file(study.run_dir(method, c["value"], seed), step, n,
                                          REPORT_SEED)
                          for seed, step in zip(study.seeds, steps_used, strict=True)]
-                if table == "equal_wall_clock" and not all(f.is_file() for f in files):
+                if not all(f.is_file() for f in files):
                     continue   # not evaluated (yet): the row is left out, not guessed
                 for file in files:
                     res = json.loads(file.read_text())
@@ -294,7 +415,7 @@ def summarise(study: Study) -> dict[str, Any]:
                     for k in METRICS:
                         values[k].append(point["metrics"][k])
                 rows[str(n)] = {"knob": c["value"], "guidance": c["guidance"],
-                                "sampler": c["sampler"], "nfe": nfe(method, n, c["sampler"]),
+                                "sampler": c["sampler"], "nfe": nfe(n, c["sampler"]),
                                 "train_steps": steps_used, "candidates": c["candidates"],
                                 **{k: _mean_sd(v) for k, v in values.items()}}
             tables[table][method.name] = rows
@@ -304,8 +425,9 @@ def summarise(study: Study) -> dict[str, Any]:
             "report_sampling_seed": REPORT_SEED, "num_samples": NUM_SAMPLES,
             "methods": {m.name: {"label": m.label, "recipe": m.recipe,
                                  "overrides": list(m.overrides), "knob": m.knob,
-                                 "values": list(m.values), "w_grid": m.w_grid}
+                                 "intrinsic": m.intrinsic}
                         for m in METHODS.values()},
+            "grids": tuned["grids"], "widened": tuned["widened"],
             "wall_clock": budget, "chosen": {m: {str(n): c for n, c in per.items()}
                                              for m, per in chosen.items()},
             **tables}
@@ -315,30 +437,39 @@ def _fmt(stat: dict[str, float], digits: int) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
 
 
+KNOB_NAMES = {"guidance.cfg_scale": "s", "guidance.omega": "omega", "guidance.w_max": "w_max"}
+
+
 def markdown(summary: dict[str, Any]) -> str:
-    lines: list[str] = []
-    knob_name = {"guidance.cfg_scale": "s", "guidance.omega": "omega"}
+    lines: list[str] = ["### Grids (after widening)", "",
+                        "| method | knob | values trained on seed 0 | 128-step w up to |",
+                        "|---|---|---|---|"]
+    for name, meta in summary["methods"].items():
+        grid = summary["grids"][name]
+        top = f"{grid['top128']:g}" if meta["intrinsic"] else "-"
+        lines.append(f"| {meta['label']} | {KNOB_NAMES.get(meta['knob'], meta['knob'])} | "
+                     f"{', '.join(f'{v:g}' for v in grid['values'])} | {top} |")
+    lines.append("")
     for table, title in (("equal_steps", f"Equal training steps ({summary['train_steps']:,})"),
                          ("equal_wall_clock", "Equal wall-clock (budget "
                           f"{summary['wall_clock']['budget_s']:.0f} s of training)")):
         step_counts = sorted({int(n) for rows in summary[table].values() for n in rows})
         for n in step_counts:
             lines += [f"### {title}, {n} step{'s' if n > 1 else ''}", "",
-                      "| method | knob | w | NFE | train steps | acc | fd-digits | cfd-digits |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| method | knob | w | NFE | train steps | acc | fd-digits | cfd-digits "
+                      "| spread |", "|---|---|---|---|---|---|---|---|---|"]
             for name, rows in summary[table].items():
                 if str(n) not in rows:
                     continue
                 r = rows[str(n)]
                 meta = summary["methods"][name]
-                knob = ("-" if meta["knob"] is None
-                        else f"{knob_name.get(meta['knob'], meta['knob'])} = {r['knob']:g}")
+                knob = f"{KNOB_NAMES.get(meta['knob'], meta['knob'])} = {r['knob']:g}"
                 sampler = " (flow CFG)" if r["sampler"] == "flow-cfg" else ""
                 steps_used = sorted(set(r["train_steps"]))
                 lines.append(f"| {meta['label']} | {knob} | {r['guidance']:g}{sampler} | "
                              f"{r['nfe']} | {'/'.join(map(str, steps_used))} | "
                              f"{_fmt(r['acc'], 3)} | {_fmt(r['fd-digits'], 1)} | "
-                             f"{_fmt(r['cfd-digits'], 1)} |")
+                             f"{_fmt(r['cfd-digits'], 1)} | {_fmt(r['spread-digits'], 3)} |")
             lines.append("")
     wall = summary["wall_clock"]
     lines += ["### Training time (median over the reported runs)", "",
@@ -359,7 +490,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, table, title in ((axes[0], "equal_steps", f"{summary['train_steps']:,} steps each"),
                              (axes[1], "equal_wall_clock", "equal wall-clock")):
         for name, rows in summary[table].items():
@@ -376,7 +507,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel(f"{SELECT_BY} (lower is better), mean ± sd")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
@@ -391,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
     rep = sub.add_parser("report", help="tables of a finished study")
     for p in (run, rep):
         p.add_argument("out", nargs="?", type=Path, default=Path("runs/few-step"))
-        p.add_argument("--steps", type=int, default=1000, help="training steps per run")
+        p.add_argument("--steps", type=int, default=3000, help="training steps per run")
         p.add_argument("--seeds", default="0,1,2", help="training seeds; the first tunes")
     run.add_argument("--jobs", type=int, default=2, help="subprocesses at a time")
     rep.add_argument("--json", type=Path, help="write the summary here")

@@ -442,22 +442,32 @@ def find_recipe(ref: str | Path, extended_by: Path | None = None) -> Path:
     raise UserError(f"{path}: recipe file not found{_name_hint(text)}")
 
 
-def recipe_summary(path: Path) -> str:
-    """One line on what a recipe is: the first sentence or clause of its leading comment."""
+SUMMARY_WIDTH = 110
+
+
+def recipe_summary(path: Path, width: int = SUMMARY_WIDTH) -> str:
+    """One line on what a recipe is: the first sentence or clause of its leading comment, cut
+    at a clause boundary (', ' or ' (' outside parentheses) to at most ``width`` characters."""
     lines = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
             break
         lines.append(line.lstrip("#").strip())
     text = " ".join(lines)
-    depth = 0
-    # Cut at the first ': ' or '. ' outside parentheses: a header starts with what the recipe
-    # is, then details ("iSM with the B/2 backbone (~130M params): the same recipe as ...").
+    depth, breaks = 0, []
+    # A header starts with what the recipe is, then details after ': ' or '. '
+    # ("iSM with the B/2 backbone (~130M params): the same recipe as ...").
     for i, ch in enumerate(text):
-        depth += {"(": 1, ")": -1}.get(ch, 0)
         if depth == 0 and ch in ":." and text[i + 1:i + 2] in (" ", ""):
-            return text[:i]
-    return text
+            text = text[:i]
+            break
+        if depth == 0 and text[i:i + 2] in (", ", " ("):
+            breaks.append(i)
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+    if len(text) <= width:
+        return text
+    fits = [i for i in breaks if i <= width]
+    return text[:fits[-1]] if fits else text[:width - 3] + "..."
 
 
 def read_recipe_file(path: Path, sources: dict[str, str] | None = None,

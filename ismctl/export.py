@@ -37,6 +37,7 @@ from ismctl.checkpoint import (
     recipe_sha256,
     resolve_checkpoint,
     save_weights,
+    verified_weights,
     weights_metadata,
 )
 from ismctl.data.encoders import IDENTITY
@@ -185,6 +186,7 @@ def export_run(run: str | Path, out: str | Path, which: str = "inference",
         role, weights_file = "online", ckpt / WEIGHT_FILES["online"]
     if not weights_file.is_file():
         raise UserError(f"{ckpt}: no weights file {weights_file.name} in this checkpoint")
+    verified_weights(run_dir, ckpt, weights_file)
     network = model_from_recipe(recipe, manifest)
     load_weights(network, weights_file)
     results_path = Path(results) if results is not None else find_results(run_dir, step)

@@ -3,7 +3,8 @@
 Bad input raises UserError anywhere below; `main` turns it into one red line on stderr and
 exit code 2 (`--debug`, anywhere on the command line, shows the traceback instead). A training
 run stopped by SIGTERM or SIGUSR1 after writing its checkpoint exits with
-`ismctl.preemption.PREEMPTED_EXIT_CODE` (75).
+`ismctl.preemption.PREEMPTED_EXIT_CODE` (75); stopped by Ctrl-C (after its checkpoint, or at
+once on a second Ctrl-C) with 130 and one line saying what was kept or lost.
 """
 
 from __future__ import annotations
@@ -14,9 +15,16 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ismctl.errors import UserError
-from ismctl.preemption import PREEMPTED_EXIT_CODE, Preempted
+from ismctl.preemption import (
+    INTERRUPT,
+    INTERRUPTED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    Interrupted,
+    Preempted,
+)
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,6 +33,8 @@ app = typer.Typer(
 recipe_app = typer.Typer(no_args_is_help=True,
                          help="Inspect recipes: the resolved values and the settable keys.")
 app.add_typer(recipe_app, name="recipe")
+data_app = typer.Typer(no_args_is_help=True, help="Check prepared data sets.")
+app.add_typer(data_app, name="data")
 console = Console()
 DEBUG = {"on": False}
 
@@ -312,6 +322,29 @@ def export_cmd(
     console.print(f"[green]exported[/] {run} to {folder}")
 
 
+@data_app.command("check")
+def data_check(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `ismctl prepare-latents`.")],
+) -> None:
+    """Check every shard of a prepared data set: its sha256 against manifest.json, every
+    sample readable with the manifest's shape and a label in range, the counts."""
+    from ismctl.data.manifest import read_manifest
+    from ismctl.data.verify import REPAIR, check_dataset
+    from ismctl.progress import progress_bar
+
+    shards = len(read_manifest(folder).shards)
+    with progress_bar(f"checking {folder}", total=shards, unit="shard") as bar:
+        report = check_dataset(folder, on_shard=bar.advance)
+    for problem in report.problems:
+        Console(stderr=True).print(problem, soft_wrap=True, highlight=False, markup=False)
+    if report.bad:
+        raise UserError(f"{folder}: {len(report.bad)} of {report.shards} shards are damaged; "
+                        f"{REPAIR.replace('it (', 'them (')}")
+    console.print(f"{folder}: {report.samples:,} samples in {report.shards} shards "
+                  f"({report.bytes / 1e6:,.1f} MB), all intact (sha256 as in manifest.json, "
+                  "every sample readable)", highlight=False, markup=False, soft_wrap=True)
+
+
 @recipe_app.command("show")
 def recipe_show(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (default: the built-in defaults).")] = None,
@@ -341,9 +374,24 @@ def main() -> None:
     except UserError as exc:
         if DEBUG["on"]:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        _say("[bold red]error:[/]", str(exc))
         sys.exit(2)
     except Preempted as exc:
-        Console(stderr=True).print(f"[bold yellow]preempted:[/] {exc}", soft_wrap=True,
-                                   highlight=False)
+        if exc.signal_name == INTERRUPT.name:
+            _say("[bold yellow]interrupted:[/]", str(exc))
+            sys.exit(INTERRUPTED_EXIT_CODE)
+        _say("[bold yellow]preempted:[/]", str(exc))
         sys.exit(PREEMPTED_EXIT_CODE)
+    except Interrupted as exc:
+        # Ctrl-C in a command that says what it kept or lost (a bare KeyboardInterrupt is
+        # turned into exit code 130 by typer itself).
+        if DEBUG["on"]:
+            raise
+        _say("[bold yellow]interrupted:[/]", str(exc) or "stopped by Ctrl-C")
+        sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+def _say(label: str, text: str) -> None:
+    """One line on stderr: a styled label, then ``text`` as it is (markup escaped, so
+    ``'ismctl[fid]'`` or ``--set a=[bold]`` print as written)."""
+    Console(stderr=True).print(f"{label} {escape(text)}", soft_wrap=True, highlight=False)

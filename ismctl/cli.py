@@ -154,48 +154,41 @@ def sample(
     seed: Annotated[int | None, typer.Option(help="Noise and label seed (default: the recipe's eval.seed).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per sampling batch (default: the recipe's eval.batch_size).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: the recipe's train.device).")] = None,
+    scale: Annotated[int | None, typer.Option(help="A .png grid: each pixel becomes SCALE x SCALE pixels (nearest neighbours); default: enough for the grid's longer side to reach 512 pixels.")] = None,
     threads: Threads = None,
     compile_: Compile = False,
 ) -> None:
-    """Generate images from a trained run."""
-    import torch
-
+    """Generate images from a trained run. A folder or an .npz is written as the samples are
+    made: an interrupted job keeps them, and the same command continues it."""
     from ismctl.checkpoint import load_for_sampling
-    from ismctl.generate import arrange_by_class, generate_images, save_grid
-    from ismctl.pngdir import is_png_folder, write_png_folder
+    from ismctl.pngdir import is_png_folder
     from ismctl.protocol import choose_point
     from ismctl.runtime import set_threads
+    from ismctl.streamout import write_samples
 
     num_samples = _renamed(num_samples, num, "--num-samples", "--num")
     num_samples = 64 if num_samples is None else num_samples
     _at_least(steps, 1, "--steps")
     _at_least(num_samples, 1, "--num-samples")
     _at_least(batch_size, 1, "--batch-size")
+    _at_least(scale, 1, "--scale")
     set_threads(threads)
     if out.suffix not in (".npz", ".png") and not is_png_folder(out):
         raise UserError(f"--out {out}: use a .png (grid) or .npz (ADM samples) file name, or a "
                         "folder name without an extension (one PNG per sample)")
+    if scale is not None and out.suffix != ".png":
+        raise UserError(f"--scale {scale}: only for a .png grid (--out {out} keeps every "
+                        "sample at its own size)")
     loaded = load_for_sampling(run, which=which, device=device, compile=compile_)
     ev = loaded.recipe.eval
     if class_ is not None and not 0 <= class_ < loaded.manifest.num_classes:
         raise UserError(f"--class {class_}: out of range 0..{loaded.manifest.num_classes - 1}")
     point, source = choose_point(loaded.recipe, loaded.run_dir, steps, guidance, double_guidance)
-    labels = None if class_ is None else torch.full((num_samples,), class_, dtype=torch.long)
-    images, labels = generate_images(loaded, num_samples, steps, point.guidance,
-                                     ev.seed if seed is None else seed,
-                                     ev.batch_size if batch_size is None else batch_size,
-                                     labels=labels, progress=True, sampler=point.sampler)
-    if out.suffix == ".npz":
-        from ismctl.evaluation.npz import write_samples_npz
-
-        write_samples_npz(out, images.numpy(), labels.numpy())
-    elif out.suffix == ".png":
-        grid, nrow = arrange_by_class(images, labels, loaded.manifest.num_classes)
-        save_grid(grid, out, nrow=nrow)
-    else:
-        write_png_folder(out, images.numpy(), labels.numpy())
-    console.print(f"[green]wrote[/] {out} ({num_samples} images, {point.label()}, guidance from "
-                  f"{source}, weights: {which}, step {loaded.step})")
+    write_samples(loaded, out, num_samples, steps, point, ev.seed if seed is None else seed,
+                  ev.batch_size if batch_size is None else batch_size, class_, scale)
+    console.print(f"[green]wrote[/] {escape(str(out))} ({num_samples} images, "
+                  f"{escape(point.label())}, guidance from {escape(source)}, weights: "
+                  f"{escape(which)}, step {loaded.step})")
 
 
 @app.command("eval")
@@ -205,7 +198,7 @@ def eval_cmd(
     guidance: Annotated[str | None, typer.Option(help=GUIDANCE_HELP + " Numbers and START:STOP:STEP ranges, e.g. 0:4:0.5 (default: the recipe's eval.guidance); the best per step count is reported and remembered. 'best': each step count at its remembered best.")] = None,
     double_guidance: Annotated[bool, typer.Option(help="Runs with guidance baked into training (sm, meanflow with omega): apply CFG on top of it (guides twice; not the authors' protocol).")] = False,
     select_by: Annotated[str | None, typer.Option(help="Value that picks the best w per step count (default: fid, else fd-dinov2, else cfd-digits, ...).")] = None,
-    remember: Annotated[bool, typer.Option(help="Store the best w per step count in the run for `ismctl sample` (latest checkpoint only).")] = True,
+    remember: Annotated[bool | None, typer.Option("--remember/--no-remember", help="Store the best w per step count in the run for `ismctl sample` (latest checkpoint only). Default: when every point has at least the recipe's eval.num_samples samples, so a quick, smaller evaluation does not replace it.")] = None,
     num_samples: Annotated[int | None, typer.Option(help="Samples per point (default: the recipe's eval.num_samples).")] = None,
     ref: Annotated[str | None, typer.Option(help="Reference: ADM .npz, image folder, or (default: the recipe's eval.ref, else) the training shards.")] = None,
     metrics: Annotated[str | None, typer.Option(help="fid,isc,prc,fd-dinov2 (digits adds acc,fd-digits,cfd-digits; default: the recipe's eval.metrics).")] = None,

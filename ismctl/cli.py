@@ -86,17 +86,17 @@ def prepare_latents_cmd(
     src: Annotated[str, typer.Argument(help="ImageFolder root (e.g. imagenet/train) or 'digits'.")],
     out: Annotated[Path | None, typer.Option(help="Output folder (default data/<name>).")] = None,
     resolution: Annotated[int, typer.Option(help="Centre-crop/resize side in pixels.")] = 256,
-    vae: Annotated[str, typer.Option(help="diffusers AutoencoderKL name or local path.")] = "stabilityai/sd-vae-ft-mse",
+    vae: Annotated[str, typer.Option(help="diffusers AutoencoderKL: a Hub id (from the local cache, else downloaded) or a local folder written by save_pretrained (no network needed).")] = "stabilityai/sd-vae-ft-mse",
     batch_size: Annotated[int, typer.Option(help="Images per VAE batch.")] = 32,
     shard_size: Annotated[int, typer.Option(help="Samples per webdataset shard.")] = 1000,
     flip: Annotated[bool, typer.Option(help="Also store the latent of the horizontal flip.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    num_workers: Annotated[int | None, typer.Option(help="Image-decoding worker processes (default 4).")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="Image-decoding worker processes (default 4, at most the cores available).")] = None,
     workers: Annotated[int | None, typer.Option(hidden=True, help="Old name of --num-workers.")] = None,
     threads: Threads = None,
 ) -> None:
     """Encode a dataset into webdataset shards + manifest.json (resumable, torchrun-aware)."""
-    from ismctl.data.prepare import prepare_latents
+    from ismctl.data.prepare import default_workers, prepare_latents
     from ismctl.runtime import set_threads
 
     num_workers = _renamed(num_workers, workers, "--num-workers", "--workers")
@@ -105,7 +105,8 @@ def prepare_latents_cmd(
 
     manifest = prepare_latents(src, out=out, resolution=resolution, vae=vae,
                                batch_size=batch_size, shard_size=shard_size, flip=flip,
-                               device=device, num_workers=4 if num_workers is None else num_workers)
+                               device=device,
+                               num_workers=default_workers() if num_workers is None else num_workers)
     console.print(f"[green]prepared[/] {manifest.count} samples, {manifest.num_classes} classes, "
                   f"{len(manifest.shards)} shards, {len(manifest.skipped)} skipped")
 

@@ -45,6 +45,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from ismctl.ablate_report import aggregate, main_values, markdown, results_table, summarise
 from ismctl.ablate_report import write_chart as write_chart
@@ -478,9 +479,9 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
             head = (f"[bold]ablate[/] {v_index * len(train_seeds) + s_index + 1}/{total} "
                     f"{rname} ({label})")
             if _final_step(run_dir) == run.train.steps:
-                console.print(f"{head}: trained, final checkpoint found")
+                console.print(f"{head}: trained, final checkpoint found", markup=False)
             else:
-                console.print(f"{head}: training")
+                console.print(f"{head}: training", markup=False)
                 _train_variant(run, yaml_path, torchrun, progress, threads)
             results = _evaluated(run, run_dir, cfg, torchrun, progress, console, head, threads)
             if not main_node:
@@ -519,8 +520,8 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
     write_chart(folder / f"{report_name}.png", report)
     console.print(results_table(report))
     for n in notes:
-        console.print(f"[yellow]note:[/] {n}")
-    console.print(f"[green]wrote[/] {folder}/{report_name}.{{json,md,png}}")
+        console.print(f"[yellow]note:[/] {escape(n)}")
+    console.print(f"[green]wrote[/] {escape(f'{folder}/{report_name}')}.{{json,md,png}}")
     return report
 
 
@@ -554,9 +555,9 @@ def _evaluated(recipe: Recipe, run_dir: Path, cfg: EvalSettings, torchrun: Torch
     key = cfg.key(recipe.train.steps, guidance)
     if (results_path.is_file() and key_path.is_file()
             and json.loads(key_path.read_text()) == key):
-        console.print(f"{head}: evaluated, {results_path} found")
+        console.print(f"{head}: evaluated, {results_path} found", markup=False)
         return json.loads(results_path.read_text())
-    console.print(f"{head}: evaluating")
+    console.print(f"{head}: evaluating", markup=False)
     results = _eval_variant(run_dir, results_path, cfg, guidance, torchrun, progress, threads)
     if torchrun is None or torchrun.is_main_node:
         atomic_write_text(key_path, json.dumps(key, indent=2) + "\n")

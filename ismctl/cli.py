@@ -138,7 +138,7 @@ def train(
 
     run_dir = run_training(resolved, str(recipe), resume="auto" if auto_resume else resume,
                            overwrite=overwrite, progress=progress)
-    console.print(f"[green]run written to[/] {run_dir}")
+    console.print(f"[green]run written to[/] {escape(str(run_dir))}")
 
 
 @app.command()
@@ -294,7 +294,7 @@ def bench(
         try:
             run_gpu_check(out or Path("gpu-check.json"), names or PRESETS, device=device)
         except CheckFailed as exc:
-            Console(stderr=True).print(f"[bold red]gpu-check failed:[/] {exc}", soft_wrap=True,
+            Console(stderr=True).print(f"[bold red]gpu-check failed:[/] {escape(str(exc))}", soft_wrap=True,
                                        highlight=False)
             raise typer.Exit(1) from exc
         return
@@ -313,7 +313,7 @@ def export_cmd(
     from ismctl.export import export_run
 
     folder = export_run(run, out, which=which, results=results, overwrite=overwrite)
-    console.print(f"[green]exported[/] {run} to {folder}")
+    console.print(f"[green]exported[/] {escape(str(run))} to {escape(str(folder))}")
 
 
 @data_app.command("check")

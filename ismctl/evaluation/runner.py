@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from rich.markup import escape
 
 import ismctl
 from ismctl.errors import UserError
@@ -147,7 +148,7 @@ def warn_own_data_reference(data_path: str, loud: bool) -> str:
             "--ref VIRTUAL_imagenet256_labeled.npz (from openai/guided-diffusion's evaluations "
             "folder), or set eval.ref in the recipe")
     if loud:
-        Console(stderr=True).print(f"[bold red]WARNING:[/] {text}", soft_wrap=True,
+        Console(stderr=True).print(f"[bold red]WARNING:[/] {escape(text)}", soft_wrap=True,
                                    highlight=False)
     return text
 
@@ -379,7 +380,7 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
     write_results_json(cfg.out, results)
     if cfg.progress:
         print_results(results, console)
-        console.print(f"[green]wrote[/] {cfg.out}")
+        console.print(f"[green]wrote[/] {escape(str(cfg.out))}")
     barrier()
     return results
 

@@ -115,11 +115,11 @@ def prepare_latents_cmd(
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/ism_xl.yaml.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set optim.lr=2e-4 (repeatable).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint (refused if there is none, or if the recipe changed more than steps, logging, workers).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its newest intact checkpoint (a run stopped before its first checkpoint restarts at step 0); refused if the folder holds no run, or if the recipe changed more than steps, logging, workers.")] = False,
     auto_resume: Annotated[bool, typer.Option(help="Resume when the run has a checkpoint, else start it: one command line to requeue forever.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Delete an existing run of the same name first.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run of the same name (deleted once the new run has made its first step; kept if it fails before).")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar (plain log lines when stdout is not a terminal).")] = True,
-    dry_run: Annotated[bool, typer.Option(help="Check the recipe, data, world size and model, print the plan (batch per rank, pool, steps, checkpoints, disk) and write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Make every check the run makes (recipe, data and shard digests, batch split and sOT pool, model, init_from, run folder and its lock, the checkpoint a resume starts from), print the plan (batch per rank, pool, steps, checkpoints, disk) and write nothing.")] = False,
     threads: Threads = None,
 ) -> None:
     """Train a shortcut model (single process, or DDP under torchrun)."""

@@ -93,10 +93,11 @@ def train(recipe: Recipe, recipe_path: str | None = None, resume: bool | str = F
           overwrite: bool = False, progress: bool = True) -> Path:
     """Train a shortcut model as the recipe says; returns the run directory.
 
-    ``resume``: False starts a new run (refused if the run directory has a checkpoint), True
-    continues the latest checkpoint (refused if there is none, or if the recipe differs in a
-    field that is not safe to change, see ``ismctl.resume``), ``"auto"`` does whichever
-    applies. Raises ``Preempted`` after checkpointing when stopped by SIGTERM/SIGUSR1.
+    ``resume``: False starts a new run (refused if the run directory holds one), True
+    continues the newest intact checkpoint (refused if there is no run, or if the recipe
+    differs in a field that is not safe to change, see ``ismctl.resume``), ``"auto"`` does
+    whichever applies. Raises ``Preempted`` after checkpointing when stopped by
+    SIGTERM/SIGUSR1/Ctrl-C.
     """
     info = init_distributed(recipe.train.device)
     try:

@@ -1,15 +1,15 @@
 """`ismctl ablate`: switch iSM components off (or sweep a field), train and evaluate each
 variant over several seeds, compare each variant at its own best guidance.
 
-The five components of SPEC 3 and the recipe fields each one flips when disabled:
+The five components of method §3 and the recipe fields each one flips when disabled:
 
     intrinsic-guidance   objective.mode ism -> sm (CFG inside the finest bootstrap targets at
-                         guidance.cfg_scale, sampled by its authors' protocol: SPEC 2)
+                         guidance.cfg_scale, sampled by its authors' protocol: method §2)
     interval-guidance    guidance.interval_start -> 0
     wavelet              loss.name -> mse
     sot                  coupling.pool_size -> 0 (independent noise-data pairing)
     twin-ema             ema.target_decay -> ema.inference_decay (one EMA in both roles, the
-                         pre-twin setting: SPEC 3.4 ablates 0.9999 -> 0.95)
+                         pre-twin setting: method §3.4 ablates 0.9999 -> 0.95)
 
 ``--disable a,b`` compares the full recipe with one variant that has all the named components
 off; ``--cumulative`` rebuilds the paper's table: a baseline, then each component added in the
@@ -81,7 +81,7 @@ def get_field(recipe: Recipe, path: str) -> Any:
     return node
 
 
-# The paper's order (SPEC 3): the cumulative table adds the components in this order.
+# The paper's order (method §3): the cumulative table adds the components in this order.
 COMPONENTS: dict[str, Component] = {c.name: c for c in (
     Component("intrinsic-guidance", "intrinsic guidance", lambda r: {"objective.mode": "sm"}),
     Component("interval-guidance", "interval guidance",
@@ -92,7 +92,7 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in (
 )}
 ORDER = tuple(COMPONENTS)
 
-# SPEC 3: FID-50K after 250K iterations of SiT-XL/2 on ImageNet 256, keyed by how many
+# method §3: FID-50K after 250K iterations of SiT-XL/2 on ImageNet 256, keyed by how many
 # components (in the paper's order) are on, then by the number of sampling steps. The
 # baseline row (0 components) is not given at 250K iterations.
 PAPER_FID: dict[int, dict[int, float]] = {
@@ -102,7 +102,7 @@ PAPER_FID: dict[int, dict[int, float]] = {
     4: {1: 7.97, 4: 2.23},
     5: {1: 6.56, 4: 2.16},
 }
-PAPER_NOTE = ("FID-50K of SiT-XL/2 after 250K iterations (SPEC 3); the SM baseline is reported "
+PAPER_NOTE = ("FID-50K of SiT-XL/2 after 250K iterations (method §3); the SM baseline is reported "
               "only at 800K iterations (1 step 10.60, 4 steps 7.80)")
 
 
@@ -255,7 +255,7 @@ def paper_fid(name: str) -> dict[int, float] | None:
 
 
 def is_paper_setting(recipe: Recipe) -> bool:
-    """The recipe trains the paper's network with the paper's objective (SPEC 3.5): the
+    """The recipe trains the paper's network with the paper's objective (method §3.5): the
     ``Recipe()`` defaults are that setting, so compare every section the method lives in."""
     paper = Recipe()
     sections = ("model", "objective", "guidance", "loss", "coupling", "ema")

@@ -253,7 +253,7 @@ def write_chart(path: Path, report: dict[str, Any]) -> Path:
                      if metric == "fid" and s in paper]
             if ticks:
                 ax.scatter(*zip(*ticks, strict=True), marker="_", s=150, color="black",
-                           zorder=3, label=None if paper_labelled else "paper (SPEC 3)")
+                           zorder=3, label=None if paper_labelled else "paper (method §3)")
                 paper_labelled = True
         ax.set_xticks(range(len(steps)), [f"{s} step{'s' if s != 1 else ''}" for s in steps])
         ax.set_ylabel(metric)

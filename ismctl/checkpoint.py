@@ -299,7 +299,7 @@ def run_recipe(path: str | Path | None) -> Recipe:
 
 def load_for_sampling(path: str | Path | None, which: str = "inference",
                       device: str | None = "auto", compile: bool = False) -> LoadedRun:
-    """Load a run's weights for sampling: the inference EMA by default (SPEC 3.4).
+    """Load a run's weights for sampling: the inference EMA by default (method §3.4).
     ``device`` None takes the recipe's ``train.device``; ``compile``: the run's ``model`` is
     the torch.compile'd network (same weights).
     """

@@ -1,6 +1,6 @@
 """Encoders between images and what the model sees: the SD VAE, or the identity (pixels).
 
-Convention (SPEC 3.5, as in DiT/SiT): the model's data ``x1`` is the VAE latent times the
+Convention (method §3.5, as in DiT/SiT): the model's data ``x1`` is the VAE latent times the
 scale factor (0.18215 for sd-vae-ft-mse, read from ``vae.config.scaling_factor``) so it has
 roughly unit variance. ``encode`` returns the unscaled posterior (mean, std); ``decode``
 takes *scaled* latents, i.e. exactly what the sampler produces.

@@ -4,7 +4,7 @@ Each worker streams its slice of the epoch (``plan.py``) through a seeded shuffl
 gathers ``coupling.pool_size`` samples of its stream (``K = pool_size / batch_size`` batches,
 across epoch boundaries when a pool straddles one), draws ``x1 = scale * (mean + std * eps)``
 (or the flipped pair with probability 1/2) and pairs the pool with noise by the sOT coupler
-(SPEC 3.3), all off the training step's critical path. One assignment thus always covers
+(method §3.3), all off the training step's critical path. One assignment thus always covers
 ``pool_size`` samples, however many ranks, accumulation slots and workers share the data.
 Every random choice comes from a generator seeded by ``(seed, rank, worker, epoch[, pool])``
 (a pool belongs to the epoch of its first batch, ``pool`` counts the pools that start in that

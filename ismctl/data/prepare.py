@@ -1,4 +1,4 @@
-"""``ismctl prepare-latents``: encode a dataset once into webdataset shards (SPEC 6).
+"""``ismctl prepare-latents``: encode a dataset once into webdataset shards (method §6).
 
 Layout of the output folder::
 

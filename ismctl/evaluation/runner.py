@@ -6,7 +6,7 @@ every step count plus two-pass CFG at the training scale on the d = 0 velocity a
 For every point: generate ``num_samples`` class-balanced samples (under ``torchrun`` each rank
 its strided share), run every feature extractor the metrics need on them, gather the
 features on rank 0 and score them against reference statistics computed once (and cached).
-Guidance is in the delta convention: CFG scale ``s = 1 + w`` (SPEC 1).
+Guidance is in the delta convention: CFG scale ``s = 1 + w`` (method §1).
 
 Per step count the best point by the selection metric (FID, else the class-conditional
 digits distance, ...) is reported and, for the run's latest checkpoint, remembered in the
@@ -233,7 +233,7 @@ def evaluate(
     ``at_best`` evaluates each step count at the point remembered by an earlier grid
     evaluation instead of a guidance list (e.g. FID-50K where a cheaper grid chose w).
     ``compile``: sample with the torch.compile'd network (same images, up to float rounding).
-    ``which``: the weights sampled, the inference EMA (default, SPEC 3.4), the target EMA or
+    ``which``: the weights sampled, the inference EMA (default, method §3.4), the target EMA or
     the online network; only the inference EMA's picks are remembered. ``save_png``: also a
     folder of PNGs per sample set.
     """

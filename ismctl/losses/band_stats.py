@@ -1,4 +1,4 @@
-"""Data-set band statistics for the wavelet loss's normaliser (SPEC 3.2).
+"""Data-set band statistics for the wavelet loss's normaliser (method §3.2).
 
 The wavelet loss prices each DWT band's error relative to the signal in that band. The
 price must be a property of the data, not of the batch: a normaliser estimated on each

@@ -9,7 +9,9 @@ once on a second Ctrl-C) with 130 and one line saying what was kept or lost.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -74,6 +76,16 @@ def _at_least(value: int | None, minimum: int, name: str) -> None:
         raise UserError(f"{name} {value}: must be >= {minimum}")
 
 
+@contextlib.contextmanager
+def _on_ctrl_c(what: str) -> Iterator[None]:
+    """Ctrl-C in a command: one line saying what became of its work (typer would exit 130
+    without a word)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(what) from None
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -103,10 +115,12 @@ def prepare_latents_cmd(
     _at_least(num_workers, 0, "--num-workers")
     set_threads(threads)
 
-    manifest = prepare_latents(src, out=out, resolution=resolution, vae=vae,
-                               batch_size=batch_size, shard_size=shard_size, flip=flip,
-                               device=device,
-                               num_workers=default_workers() if num_workers is None else num_workers)
+    with _on_ctrl_c("stopped by Ctrl-C; the finished shards are kept and the same command "
+                    "continues with the rest"):
+        manifest = prepare_latents(
+            src, out=out, resolution=resolution, vae=vae, batch_size=batch_size,
+            shard_size=shard_size, flip=flip, device=device,
+            num_workers=default_workers() if num_workers is None else num_workers)
     console.print(f"[green]prepared[/] {manifest.count} samples, {manifest.num_classes} classes, "
                   f"{len(manifest.shards)} shards, {len(manifest.skipped)} skipped")
 
@@ -136,8 +150,13 @@ def train(
         return
     from ismctl.trainer import train as run_training
 
-    run_dir = run_training(resolved, str(recipe), resume="auto" if auto_resume else resume,
-                           overwrite=overwrite, progress=progress)
+    # In the training loop Ctrl-C checkpoints (ismctl.preemption); before it, the start is
+    # taken back (ismctl.runfolder).
+    with _on_ctrl_c("stopped by Ctrl-C before the first training step; the run folder is as "
+                    "it was"):
+        run_dir = run_training(resolved, str(recipe),
+                               resume="auto" if auto_resume else resume, overwrite=overwrite,
+                               progress=progress)
     console.print(f"[green]run written to[/] {escape(str(run_dir))}")
 
 
@@ -185,8 +204,10 @@ def sample(
     if class_ is not None and not 0 <= class_ < loaded.manifest.num_classes:
         raise UserError(f"--class {class_}: out of range 0..{loaded.manifest.num_classes - 1}")
     point, source = choose_point(loaded.recipe, loaded.run_dir, steps, guidance, double_guidance)
-    write_samples(loaded, out, num_samples, steps, point, ev.seed if seed is None else seed,
-                  ev.batch_size if batch_size is None else batch_size, class_, scale)
+    with _on_ctrl_c(f"stopped by Ctrl-C; {out} not written"):
+        write_samples(loaded, out, num_samples, steps, point,
+                      ev.seed if seed is None else seed,
+                      ev.batch_size if batch_size is None else batch_size, class_, scale)
     console.print(f"[green]wrote[/] {escape(str(out))} ({num_samples} images, "
                   f"{escape(point.label())}, guidance from {escape(source)}, weights: "
                   f"{escape(which)}, step {loaded.step})")
@@ -222,13 +243,14 @@ def eval_cmd(
     _at_least(num_samples, 2, "--num-samples")
     _at_least(batch_size, 1, "--batch-size")
     set_threads(threads)
-    evaluate(None if run is None else str(run),
-             None if steps is None else _int_list(steps, "--steps"),
-             None if guidance in (None, "best") else parse_guidance(guidance), num_samples,
-             ref, None if metrics is None else [m.strip() for m in metrics.split(",")],
-             out, inception_weights, save_npz, batch_size, seed, device=device,
-             double_guidance=double_guidance, select_by=select_by, remember=remember,
-             at_best=guidance == "best", compile=compile_, which=which, save_png=save_png)
+    with _on_ctrl_c("stopped by Ctrl-C; no results.json written"):
+        evaluate(None if run is None else str(run),
+                 None if steps is None else _int_list(steps, "--steps"),
+                 None if guidance in (None, "best") else parse_guidance(guidance), num_samples,
+                 ref, None if metrics is None else [m.strip() for m in metrics.split(",")],
+                 out, inception_weights, save_npz, batch_size, seed, device=device,
+                 double_guidance=double_guidance, select_by=select_by, remember=remember,
+                 at_best=guidance == "best", compile=compile_, which=which, save_png=save_png)
 
 
 @app.command()

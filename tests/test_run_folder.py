@@ -227,3 +227,17 @@ def test_an_overwrite_that_fails_before_its_first_step_keeps_the_old_run(
     assert ismctl_main(*args, "--overwrite", "--set=optim.lr=0.002") == 0
     assert "lr: 0.002" in (run / "recipe.yaml").read_text()
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_before_the_first_step_leaves_nothing_and_says_so(
+        ismctl_main: Callable[..., int], digits: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "band_stats_for_run", interrupted)
+    root = tmp_path / "runs"
+    assert ismctl_main("train", QUICK, "--no-progress", *overrides(digits, root, "c", 2)) == 130
+    err = one_line(capsys)
+    assert err.startswith("interrupted: stopped by Ctrl-C before the first training step")
+    assert not root.exists()

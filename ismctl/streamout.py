@@ -8,7 +8,8 @@ run again with the same request, makes only the samples still missing; another r
 starts the set over.
 
 - A folder of PNGs (``ismctl.pngdir``): each sample's file is written as soon as its batch is
-  decoded; the request is kept in ``.ismctl-request.json`` inside the folder.
+  decoded; while the set is incomplete its request is kept in ``.ismctl-request.json`` inside
+  the folder (removed when the set is complete, so the folder holds only samples).
 - An ADM ``.npz``: batches go to ``<name>.npz.partial/`` as chunk files; when every sample is
   there, the ``.npz`` (``arr_0`` uint8 NHWC images, ``arr_1`` int64 labels, the format of
   the ADM evaluator) is assembled from the chunks one at a time, without holding the whole
@@ -81,6 +82,9 @@ class PngFolderSink:
         self.done[indices] = True
 
     def finish(self) -> Path:
+        # A finished folder holds its samples and nothing else, for the evaluators that read
+        # image folders (a rerun of a finished set starts it over).
+        (self.folder / REQUEST_NAME).unlink(missing_ok=True)
         return self.folder
 
     def where(self) -> Path:

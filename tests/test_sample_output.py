@@ -65,12 +65,13 @@ def test_an_interrupted_folder_is_continued(
     assert ismctl_main(*args, "--out", str(out)) == 130
     err = one_line(capsys)
     assert f"interrupted: kept 20 of 50 samples in {out}; the same command continues" in err
-    assert len(list(out.glob("*.png"))) == 20
+    assert len(list(out.glob("*.png"))) == 20 and (out / ".ismctl-request.json").is_file()
     monkeypatch.setattr(generate, "sample", _real_sample())
     assert ismctl_main(*args, "--out", str(out)) == 0
     assert "continuing: 20 of 50 samples already in" in capsys.readouterr().out
     a, b = read_png_folder(tmp_path / "whole"), read_png_folder(out)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert len(list(out.iterdir())) == 50, "a finished folder holds its samples only"
     # Another request into the folder starts the set over.
     assert ismctl_main("sample", str(run), "--num-samples", "5", "--seed", "7",
                        "--out", str(out)) == 0

@@ -249,10 +249,11 @@ class TrainLoader:
                                  worker_init_fn=ignore_stop_signals if num_workers else None)
 
     def __iter__(self) -> Iterator[Batch]:
-        return self._batches()
+        # The DataLoader's iterator is made now, not at the first batch: making it draws from
+        # torch's CPU generator, which an exactly resumed run restores after its loaders start.
+        return self._batches(iter(self.loader))
 
-    def _batches(self) -> Iterator[Batch]:
-        batches = iter(self.loader)
+    def _batches(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         try:
             while True:
                 try:

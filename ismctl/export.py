@@ -220,6 +220,10 @@ def conventions(network: torch.nn.Module, recipe: Recipe, manifest: Manifest) ->
                          "below gives w per N)",
             "conditional": "one pass with w = 0 (guidance is baked into the weights)",
             "cfg": "two passes with w = 0, labels y and null_class: v = v_y + w (v_y - v_null)",
+            "flow_jump": net.flow_jump,
+            "flow_cfg": "N Euler steps of the instantaneous velocity with two-pass CFG: as cfg, "
+                        "but d = flow_jump at every step (0, or 1/M for an sm network, whose "
+                        "flow is trained at the finest jump's embedding)",
             "guidance_convention": "delta: CFG scale s = 1 + w",
         },
         "output_range": ("the sampled x is the image in [-1, 1]: uint8 = round((clamp(x, -1, "

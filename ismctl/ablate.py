@@ -1,15 +1,15 @@
 """`ismctl ablate`: switch iSM components off (or sweep a field), train and evaluate each
 variant over several seeds, compare each variant at its own best guidance.
 
-The five components of SPEC 3 and the recipe fields each one flips when disabled:
+The five components of method §3 and the recipe fields each one flips when disabled:
 
     intrinsic-guidance   objective.mode ism -> sm (CFG inside the finest bootstrap targets at
-                         guidance.cfg_scale, sampled by its authors' protocol: SPEC 2)
+                         guidance.cfg_scale, sampled by its authors' protocol: method §2)
     interval-guidance    guidance.interval_start -> 0
     wavelet              loss.name -> mse
     sot                  coupling.pool_size -> 0 (independent noise-data pairing)
     twin-ema             ema.target_decay -> ema.inference_decay (one EMA in both roles, the
-                         pre-twin setting: SPEC 3.4 ablates 0.9999 -> 0.95)
+                         pre-twin setting: method §3.4 ablates 0.9999 -> 0.95)
 
 ``--disable a,b`` compares the full recipe with one variant that has all the named components
 off; ``--cumulative`` rebuilds the paper's table: a baseline, then each component added in the
@@ -46,6 +46,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from ismctl.ablate_report import aggregate, main_values, markdown, results_table, summarise
 from ismctl.ablate_report import write_chart as write_chart
@@ -88,7 +89,7 @@ def get_field(recipe: Recipe, path: str) -> Any:
     return node
 
 
-# The paper's order (SPEC 3): the cumulative table adds the components in this order.
+# The paper's order (method §3): the cumulative table adds the components in this order.
 COMPONENTS: dict[str, Component] = {c.name: c for c in (
     Component("intrinsic-guidance", "intrinsic guidance", lambda r: {"objective.mode": "sm"}),
     Component("interval-guidance", "interval guidance",
@@ -99,7 +100,7 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in (
 )}
 ORDER = tuple(COMPONENTS)
 
-# SPEC 3: FID-50K after 250K iterations of SiT-XL/2 on ImageNet 256, keyed by how many
+# method §3: FID-50K after 250K iterations of SiT-XL/2 on ImageNet 256, keyed by how many
 # components (in the paper's order) are on, then by the number of sampling steps. The
 # baseline row (0 components) is not given at 250K iterations.
 PAPER_FID: dict[int, dict[int, float]] = {
@@ -109,7 +110,7 @@ PAPER_FID: dict[int, dict[int, float]] = {
     4: {1: 7.97, 4: 2.23},
     5: {1: 6.56, 4: 2.16},
 }
-PAPER_NOTE = ("FID-50K of SiT-XL/2 after 250K iterations (SPEC 3); the SM baseline is reported "
+PAPER_NOTE = ("FID-50K of SiT-XL/2 after 250K iterations (method §3); the SM baseline is reported "
               "only at 800K iterations (1 step 10.60, 4 steps 7.80)")
 
 
@@ -260,7 +261,7 @@ def paper_fid(name: str) -> dict[int, float] | None:
 
 
 def is_paper_setting(recipe: Recipe) -> bool:
-    """The recipe trains the paper's network with the paper's objective (SPEC 3.5): the
+    """The recipe trains the paper's network with the paper's objective (method §3.5): the
     ``Recipe()`` defaults are that setting, so compare every section the method lives in."""
     paper = Recipe()
     sections = ("model", "objective", "guidance", "loss", "coupling", "ema")
@@ -485,9 +486,9 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
             head = (f"[bold]ablate[/] {v_index * len(train_seeds) + s_index + 1}/{total} "
                     f"{rname} ({label})")
             if _final_step(run_dir) == run.train.steps:
-                console.print(f"{head}: trained, final checkpoint found")
+                console.print(f"{head}: trained, final checkpoint found", markup=False)
             else:
-                console.print(f"{head}: training")
+                console.print(f"{head}: training", markup=False)
                 _train_variant(run, yaml_path, torchrun, progress, threads)
             results = _evaluated(run, run_dir, cfg, torchrun, progress, console, head, threads)
             if not main_node:
@@ -526,8 +527,8 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
     write_chart(folder / f"{report_name}.png", report)
     console.print(results_table(report))
     for n in notes:
-        console.print(f"[yellow]note:[/] {n}")
-    console.print(f"[green]wrote[/] {folder}/{report_name}.{{json,md,png}}")
+        console.print(f"[yellow]note:[/] {escape(n)}")
+    console.print(f"[green]wrote[/] {escape(f'{folder}/{report_name}')}.{{json,md,png}}")
     return report
 
 
@@ -561,9 +562,9 @@ def _evaluated(recipe: Recipe, run_dir: Path, cfg: EvalSettings, torchrun: Torch
     key = cfg.key(recipe.train.steps, guidance)
     if (results_path.is_file() and key_path.is_file()
             and json.loads(key_path.read_text()) == key):
-        console.print(f"{head}: evaluated, {results_path} found")
+        console.print(f"{head}: evaluated, {results_path} found", markup=False)
         return json.loads(results_path.read_text())
-    console.print(f"{head}: evaluating")
+    console.print(f"{head}: evaluating", markup=False)
     results = _eval_variant(run_dir, results_path, cfg, guidance, torchrun, progress, threads)
     if torchrun is None or torchrun.is_main_node:
         atomic_write_text(key_path, json.dumps(key, indent=2) + "\n")

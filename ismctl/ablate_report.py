@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from ismctl.evaluation.plan import HIGHER_IS_BETTER
@@ -152,7 +153,7 @@ def _best_w(v: dict[str, Any], steps: int) -> str:
 
 def results_table(report: dict[str, Any]) -> Table:
     seeds = len(report["seeds"])
-    table = Table(title=f"ismctl ablate: {report['recipe']} ({report['mode']}), "
+    table = Table(title=f"ismctl ablate: {escape(str(report['recipe']))} ({report['mode']}), "
                         f"{seeds} seed(s), {report['eval']['num_samples']} samples per point; "
                         f"each variant at its best w by {report['select_by']}")
     table.add_column("variant", style="bold")
@@ -161,7 +162,7 @@ def results_table(report: dict[str, Any]) -> Table:
         for metric in report["main_metrics"]:
             table.add_column(f"{s} step{'s' if s != 1 else ''}\n{metric}", justify="right")
     for v in report["variants"]:
-        row = [v["label"]]
+        row = [escape(v["label"])]
         for s in report["steps"]:
             row.append(_best_w(v, s))
             row += [_cell(v, s, m, seeds, report["reference_variant"])
@@ -198,7 +199,7 @@ def markdown(report: dict[str, Any], paper_note: str = "") -> str:
             header.append("paper FID")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v in report["variants"]:
-        row = [v["label"]]
+        row = [escape(v["label"])]
         for s in report["steps"]:
             row.append(_best_w(v, s))
             row += [_cell(v, s, m, len(seeds), ref) for m in main]
@@ -252,7 +253,7 @@ def write_chart(path: Path, report: dict[str, Any]) -> Path:
                      if metric == "fid" and s in paper]
             if ticks:
                 ax.scatter(*zip(*ticks, strict=True), marker="_", s=150, color="black",
-                           zorder=3, label=None if paper_labelled else "paper (SPEC 3)")
+                           zorder=3, label=None if paper_labelled else "paper (method §3)")
                 paper_labelled = True
         ax.set_xticks(range(len(steps)), [f"{s} step{'s' if s != 1 else ''}" for s in steps])
         ax.set_ylabel(metric)

@@ -35,6 +35,7 @@ from ismctl.checkpoint import (
 from ismctl.data.manifest import Manifest
 from ismctl.distributed import resolve_device
 from ismctl.errors import UserError
+from ismctl.integrity import ALTERED, DamagedFile
 from ismctl.model import ShortcutDiT
 from ismctl.protocol import choose_point, run_sampler
 from ismctl.recipe import recipe_from_dict
@@ -153,21 +154,29 @@ def _is_export(folder: Path) -> bool:
 
 def _from_parts(weights: Path, arch: dict[str, Any], recipe: dict[str, Any],
                 data: dict[str, Any], step: int, guidance_dir: Path, role: str,
-                device: str) -> Model:
+                device: str, expected_sha256: str | None = None) -> Model:
     """A Model from a weights file and the descriptions stored with it (export or metadata)."""
     rec = recipe_from_dict(recipe, str(weights))
     manifest = Manifest.model_validate({**data, "count": 0, "shards": [], "skipped": []})
     arch = {k: v for k, v in arch.items() if k != "preset"}
     network = ShortcutDiT(**arch)
+    digest = file_sha256(weights)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise DamagedFile(weights, f"{ALTERED}; its config.json records another")
     try:
-        network.load_state_dict(load_file(str(weights)))
+        tensors = load_file(str(weights))
+    except Exception as exc:
+        # safetensors raises its own error type on a bad header or a short file.
+        raise DamagedFile(weights, f"not a readable safetensors file ({exc})") from exc
+    try:
+        network.load_state_dict(tensors)
     except RuntimeError as exc:
         raise UserError(f"{weights}: the weights do not fit the architecture stored with them "
                         f"({str(exc).splitlines()[0]})") from exc
     dev = resolve_device(device)
     network.to(dev).eval().requires_grad_(False)
     run = LoadedRun(model=network, recipe=rec, manifest=manifest, run_dir=guidance_dir,
-                    checkpoint=weights, step=step, sha256=file_sha256(weights),
+                    checkpoint=weights, step=step, sha256=digest,
                     mode=run_sampler(rec), device=dev)
     return Model(run=run, guidance_dir=guidance_dir, role=role, source=weights)
 
@@ -192,7 +201,8 @@ def _load_export(folder: Path, device: str) -> Model:
     if not weights.is_file():
         raise UserError(f"{weights}: missing from the exported model folder {folder}")
     return _from_parts(weights, config["model"], config["recipe"], config["data"],
-                       int(config["step"]), folder, config.get("role", "inference"), device)
+                       int(config["step"]), folder, config.get("role", "inference"), device,
+                       config.get("weights_sha256"))
 
 
 def load_model(path: str | Path, device: str = "auto", which: str = "inference") -> Model:

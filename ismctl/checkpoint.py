@@ -9,9 +9,13 @@ Layout of a run directory::
     runs/<name>/checkpoints/step-NNNNNNN/
         online.safetensors  target_ema.safetensors  inference_ema.safetensors
         state.pt            optimiser, EMA counters, step, every rank's RNG, data position
+        SHA256SUMS          the sha256 of each file above (``ismctl.integrity``)
 
 A checkpoint folder is assembled under a hidden temporary name and renamed into place, so a
 folder named ``step-*`` is always complete; a crash leaves at most a stray temporary folder.
+Whatever reads a checkpoint checks the files it uses against ``SHA256SUMS`` first; a resumed
+run falls back to the newest intact checkpoint and sets a damaged one aside as
+``damaged-step-N``.
 
 Every ``.safetensors`` file says what it is in its metadata (string -> string, readable with
 ``safetensors.safe_open(...).metadata()`` without loading a tensor): ``ismctl.model`` (the
@@ -42,6 +46,8 @@ from ismctl.data.manifest import Manifest, read_manifest
 from ismctl.distributed import resolve_device
 from ismctl.ema import unwrap_model
 from ismctl.errors import UserError
+from ismctl.fileio import give_default_mode
+from ismctl.integrity import DamagedFile, check_files, write_sums
 from ismctl.model import ShortcutDiT, build_model
 from ismctl.protocol import run_sampler
 from ismctl.recipe import Recipe, load_recipe
@@ -49,6 +55,7 @@ from ismctl.runtime import compile_network
 
 WEIGHT_FILES = {"online": "online.safetensors", "target": "target_ema.safetensors",
                 "inference": "inference_ema.safetensors"}
+STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -115,6 +122,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
     save_file(_contiguous_state(model), str(path), metadata=metadata)
+    give_default_mode(path)
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.nn.Module],
@@ -135,6 +143,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.nn.Module
         save_weights(module, tmp / WEIGHT_FILES[name],
                      weights_metadata(module, name, step, recipe, manifest))
     torch.save(state, tmp / "state.pt")
+    write_sums(tmp, [*(WEIGHT_FILES[name] for name in weights), STATE_FILE])
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -159,7 +168,72 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_every: int) -> None:
 
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:
-    unwrap_model(module).load_state_dict(load_file(str(path)))
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError as exc:
+        raise DamagedFile(path, "missing") from exc
+    except Exception as exc:
+        # safetensors raises its own error type (header, length, dtype): the file is bad.
+        raise DamagedFile(path, f"not a readable safetensors file ({_first_line(exc)})") from exc
+    try:
+        unwrap_model(module).load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: the weights do not fit the network of the run's recipe "
+                        f"({_first_line(exc)})") from exc
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.pt`` (optimiser, EMA counters, generators, data position)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError as exc:
+        raise DamagedFile(path, "missing") from exc
+    except Exception as exc:
+        # torch.load raises RuntimeError, EOFError, pickle errors, ... on a damaged file.
+        raise DamagedFile(path, f"not a readable torch file ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def checkpoint_files(recipe: Recipe) -> list[str]:
+    """The files of a checkpoint that resuming ``recipe`` reads (an EMA switched off in the
+    recipe is not saved: the online weights stand in for it)."""
+    names = [WEIGHT_FILES["online"], STATE_FILE]
+    if recipe.ema.target_enabled:
+        names.append(WEIGHT_FILES["target"])
+    if recipe.ema.inference_enabled:
+        names.append(WEIGHT_FILES["inference"])
+    return names
+
+
+def newest_intact(ckpts: list[tuple[int, Path]], names: list[str]
+                  ) -> tuple[tuple[int, Path] | None, list[DamagedFile]]:
+    """The newest checkpoint whose ``names`` pass their check, and the damage found in the
+    newer ones (newest first)."""
+    damaged = []
+    for step, path in reversed(ckpts):
+        try:
+            check_files(path, names)
+        except DamagedFile as exc:
+            damaged.append(exc)
+            continue
+        return (step, path), damaged
+    return None, damaged
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint so that nothing picks it as the latest (it is kept, for a
+    look or a repair, as ``damaged-step-N``)."""
+    target = checkpoint.with_name(f"damaged-{checkpoint.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = checkpoint.with_name(f"damaged{n}-{checkpoint.name}")
+    os.replace(checkpoint, target)
+    return target
 
 
 def file_sha256(path: str | Path) -> str:
@@ -226,7 +300,7 @@ def run_recipe(path: str | Path | None) -> Recipe:
 
 def load_for_sampling(path: str | Path | None, which: str = "inference",
                       device: str | None = "auto", compile: bool = False) -> LoadedRun:
-    """Load a run's weights for sampling: the inference EMA by default (SPEC 3.4).
+    """Load a run's weights for sampling: the inference EMA by default (method §3.4).
     ``device`` None takes the recipe's ``train.device``; ``compile``: the run's ``model`` is
     the torch.compile'd network (same weights).
     """
@@ -240,12 +314,25 @@ def load_for_sampling(path: str | Path | None, which: str = "inference",
         # An EMA switched off in the recipe is not saved: its role falls to the online weights.
         weights = ckpt / WEIGHT_FILES["online"]
     dev = resolve_device(recipe.train.device if device is None else device)
+    sha256 = verified_weights(run_dir, ckpt, weights)
     model = model_from_recipe(recipe, manifest)
     load_weights(model, weights)
     model.to(dev).eval().requires_grad_(False)
     model = compile_network(model, compile)
     return LoadedRun(
         model=model, recipe=recipe, manifest=manifest, run_dir=run_dir, checkpoint=ckpt,
-        step=int(_STEP_DIR.match(ckpt.name).group(1)), sha256=file_sha256(weights),
+        step=int(_STEP_DIR.match(ckpt.name).group(1)), sha256=sha256,
         mode=run_sampler(recipe), device=dev,
     )
+
+
+def verified_weights(run_dir: Path, ckpt: Path, weights: Path) -> str:
+    """Check one weights file of a checkpoint before it is loaded; returns its sha256. A bad
+    file is named in one line, with the checkpoint before it as the way out."""
+    try:
+        digest = check_files(ckpt, [weights.name])[weights.name]
+    except DamagedFile as exc:
+        older = [p for _, p in list_checkpoints(run_dir) if p.name < ckpt.name]
+        hint = f"; the previous checkpoint is {older[-1]}" if older else ""
+        raise DamagedFile(exc.path, exc.why + hint) from exc
+    return digest or file_sha256(weights)

@@ -3,20 +3,30 @@
 Bad input raises UserError anywhere below; `main` turns it into one red line on stderr and
 exit code 2 (`--debug`, anywhere on the command line, shows the traceback instead). A training
 run stopped by SIGTERM or SIGUSR1 after writing its checkpoint exits with
-`ismctl.preemption.PREEMPTED_EXIT_CODE` (75).
+`ismctl.preemption.PREEMPTED_EXIT_CODE` (75); stopped by Ctrl-C (after its checkpoint, or at
+once on a second Ctrl-C) with 130 and one line saying what was kept or lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ismctl.errors import UserError
-from ismctl.preemption import PREEMPTED_EXIT_CODE, Preempted
+from ismctl.preemption import (
+    INTERRUPT,
+    INTERRUPTED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    Interrupted,
+    Preempted,
+)
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,6 +35,8 @@ app = typer.Typer(
 recipe_app = typer.Typer(no_args_is_help=True,
                          help="Inspect recipes: the shipped ones, the resolved values and the settable keys.")
 app.add_typer(recipe_app, name="recipe")
+data_app = typer.Typer(no_args_is_help=True, help="Check prepared data sets.")
+app.add_typer(data_app, name="data")
 console = Console()
 DEBUG = {"on": False}
 
@@ -64,6 +76,16 @@ def _at_least(value: int | None, minimum: int, name: str) -> None:
         raise UserError(f"{name} {value}: must be >= {minimum}")
 
 
+@contextlib.contextmanager
+def _on_ctrl_c(what: str) -> Iterator[None]:
+    """Ctrl-C in a command: one line saying what became of its work (typer would exit 130
+    without a word)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(what) from None
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -76,26 +98,29 @@ def prepare_latents_cmd(
     src: Annotated[str, typer.Argument(help="ImageFolder root (e.g. imagenet/train) or 'digits'.")],
     out: Annotated[Path | None, typer.Option(help="Output folder (default data/<name>).")] = None,
     resolution: Annotated[int, typer.Option(help="Centre-crop/resize side in pixels.")] = 256,
-    vae: Annotated[str, typer.Option(help="diffusers AutoencoderKL name or local path.")] = "stabilityai/sd-vae-ft-mse",
+    vae: Annotated[str, typer.Option(help="diffusers AutoencoderKL: a Hub id (from the local cache, else downloaded) or a local folder written by save_pretrained (no network needed).")] = "stabilityai/sd-vae-ft-mse",
     batch_size: Annotated[int, typer.Option(help="Images per VAE batch.")] = 32,
     shard_size: Annotated[int, typer.Option(help="Samples per webdataset shard.")] = 1000,
     flip: Annotated[bool, typer.Option(help="Also store the latent of the horizontal flip.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    num_workers: Annotated[int | None, typer.Option(help="Image-decoding worker processes (default 4).")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="Image-decoding worker processes (default 4, at most the cores available).")] = None,
     workers: Annotated[int | None, typer.Option(hidden=True, help="Old name of --num-workers.")] = None,
     threads: Threads = None,
 ) -> None:
     """Encode a dataset into webdataset shards + manifest.json (resumable, torchrun-aware)."""
-    from ismctl.data.prepare import prepare_latents
+    from ismctl.data.prepare import default_workers, prepare_latents
     from ismctl.runtime import set_threads
 
     num_workers = _renamed(num_workers, workers, "--num-workers", "--workers")
     _at_least(num_workers, 0, "--num-workers")
     set_threads(threads)
 
-    manifest = prepare_latents(src, out=out, resolution=resolution, vae=vae,
-                               batch_size=batch_size, shard_size=shard_size, flip=flip,
-                               device=device, num_workers=4 if num_workers is None else num_workers)
+    with _on_ctrl_c("stopped by Ctrl-C; the finished shards are kept and the same command "
+                    "continues with the rest"):
+        manifest = prepare_latents(
+            src, out=out, resolution=resolution, vae=vae, batch_size=batch_size,
+            shard_size=shard_size, flip=flip, device=device,
+            num_workers=default_workers() if num_workers is None else num_workers)
     console.print(f"[green]prepared[/] {manifest.count} samples, {manifest.num_classes} classes, "
                   f"{len(manifest.shards)} shards, {len(manifest.skipped)} skipped")
 
@@ -104,11 +129,11 @@ def prepare_latents_cmd(
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe: a YAML file, or the name of a shipped recipe (`ismctl recipe list`), e.g. quickstart or ism_xl.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set optim.lr=2e-4 (repeatable).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the run's latest checkpoint (refused if there is none, or if the recipe changed more than steps, logging, workers).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its newest intact checkpoint (a run stopped before its first checkpoint restarts at step 0); refused if the folder holds no run, or if the recipe changed more than steps, logging, workers.")] = False,
     auto_resume: Annotated[bool, typer.Option(help="Resume when the run has a checkpoint, else start it: one command line to requeue forever.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Delete an existing run of the same name first.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run of the same name (deleted once the new run has made its first step; kept if it fails before).")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar (plain log lines when stdout is not a terminal).")] = True,
-    dry_run: Annotated[bool, typer.Option(help="Check the recipe, data, world size and model, print the plan (batch per rank, pool, steps, checkpoints, disk) and write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Make every check the run makes (recipe, data and shard digests, batch split and sOT pool, model, init_from, run folder and its lock, the checkpoint a resume starts from), print the plan (batch per rank, pool, steps, checkpoints, disk) and write nothing.")] = False,
     threads: Threads = None,
 ) -> None:
     """Train a shortcut model (single process, or DDP under torchrun)."""
@@ -125,9 +150,14 @@ def train(
         return
     from ismctl.trainer import train as run_training
 
-    run_dir = run_training(resolved, str(recipe), resume="auto" if auto_resume else resume,
-                           overwrite=overwrite, progress=progress)
-    console.print(f"[green]run written to[/] {run_dir}")
+    # In the training loop Ctrl-C checkpoints (ismctl.preemption); before it, the start is
+    # taken back (ismctl.runfolder).
+    with _on_ctrl_c("stopped by Ctrl-C before the first training step; the run folder is as "
+                    "it was"):
+        run_dir = run_training(resolved, str(recipe),
+                               resume="auto" if auto_resume else resume, overwrite=overwrite,
+                               progress=progress)
+    console.print(f"[green]run written to[/] {escape(str(run_dir))}")
 
 
 @app.command()
@@ -144,48 +174,43 @@ def sample(
     seed: Annotated[int | None, typer.Option(help="Noise and label seed (default: the recipe's eval.seed).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per sampling batch (default: the recipe's eval.batch_size).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: the recipe's train.device).")] = None,
+    scale: Annotated[int | None, typer.Option(help="A .png grid: each pixel becomes SCALE x SCALE pixels (nearest neighbours); default: enough for the grid's longer side to reach 512 pixels.")] = None,
     threads: Threads = None,
     compile_: Compile = False,
 ) -> None:
-    """Generate images from a trained run."""
-    import torch
-
+    """Generate images from a trained run. A folder or an .npz is written as the samples are
+    made: an interrupted job keeps them, and the same command continues it."""
     from ismctl.checkpoint import load_for_sampling
-    from ismctl.generate import arrange_by_class, generate_images, save_grid
-    from ismctl.pngdir import is_png_folder, write_png_folder
+    from ismctl.pngdir import is_png_folder
     from ismctl.protocol import choose_point
     from ismctl.runtime import set_threads
+    from ismctl.streamout import write_samples
 
     num_samples = _renamed(num_samples, num, "--num-samples", "--num")
     num_samples = 64 if num_samples is None else num_samples
     _at_least(steps, 1, "--steps")
     _at_least(num_samples, 1, "--num-samples")
     _at_least(batch_size, 1, "--batch-size")
+    _at_least(scale, 1, "--scale")
     set_threads(threads)
     if out.suffix not in (".npz", ".png") and not is_png_folder(out):
         raise UserError(f"--out {out}: use a .png (grid) or .npz (ADM samples) file name, or a "
                         "folder name without an extension (one PNG per sample)")
+    if scale is not None and out.suffix != ".png":
+        raise UserError(f"--scale {scale}: only for a .png grid (--out {out} keeps every "
+                        "sample at its own size)")
     loaded = load_for_sampling(run, which=which, device=device, compile=compile_)
     ev = loaded.recipe.eval
     if class_ is not None and not 0 <= class_ < loaded.manifest.num_classes:
         raise UserError(f"--class {class_}: out of range 0..{loaded.manifest.num_classes - 1}")
     point, source = choose_point(loaded.recipe, loaded.run_dir, steps, guidance, double_guidance)
-    labels = None if class_ is None else torch.full((num_samples,), class_, dtype=torch.long)
-    images, labels = generate_images(loaded, num_samples, steps, point.guidance,
-                                     ev.seed if seed is None else seed,
-                                     ev.batch_size if batch_size is None else batch_size,
-                                     labels=labels, progress=True, sampler=point.sampler)
-    if out.suffix == ".npz":
-        from ismctl.evaluation.npz import write_samples_npz
-
-        write_samples_npz(out, images.numpy(), labels.numpy())
-    elif out.suffix == ".png":
-        grid, nrow = arrange_by_class(images, labels, loaded.manifest.num_classes)
-        save_grid(grid, out, nrow=nrow)
-    else:
-        write_png_folder(out, images.numpy(), labels.numpy())
-    console.print(f"[green]wrote[/] {out} ({num_samples} images, {point.label()}, guidance from "
-                  f"{source}, weights: {which}, step {loaded.step})")
+    with _on_ctrl_c(f"stopped by Ctrl-C; {out} not written"):
+        write_samples(loaded, out, num_samples, steps, point,
+                      ev.seed if seed is None else seed,
+                      ev.batch_size if batch_size is None else batch_size, class_, scale)
+    console.print(f"[green]wrote[/] {escape(str(out))} ({num_samples} images, "
+                  f"{escape(point.label())}, guidance from {escape(source)}, weights: "
+                  f"{escape(which)}, step {loaded.step})")
 
 
 @app.command("eval")
@@ -195,7 +220,7 @@ def eval_cmd(
     guidance: Annotated[str | None, typer.Option(help=GUIDANCE_HELP + " Numbers and START:STOP:STEP ranges, e.g. 0:4:0.5 (default: the recipe's eval.guidance); the best per step count is reported and remembered. 'best': each step count at its remembered best.")] = None,
     double_guidance: Annotated[bool, typer.Option(help="Runs with guidance baked into training (sm, meanflow with omega): apply CFG on top of it (guides twice; not the authors' protocol).")] = False,
     select_by: Annotated[str | None, typer.Option(help="Value that picks the best w per step count (default: fid, else fd-dinov2, else cfd-digits, ...).")] = None,
-    remember: Annotated[bool, typer.Option(help="Store the best w per step count in the run for `ismctl sample` (latest checkpoint only).")] = True,
+    remember: Annotated[bool | None, typer.Option("--remember/--no-remember", help="Store the best w per step count in the run for `ismctl sample` (latest checkpoint only). Default: when every point has at least the recipe's eval.num_samples samples, so a quick, smaller evaluation does not replace it.")] = None,
     num_samples: Annotated[int | None, typer.Option(help="Samples per point (default: the recipe's eval.num_samples).")] = None,
     ref: Annotated[str | None, typer.Option(help="Reference: ADM .npz, image folder, or (default: the recipe's eval.ref, else) the training shards.")] = None,
     metrics: Annotated[str | None, typer.Option(help="fid,isc,prc,fd-dinov2 (digits adds acc,fd-digits,cfd-digits; default: the recipe's eval.metrics).")] = None,
@@ -218,13 +243,14 @@ def eval_cmd(
     _at_least(num_samples, 2, "--num-samples")
     _at_least(batch_size, 1, "--batch-size")
     set_threads(threads)
-    evaluate(None if run is None else str(run),
-             None if steps is None else _int_list(steps, "--steps"),
-             None if guidance in (None, "best") else parse_guidance(guidance), num_samples,
-             ref, None if metrics is None else [m.strip() for m in metrics.split(",")],
-             out, inception_weights, save_npz, batch_size, seed, device=device,
-             double_guidance=double_guidance, select_by=select_by, remember=remember,
-             at_best=guidance == "best", compile=compile_, which=which, save_png=save_png)
+    with _on_ctrl_c("stopped by Ctrl-C; no results.json written"):
+        evaluate(None if run is None else str(run),
+                 None if steps is None else _int_list(steps, "--steps"),
+                 None if guidance in (None, "best") else parse_guidance(guidance), num_samples,
+                 ref, None if metrics is None else [m.strip() for m in metrics.split(",")],
+                 out, inception_weights, save_npz, batch_size, seed, device=device,
+                 double_guidance=double_guidance, select_by=select_by, remember=remember,
+                 at_best=guidance == "best", compile=compile_, which=which, save_png=save_png)
 
 
 @app.command()
@@ -290,7 +316,7 @@ def bench(
         try:
             run_gpu_check(out or Path("gpu-check.json"), names or PRESETS, device=device)
         except CheckFailed as exc:
-            Console(stderr=True).print(f"[bold red]gpu-check failed:[/] {exc}", soft_wrap=True,
+            Console(stderr=True).print(f"[bold red]gpu-check failed:[/] {escape(str(exc))}", soft_wrap=True,
                                        highlight=False)
             raise typer.Exit(1) from exc
         return
@@ -309,7 +335,30 @@ def export_cmd(
     from ismctl.export import export_run
 
     folder = export_run(run, out, which=which, results=results, overwrite=overwrite)
-    console.print(f"[green]exported[/] {run} to {folder}")
+    console.print(f"[green]exported[/] {escape(str(run))} to {escape(str(folder))}")
+
+
+@data_app.command("check")
+def data_check(
+    folder: Annotated[Path, typer.Argument(help="A folder written by `ismctl prepare-latents`.")],
+) -> None:
+    """Check every shard of a prepared data set: its sha256 against manifest.json, every
+    sample readable with the manifest's shape and a label in range, the counts."""
+    from ismctl.data.manifest import read_manifest
+    from ismctl.data.verify import REPAIR, check_dataset
+    from ismctl.progress import progress_bar
+
+    shards = len(read_manifest(folder).shards)
+    with progress_bar(f"checking {folder}", total=shards, unit="shard") as bar:
+        report = check_dataset(folder, on_shard=bar.advance)
+    for problem in report.problems:
+        Console(stderr=True).print(problem, soft_wrap=True, highlight=False, markup=False)
+    if report.bad:
+        raise UserError(f"{folder}: {len(report.bad)} of {report.shards} shards are damaged; "
+                        f"{REPAIR.replace('it (', 'them (')}")
+    console.print(f"{folder}: {report.samples:,} samples in {report.shards} shards "
+                  f"({report.bytes / 1e6:,.1f} MB), all intact (sha256 as in manifest.json, "
+                  "every sample readable)", highlight=False, markup=False, soft_wrap=True)
 
 
 @recipe_app.command("show")
@@ -350,9 +399,24 @@ def main() -> None:
     except UserError as exc:
         if DEBUG["on"]:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        _say("[bold red]error:[/]", str(exc))
         sys.exit(2)
     except Preempted as exc:
-        Console(stderr=True).print(f"[bold yellow]preempted:[/] {exc}", soft_wrap=True,
-                                   highlight=False)
+        if exc.signal_name == INTERRUPT.name:
+            _say("[bold yellow]interrupted:[/]", str(exc))
+            sys.exit(INTERRUPTED_EXIT_CODE)
+        _say("[bold yellow]preempted:[/]", str(exc))
         sys.exit(PREEMPTED_EXIT_CODE)
+    except Interrupted as exc:
+        # Ctrl-C in a command that says what it kept or lost (a bare KeyboardInterrupt is
+        # turned into exit code 130 by typer itself).
+        if DEBUG["on"]:
+            raise
+        _say("[bold yellow]interrupted:[/]", str(exc) or "stopped by Ctrl-C")
+        sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+def _say(label: str, text: str) -> None:
+    """One line on stderr: a styled label, then ``text`` as it is (markup escaped, so
+    ``'ismctl[fid]'`` or ``--set a=[bold]`` print as written)."""
+    Console(stderr=True).print(f"{label} {escape(text)}", soft_wrap=True, highlight=False)

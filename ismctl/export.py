@@ -4,7 +4,10 @@
                             weights file (architecture, recipe, data summary, step, role)
     DIR/config.json         architecture, what sampling needs (objective, sampler, classes,
                             input shape, encoder and latent scale), the guidance per step
-                            count, the resolved recipe and the data summary
+                            count, the conventions that running the network without ismctl
+                            needs (embedding scales, the jump-size table, the null class,
+                            the sampler, the output range), the resolved recipe and the data
+                            summary
     DIR/guidance.json       the run's remembered best guidance per step count (when evaluated)
     DIR/results.json        the evaluation of the exported checkpoint (when found)
     DIR/recipe.yaml         the resolved recipe
@@ -23,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 import ismctl
@@ -37,12 +41,15 @@ from ismctl.checkpoint import (
     recipe_sha256,
     resolve_checkpoint,
     save_weights,
+    verified_weights,
     weights_metadata,
 )
 from ismctl.data.encoders import IDENTITY
-from ismctl.data.manifest import read_manifest
+from ismctl.data.manifest import Manifest, read_manifest
+from ismctl.ema import unwrap_model
 from ismctl.errors import UserError
 from ismctl.evaluation.report import value_names
+from ismctl.model import FREQ_DIM, num_levels
 from ismctl.protocol import BEST_FILE, default_guidance, read_best, run_sampler
 from ismctl.recipe import Recipe, load_recipe
 
@@ -162,6 +169,74 @@ def model_card(name: str, config: dict[str, Any], recipe: Recipe,
     return "\n".join(lines)
 
 
+def conventions(network: torch.nn.Module, recipe: Recipe, manifest: Manifest) -> dict[str, Any]:
+    """What running the exported network needs beyond its weights and shapes, stated so that
+    it can be reimplemented without ismctl (``docs/export.md``; ``docs/standalone_sampler.py``
+    does it in plain PyTorch)."""
+    net = unwrap_model(network)
+    table = not net.continuous_jumps
+    levels = num_levels(net.base_steps)
+    identity = manifest.encoder == IDENTITY
+    return {
+        "network": "F(x_t, t, d, y, w): the average velocity of a jump of size d starting at "
+                   "time t, so x_{t+d} = x_t + d F. Inputs: x (B, C, H, W) float, t, d, w (B,) "
+                   "float, y (B,) long.",
+        "time": "t runs from noise (t = 0, x ~ N(0, I)) to data (t = 1); x_t = (1 - t) x0 + "
+                "t x1",
+        "embeddings": {
+            "sum": "the adaLN conditioning is t_embedder(t) + d_embedder(d) + "
+                   "y_embedder(y) + w_embedder(w)",
+            "sinusoid": f"features [cos(a f), sin(a f)], f_i = exp(-ln("
+                        f"{net.t_embedder.max_period:g}) i / {FREQ_DIM // 2}) for i < "
+                        f"{FREQ_DIM // 2}, a = scale x value; then Linear, SiLU, Linear "
+                        "(mlp.0, mlp.2)",
+            "max_period": net.t_embedder.max_period,
+            "t_scale": net.t_embedder.scale,
+            "w_scale": net.w_embedder.scale,
+            "d": ({"kind": "table",
+                   "rows": [0.0] + [2.0 ** -k for k in range(levels - 1)],
+                   "rule": f"row 0 is d = 0 (the instantaneous velocity); row k + 1 is "
+                           f"d = 2^-k for k = 0..{levels - 2}; any other d is not an input"}
+                  if table else
+                  {"kind": "continuous", "scale": net.d_embedder.scale,
+                   "rule": "any d in [0, 1], embedded by a sinusoid like t"}),
+            "null_class": net.num_classes,
+            "label_rows": net.num_classes + 1,
+        },
+        "blocks": "DiT with adaLN-Zero: LayerNorm (no affine, eps 1e-6); modulation "
+                  "SiLU then Linear to 6 D, chunks (shift1, scale1, gate1, shift2, scale2, "
+                  "gate2); x + gate1 attn(norm1(x) (1 + scale1) + shift1), then the MLP "
+                  "(GELU, tanh approximation) likewise; attention with fused qkv, "
+                  "scaled by 1/sqrt(head_dim); fixed 2D sin-cos positions (pos_embed)",
+        "output": "final layer: LayerNorm, modulation to (shift, scale), Linear to "
+                  "patch x patch x C per token; tokens (g, g) -> (B, g, g, p, p, C) -> "
+                  "permute (0, 5, 1, 3, 2, 4) -> (B, C, g p, g p)",
+        "sampler": {
+            "mode": run_sampler(recipe),
+            "steps": (f"N a power of two from 1 to {net.base_steps}" if table
+                      else "any N >= 1"),
+            "update": "x_0 ~ N(0, I); for i < N: x <- x + d F(x, i d, d, y, w) with d = 1 / N",
+            "intrinsic": "one pass, w given to the network (guidance.json or the table "
+                         "below gives w per N)",
+            "conditional": "one pass with w = 0 (guidance is baked into the weights)",
+            "cfg": "two passes with w = 0, labels y and null_class: v = v_y + w (v_y - v_null)",
+            "flow_jump": net.flow_jump,
+            "flow_cfg": "N Euler steps of the instantaneous velocity with two-pass CFG: as cfg, "
+                        "but d = flow_jump at every step (0, or 1/M for an sm network, whose "
+                        "flow is trained at the finest jump's embedding)",
+            "guidance_convention": "delta: CFG scale s = 1 + w",
+        },
+        "output_range": ("the sampled x is the image in [-1, 1]: uint8 = round((clamp(x, -1, "
+                         "1) + 1) 127.5)" if identity else
+                         f"the sampled x is a VAE latent times scale_factor "
+                         f"({manifest.scale_factor:g}): decode x / scale_factor with "
+                         f"{manifest.encoder} to an image in [-1, 1], then uint8 = "
+                         "round((clamp(image, -1, 1) + 1) 127.5)"),
+        "scale_factor": manifest.scale_factor,
+        "encoder": manifest.encoder,
+    }
+
+
 def export_run(run: str | Path, out: str | Path, which: str = "inference",
                results: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write the export folder ``out`` for a run or checkpoint; returns ``out``.
@@ -185,6 +260,7 @@ def export_run(run: str | Path, out: str | Path, which: str = "inference",
         role, weights_file = "online", ckpt / WEIGHT_FILES["online"]
     if not weights_file.is_file():
         raise UserError(f"{ckpt}: no weights file {weights_file.name} in this checkpoint")
+    verified_weights(run_dir, ckpt, weights_file)
     network = model_from_recipe(recipe, manifest)
     load_weights(network, weights_file)
     results_path = Path(results) if results is not None else find_results(run_dir, step)
@@ -215,6 +291,7 @@ def export_run(run: str | Path, out: str | Path, which: str = "inference",
                                        "CFG scale 1 + w",
                 "guidance": guidance_table(recipe, best),
             },
+            "conventions": conventions(network, recipe, manifest),
             "data": data_summary(manifest),
             "recipe": recipe.model_dump(mode="json"),
             "source": {"run": str(run_dir), "checkpoint": str(ckpt),

@@ -27,7 +27,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         # mkstemp creates 0600 files; give the result the permissions of a normal new file.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -35,9 +35,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    # /proc says it without changing it: os.umask() can only be read by setting it, and a
+    # thread creating a file meanwhile would get the temporary mask.
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def new_file_mode() -> int:
+    """The permission bits ``open()`` gives a new file under this process's umask."""
+    return 0o666 & ~_umask()
+
+
+def give_default_mode(path: str | Path) -> None:
+    """Set the permissions of a file written by a library that creates it private (0600,
+    as safetensors does) to those of any other new file, so colleagues sharing the
+    filesystem read weights like the rest of the run folder."""
+    os.chmod(path, new_file_mode())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

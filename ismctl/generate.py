@@ -9,6 +9,7 @@ So the images are the same whatever the batch size or the number of ranks sharin
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,29 +31,47 @@ def generate_images(run: LoadedRun, num: int, steps: int, guidance: float, seed:
     """Sample and decode; returns uint8 images (n, H, W, C) and labels (n,) for this rank's
     share (indices ``rank::world_size``) of the ``num`` requested samples. ``sampler`` is a
     mode of :func:`ismctl.sampler.sample` (default: the run's own, ``run.mode``)."""
+    _check_request(num, batch_size, steps, labels)
+    indices = torch.arange(num)[rank::world_size]
+    parts = list(iter_images(run, num, steps, guidance, seed, batch_size, labels, progress,
+                             indices.split(batch_size), sampler))
+    return torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+
+
+def iter_images(run: LoadedRun, num: int, steps: int, guidance: float, seed: int,
+                batch_size: int, labels: torch.Tensor | None = None, progress: bool = False,
+                chunks: Sequence[torch.Tensor] | None = None, sampler: str | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(indices, uint8 images (n, H, W, C), labels)`` batch by batch, as they are made.
+
+    ``chunks`` are the batches of sample indices to make (default: all ``num``, in batches
+    of ``batch_size``); sample ``i`` is the same whichever batch it is made in."""
+    _check_request(num, batch_size, steps, labels)
+    man = run.manifest
+    if labels is None:
+        labels = balanced_labels(num, man.num_classes, seed)
+    if chunks is None:
+        chunks = torch.arange(num).split(batch_size)
+    encoder = load_encoder(man.encoder, run.device, scale_factor=man.scale_factor)
+    shape = (man.channels, man.latent_size, man.latent_size)
+    autocast = torch.bfloat16 if run.device.type == "cuda" else None
+    with progress_bar(f"sampling {steps} step(s), w={guidance:g}",
+                      total=sum(len(c) for c in chunks), enabled=progress, unit="img") as bar:
+        for chunk in chunks:
+            noise = sample_noise(chunk, shape, seed).to(run.device)
+            x = sample(run.model, noise, labels[chunk].to(run.device), steps, guidance,
+                       mode=sampler or run.mode, base_steps=run.recipe.objective.base_steps,
+                       autocast_dtype=autocast, num_classes=man.num_classes)
+            yield chunk, encoder.decode(x.float()).cpu(), labels[chunk]
+            bar.advance(len(chunk))
+
+
+def _check_request(num: int, batch_size: int, steps: int, labels: torch.Tensor | None) -> None:
     if num < 1 or batch_size < 1 or steps < 1:
         raise UserError(f"sampling {num} image(s) in batches of {batch_size} with {steps} "
                         "step(s): each must be at least 1")
     if labels is not None and len(labels) != num:
         raise UserError(f"{len(labels)} labels given for {num} images")
-    man = run.manifest
-    if labels is None:
-        labels = balanced_labels(num, man.num_classes, seed)
-    indices = torch.arange(num)[rank::world_size]
-    encoder = load_encoder(man.encoder, run.device, scale_factor=man.scale_factor)
-    shape = (man.channels, man.latent_size, man.latent_size)
-    autocast = torch.bfloat16 if run.device.type == "cuda" else None
-    images = []
-    with progress_bar(f"sampling {steps} step(s), w={guidance:g}", total=len(indices),
-                      enabled=progress, unit="img") as bar:
-        for chunk in indices.split(batch_size):
-            noise = sample_noise(chunk, shape, seed).to(run.device)
-            x = sample(run.model, noise, labels[chunk].to(run.device), steps, guidance,
-                       mode=sampler or run.mode, base_steps=run.recipe.objective.base_steps,
-                       autocast_dtype=autocast, num_classes=man.num_classes)
-            images.append(encoder.decode(x.float()).cpu())
-            bar.advance(len(chunk))
-    return torch.cat(images), labels[indices]
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
@@ -81,13 +100,19 @@ def arrange_by_class(images: torch.Tensor, labels: torch.Tensor,
     return grid.reshape(-1, *images.shape[1:]), num_classes
 
 
+def grid_scale(width: int, height: int, min_side: int = 256) -> int:
+    """The integer upscaling that brings a grid's longer side to at least ``min_side``."""
+    return max(1, math.ceil(min_side / max(width, height)))
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
-              min_side: int = 256) -> None:
-    """Write a PNG grid; tiny images (8x8 digits) are upscaled with nearest neighbours."""
+              min_side: int = 256, scale: int | None = None) -> None:
+    """Write a PNG grid, each pixel ``scale`` x ``scale`` (nearest neighbours); by default
+    tiny images (8x8 digits) are upscaled until the grid's longer side is ``min_side``."""
     grid = image_grid(images, nrow)
     pil = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    if max(pil.size) < min_side:
-        factor = math.ceil(min_side / max(pil.size))
+    factor = grid_scale(pil.width, pil.height, min_side) if scale is None else scale
+    if factor > 1:
         pil = pil.resize((pil.width * factor, pil.height * factor), Image.NEAREST)
     with atomic_path(path) as tmp:
         pil.save(tmp, format="PNG")

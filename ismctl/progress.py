@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -134,5 +135,7 @@ def progress_bar(description: str, total: float, enabled: bool = True, unit: str
                RateColumn(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns) as progress:
-        task = progress.add_task(description, total=total, completed=completed, info="")
+        # Descriptions name runs and folders: shown as written, not read as markup.
+        task = progress.add_task(escape(description), total=total, completed=completed,
+                                 info="")
         yield Bar(progress, task)

@@ -30,6 +30,7 @@ from pydantic import (
 
 from ismctl.errors import UserError
 from ismctl.fileio import atomic_write_text
+from ismctl.yamlio import safe_load_unique
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -479,7 +480,7 @@ def read_recipe_file(path: Path, sources: dict[str, str] | None = None,
     if path.resolve() in {p.resolve() for p in seen}:
         raise UserError(f"{path}: 'extends' cycle")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load_unique(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise _yaml_error(path, exc) from exc
     if not isinstance(data, dict):
@@ -502,7 +503,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
     if not sep or not key:
         raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optim.lr=2e-4")
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = safe_load_unique(raw) if raw else None
     except yaml.YAMLError as exc:
         raise UserError(f"--set {assignment!r}: value is not valid YAML") from exc
     parts = canonical_key(key).split(".")

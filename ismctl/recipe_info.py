@@ -16,7 +16,6 @@ from typing import Any
 from pydantic.fields import FieldInfo
 from rich.console import Console
 
-from ismctl.errors import UserError
 from ismctl.recipe import (
     Recipe,
     canonical_key,
@@ -153,19 +152,6 @@ def kept_checkpoints(saved: list[int], keep_last: int, keep_every: int) -> list[
     return sorted(last | {s for s in saved if keep_every and s % keep_every == 0})
 
 
-def _check_init_from(recipe: Recipe, manifest: Any, run_dir: Path, resume: bool | str) -> None:
-    """``model.init_from`` read and checked against the network's shapes exactly as the run
-    does it (:func:`ismctl.pretrained.check_init_from`, on the meta device)."""
-    import torch
-
-    from ismctl.checkpoint import list_checkpoints, model_from_recipe
-    from ismctl.pretrained import check_init_from
-
-    with torch.device("meta"):
-        model = model_from_recipe(recipe, manifest)
-    check_init_from(model, recipe.model.init_from, bool(resume and list_checkpoints(run_dir)))
-
-
 def _model_sizes(recipe: Recipe, manifest: Any) -> tuple[int, int, int]:
     """(parameters, bytes of one weights file, bytes of the AdamW state), from the network
     built on the meta device: no memory, no initialisation cost."""
@@ -182,41 +168,32 @@ def _model_sizes(recipe: Recipe, manifest: Any) -> tuple[int, int, int]:
     return params, weights, adam
 
 
-def _run_state(run_dir: Path, recipe: Recipe, resume: bool | str, overwrite: bool) -> str:
-    """The trainer's own refusals (``_prepare_run_dir``), checked without touching the run."""
-    from ismctl.resume import check_run_start
-
-    ckpts = check_run_start(run_dir, recipe, resume, overwrite)
-    if ckpts and resume:
-        return f"resume from step {ckpts[-1][0]}"
-    if overwrite and run_dir.exists():
-        return "existing folder deleted first (--overwrite)"
+def _run_state(start: Any, overwrite: bool) -> str:
+    """What the run would do with its folder, from the trainer's own checks."""
+    if start.resume_from is not None:
+        return f"resume from step {start.resume_from[0]}"
+    if start.restart_in_place:
+        return "restart at step 0 in the existing folder (no checkpoint yet)"
+    if overwrite and start.run_dir.exists():
+        return "existing run replaced (--overwrite)"
     return "new"
 
 
 def plan_training(recipe: Recipe, recipe_path: str | None, resume: bool | str = False,
                   overwrite: bool = False) -> TrainPlan:
-    """Check everything ``train`` checks before its first step and plan the run; writes
-    nothing. The world size is torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
-    from ismctl.data.manifest import read_manifest
+    """Check everything ``train`` checks before its first step (the same function,
+    ``ismctl.preflight.check_start``) and plan the run; writes nothing. The world size is
+    torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
     from ismctl.distributed import resolve_device
-    from ismctl.losses import build_loss
-    from ismctl.trainer import run_directory
+    from ismctl.preflight import check_start
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(recipe.train.device, int(os.environ.get("LOCAL_RANK", "0")))
-    manifest = read_manifest(recipe.data.path)
     cfg, data = recipe.train, recipe.data
-    slots = world * cfg.grad_accum
-    if data.batch_size % slots:
-        raise UserError(f"data.batch_size={data.batch_size}: not divisible by "
-                        f"ranks x train.grad_accum = {slots}")
-    micro = data.batch_size // slots
+    start = check_start(recipe, recipe_path, resume, overwrite, world)
+    manifest, micro, run_dir = start.manifest, start.micro, start.run_dir
     params, weights_bytes, adam_bytes = _model_sizes(recipe, manifest)
-    build_loss(recipe.loss, recipe.model.input_size or manifest.latent_size)
-    run_dir = run_directory(recipe, recipe_path)
-    state = _run_state(run_dir, recipe, resume, overwrite)
-    _check_init_from(recipe, manifest, run_dir, resume)
+    state = _run_state(start, overwrite)
 
     coupling = recipe.coupling
     pool = getattr(coupling, "pool_size", None)
@@ -226,7 +203,7 @@ def plan_training(recipe: Recipe, recipe_path: str | None, resume: bool | str = 
     per_ckpt = copies * weights_bytes + adam_bytes
     saved = checkpoint_steps(cfg.steps, recipe.run.ckpt_every)
     kept = kept_checkpoints(saved, recipe.run.keep_last, recipe.run.keep_every)
-    notes = []
+    notes = start.notes()
     if manifest.count < data.batch_size:
         notes.append(f"the data set ({manifest.count} samples) is smaller than one batch "
                      f"({data.batch_size})")

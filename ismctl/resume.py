@@ -92,25 +92,40 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> None:
                     "change. Use another run.name, or --overwrite to start over")
 
 
+RUN_FILES = ("recipe.yaml", "metrics.jsonl")
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether a folder already holds a run: its recipe, its metrics or a checkpoint, even
+    one stopped before its first checkpoint."""
+    from ismctl.checkpoint import list_checkpoints
+
+    return any((run_dir / name).is_file() for name in RUN_FILES) or bool(
+        list_checkpoints(run_dir))
+
+
 def check_run_start(run_dir: Path, recipe: Recipe, resume: bool | str,
                     overwrite: bool) -> list[tuple[int, Path]]:
     """Refuse a start the run directory does not allow; return its checkpoints.
 
-    ``resume``: False (a new run; refused over a checkpoint unless ``overwrite``), True
-    (continue; refused without a checkpoint or with an unsafe recipe change) or "auto".
-    Only reads: the trainer and ``train --dry-run`` share it.
+    ``resume``: False (a new run; refused over an existing run unless ``overwrite``), True
+    (continue; refused without a run or with an unsafe recipe change; a run stopped before
+    its first checkpoint restarts at step 0 in its folder) or "auto". Only reads: the
+    trainer and ``train --dry-run`` share it.
     """
     from ismctl.checkpoint import list_checkpoints
 
     ckpts = list_checkpoints(run_dir)
+    existing = holds_run(run_dir)
     if resume and overwrite:
         raise UserError("--resume/--auto-resume and --overwrite: choose one")
-    if resume is True and not ckpts:
+    if resume is True and not existing:
         raise UserError(f"{run_dir}: no checkpoint to resume from; --auto-resume starts a new "
                         "run when there is none")
-    if ckpts and not (resume or overwrite):
-        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it "
+    if existing and not (resume or overwrite):
+        what = "a run" if ckpts else "a run stopped before its first checkpoint"
+        raise UserError(f"{run_dir}: already holds {what}; pass --resume to continue it "
                         "or --overwrite to start over")
-    if ckpts and resume:
+    if existing and resume:
         check_resumable(run_dir, recipe)
     return ckpts

@@ -67,9 +67,9 @@ class TensorBoardTracker:
         except ImportError as exc:
             raise UserError("run.tracker tensorboard: the tensorboard package is not installed "
                             "(pip install tensorboard), or set run.tracker=none") from exc
-        # A resumed run repeats the steps after its checkpoint: hide their old events.
-        self.writer = SummaryWriter(log_dir=str(log_dir),
-                                    purge_step=start_step + 1 if start_step else None)
+        # A resumed run repeats the steps after its checkpoint (a run restarted before its
+        # first checkpoint: every step): hide their old events.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():

@@ -9,16 +9,17 @@ label dropout) from a generator seeded with ``(seed, n, s)``. So 2 GPUs x 1 accu
 and 1 GPU x 2 accumulation steps train the same model (up to float summation order), and a
 resumed run replays exactly the batches an uninterrupted run would have seen.
 
-Around the loop: ``ismctl.resume`` decides whether a run directory may be continued with this
-recipe, ``ismctl.tracking`` reports (metrics.jsonl, TensorBoard/W&B, log lines),
-``ismctl.preemption`` turns SIGTERM/SIGUSR1 into a checkpoint and a clean stop, and
-``ismctl.rng`` saves and restores every rank's generators.
+Around the loop: ``ismctl.preflight`` makes every check before the first write (the same
+function ``train --dry-run`` calls; ``ismctl.resume`` decides whether a run directory may be
+continued with this recipe), ``ismctl.runfolder`` locks the run folder and takes a start back
+that fails before its first step, ``ismctl.tracking`` reports (metrics.jsonl, TensorBoard/W&B,
+log lines), ``ismctl.preemption`` turns SIGTERM/SIGUSR1/Ctrl-C into a checkpoint and a clean
+stop, and ``ismctl.rng`` saves and restores every rank's generators.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from pathlib import Path
 
@@ -27,10 +28,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ismctl.checkpoint import (
+    STATE_FILE,
     WEIGHT_FILES,
     LoadedRun,
     checkpoint_dir,
     list_checkpoints,
+    load_state,
     load_weights,
     model_from_recipe,
     prune_checkpoints,
@@ -38,24 +41,22 @@ from ismctl.checkpoint import (
 )
 from ismctl.coupling import STATS
 from ismctl.data.loader import TrainLoader
-from ismctl.data.manifest import read_manifest
-from ismctl.data.plan import batches_per_pool
 from ismctl.distributed import DistInfo, barrier, gather_to_main, init_distributed, shutdown
 from ismctl.ema import TwinEMA
 from ismctl.errors import UserError
-from ismctl.fileio import atomic_write_text
 from ismctl.generate import arrange_by_class, generate_images, save_grid
 from ismctl.losses import build_loss
 from ismctl.losses.band_stats import band_stats_for_run
 from ismctl.model import forward_flops
 from ismctl.objectives import get_objective
 from ismctl.preemption import Preempted, StopSignals
-from ismctl.pretrained import check_init_from, init_from_pretrained
+from ismctl.preflight import check_start, run_directory  # noqa: F401 - run_directory re-exported
+from ismctl.pretrained import init_from_pretrained
 from ismctl.progress import progress_bar, stdout_is_terminal
 from ismctl.protocol import choose_point, run_sampler
-from ismctl.recipe import Recipe, save_recipe
-from ismctl.resume import check_run_start
+from ismctl.recipe import Recipe
 from ismctl.rng import capture_rng_state, restore_rng_state
+from ismctl.runfolder import RunFolder
 from ismctl.runtime import autocast, autocast_dtype, compile_network
 from ismctl.tracking import RunLog
 
@@ -67,11 +68,6 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H20
 
 class TrainingDiverged(UserError):
     """The loss became NaN/inf; the run stops and its last good checkpoint is kept."""
-
-
-def run_directory(recipe: Recipe, recipe_path: str | None) -> Path:
-    name = recipe.run.name or (Path(recipe_path).stem if recipe_path else "run")
-    return Path(recipe.run.root) / name
 
 
 def _stream_seed(seed: int, step: int, slot: int) -> int:
@@ -93,61 +89,34 @@ def _flops_per_sample(recipe: Recipe, model: torch.nn.Module) -> float:
     return forward_flops(model) * (3 + spec.target_passes(recipe.objective, recipe.guidance))
 
 
-def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool | str, overwrite: bool,
-                     info: DistInfo) -> None:
-    # Every rank checks (the same files), so a refusal stops all of them with the same error.
-    check_run_start(run_dir, recipe, resume, overwrite)
-    if info.is_main:
-        if overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
-        manifest_src = Path(recipe.data.path) / "manifest.json"
-        atomic_write_text(run_dir / "manifest.json", manifest_src.read_text())
-    barrier()
-
-
 def train(recipe: Recipe, recipe_path: str | None = None, resume: bool | str = False,
           overwrite: bool = False, progress: bool = True) -> Path:
     """Train a shortcut model as the recipe says; returns the run directory.
 
-    ``resume``: False starts a new run (refused if the run directory has a checkpoint), True
-    continues the latest checkpoint (refused if there is none, or if the recipe differs in a
-    field that is not safe to change, see ``ismctl.resume``), ``"auto"`` does whichever
-    applies. Raises ``Preempted`` after checkpointing when stopped by SIGTERM/SIGUSR1.
+    ``resume``: False starts a new run (refused if the run directory holds one), True
+    continues the newest intact checkpoint (refused if there is no run, or if the recipe
+    differs in a field that is not safe to change, see ``ismctl.resume``), ``"auto"`` does
+    whichever applies. Raises ``Preempted`` after checkpointing when stopped by
+    SIGTERM/SIGUSR1/Ctrl-C.
     """
     info = init_distributed(recipe.train.device)
     try:
-        return _train(recipe, recipe_path, resume, overwrite, progress, info)
+        with contextlib.ExitStack() as hold:
+            return _train(recipe, recipe_path, resume, overwrite, progress, info, hold)
     finally:
         shutdown()
 
 
 def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrite: bool,
-           progress: bool, info: DistInfo) -> Path:
+           progress: bool, info: DistInfo, hold: contextlib.ExitStack) -> Path:
     cfg, dev = recipe.train, info.device
-    manifest = read_manifest(recipe.data.path)
-    slots = info.world_size * cfg.grad_accum
-    if recipe.data.batch_size % slots:
-        raise UserError(f"data.batch_size={recipe.data.batch_size}: not divisible by "
-                        f"ranks x train.grad_accum = {slots}")
-    micro = recipe.data.batch_size // slots
-    # Each slot's loader solves one sOT assignment per coupling.pool_size samples of its own
-    # stream, so the pool is the same on any number of ranks and accumulation steps.
-    batches_per_pool(recipe.coupling.pool_size, micro,
-                     f" (data.batch_size {recipe.data.batch_size} / {slots} = ranks x "
-                     "train.grad_accum)")
-    run_dir = run_directory(recipe, recipe_path)
-    # A pretrained start is read and checked against the network's shapes (on the meta
-    # device: no memory) before the run folder is written, so a bad file leaves nothing.
-    # The network and the loss are built once before the run folder is written, so a recipe
-    # they refuse (a patch that does not tile the input, wrong detail weights) leaves nothing.
-    with torch.device("meta"):
-        shapes = model_from_recipe(recipe, manifest)
-    build_loss(recipe.loss, shapes.input_size)
-    pretrained = check_init_from(shapes, recipe.model.init_from,
-                                 bool(resume and list_checkpoints(run_dir)))
-    _prepare_run_dir(run_dir, recipe, resume, overwrite, info)
+    # Every check before the first write, shared with `train --dry-run` (ismctl.preflight);
+    # then the run folder is locked and written, and restored if the run fails before its
+    # first step (ismctl.runfolder).
+    start = check_start(recipe, recipe_path, resume, overwrite, info.world_size)
+    manifest, slots, micro, run_dir = start.manifest, start.slots, start.micro, start.run_dir
+    pretrained = start.pretrained
+    folder = hold.enter_context(RunFolder(recipe, start, resume, overwrite, info))
 
     torch.manual_seed(cfg.seed)
     if dev.type == "cuda":
@@ -168,10 +137,9 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
     start_step = 0
     stored_data: dict[str, int] = {}
     stored_rng: dict | None = None
-    ckpts = list_checkpoints(run_dir) if resume else []
-    if ckpts:
-        ckpt = ckpts[-1][1]
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    if start.resume_from is not None:
+        ckpt = start.resume_from[1]
+        state = load_state(ckpt / STATE_FILE)
         load_weights(model, ckpt / WEIGHT_FILES["online"])
         for name, module in (("target", ema.target), ("inference", ema.inference)):
             if module is not model:
@@ -218,6 +186,8 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
         shuffle_buffer=recipe.data.shuffle_buffer, flip=recipe.data.flip and manifest.flip,
         start_batch=start_step, mode=cp.mode, min_group=cp.min_group))
         for m in range(cfg.grad_accum)]
+    # However the run ends, its loader workers stop with it (they ignore SIGTERM and Ctrl-C).
+    hold.callback(lambda: [it.close() for it in loaders])
     # Last, right before the first step: starting the loaders above draws from the CPU
     # generator, as it did before step 1 of the interrupted run.
     if stored_rng is not None:
@@ -295,7 +265,7 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
     pool_sums: dict[str, torch.Tensor] = {}
     bad = torch.zeros((), dtype=torch.bool, device=dev)
     n_since, t_last = 0, time.perf_counter()
-    with runlog, StopSignals() as stop, progress_bar(
+    with runlog, StopSignals(lost=folder.lost) as stop, progress_bar(
             f"train {run_dir.name}", total=cfg.steps, completed=start_step,
             enabled=progress and info.is_main, plain=False) as bar:
         for step in range(start_step, cfg.steps):
@@ -328,6 +298,7 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
             ema.update(model)
             n_since += 1
             done = step + 1
+            folder.step_done(done)
             bar.advance()
             at_log = done % recipe.run.log_every == 0 or done == cfg.steps
             at_ckpt = done % recipe.run.ckpt_every == 0 or done == cfg.steps

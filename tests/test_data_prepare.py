@@ -283,3 +283,12 @@ def test_records_are_json_sidecars(prepared) -> None:
         record = json.loads((out / "records" / f"{shard.name}.json").read_text())
         assert record["sha256"] == shard.sha256 and record["count"] == shard.count
         assert record["size"] == os.path.getsize(out / shard.name)
+
+
+def test_default_workers_fit_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ismctl.data.prepare import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default_workers() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert default_workers() == 4

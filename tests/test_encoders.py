@@ -91,3 +91,28 @@ def test_unloadable_folder_is_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot load") as err:
         load_encoder(str(tmp_path / "junk"))
     assert "\n" not in str(err.value)
+
+
+def test_a_hub_vae_without_network_is_refused_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not cached and the Hub unreachable (or switched off): one line naming --vae PATH, at
+    once, instead of a minute of retries; a folder written by save_pretrained loads."""
+    import time
+
+    import ismctl.data.encoders as encoders
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache" / "hub"))
+    monkeypatch.setattr(encoders, "hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        load_encoder("stabilityai/sd-vae-ft-mse")
+    assert time.perf_counter() - start < 5
+    text = str(err.value)
+    assert "\n" not in text and "cannot be reached" in text and "--vae DIR" in text
+    assert 'from_pretrained("stabilityai/sd-vae-ft-mse").save_pretrained' in text
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
+        load_encoder("stabilityai/sd-vae-ft-mse")
+    tiny_vae().save_pretrained(tmp_path / "sd-vae-ft-mse")
+    assert load_encoder(str(tmp_path / "sd-vae-ft-mse")).channels == 4

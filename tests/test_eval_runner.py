@@ -224,9 +224,15 @@ def test_best_guidance_per_step_count_is_reported_and_remembered(run, tmp_path):
 
     run.model = GuidedTemplateNet()
     (run.checkpoint).mkdir(parents=True)
+    # Fewer samples than the recipe's evaluation: a quick look, reported but not remembered.
+    short = evaluate(None, [1, 4], [0.0, 1.0], 30, None, ["acc"], tmp_path / "q.json", None,
+                     save_npz=False, batch_size=30, seed=0, device="cpu", progress=False)
+    assert run.recipe.eval.num_samples > 30 and short["best"]["4"]["guidance"] == 1.0
+    assert read_best(run.run_dir) == {} and "remembered" not in short
+    assert any("best w not remembered: 30 samples per point" in n for n in short["notes"])
     results = evaluate(None, [1, 4], [0.0, 1.0, 2.0], 30, None, ["acc", "fd-digits", "cfd-digits"],
                        tmp_path / "r.json", None, save_npz=False, batch_size=30, seed=0,
-                       device="cpu", progress=False)
+                       device="cpu", progress=False, remember=True)
     assert results["select_by"] == "cfd-digits"
     for steps in ("1", "4"):
         best = results["best"][steps]

@@ -83,7 +83,15 @@ def test_run_directory_contents(short_run: Path) -> None:
     ckpt = list_checkpoints(short_run)[-1][1]
     names = {p.name for p in ckpt.iterdir()}
     assert names == {"online.safetensors", "target_ema.safetensors",
-                     "inference_ema.safetensors", "state.pt"}
+                     "inference_ema.safetensors", "state.pt", "SHA256SUMS"}
+    # The digests are sha256sum's format, one line per file.
+    sums = dict(reversed(ln.split()) for ln in (ckpt / "SHA256SUMS").read_text().splitlines())
+    assert sums == {n: hashlib.sha256((ckpt / n).read_bytes()).hexdigest()
+                    for n in names - {"SHA256SUMS"}}
+    # Weights are readable like every other file of the run (the process umask, not 0600).
+    assert all((p.stat().st_mode & 0o777) == (short_run / "recipe.yaml").stat().st_mode & 0o777
+               for p in ckpt.iterdir())
+    assert not (short_run / ".lock").exists(), "the run folder's lock is released at the end"
     online = load_file(str(ckpt / "online.safetensors"))
     inference = load_file(str(ckpt / "inference_ema.safetensors"))
     # The inference EMA (with decay warm-up) has moved off the initial weights but is not

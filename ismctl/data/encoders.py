@@ -1,6 +1,6 @@
 """Encoders between images and what the model sees: the SD VAE, or the identity (pixels).
 
-Convention (SPEC 3.5, as in DiT/SiT): the model's data ``x1`` is the VAE latent times the
+Convention (method §3.5, as in DiT/SiT): the model's data ``x1`` is the VAE latent times the
 scale factor (0.18215 for sd-vae-ft-mse, read from ``vae.config.scaling_factor``) so it has
 roughly unit variance. ``encode`` returns the unscaled posterior (mean, std); ``decode``
 takes *scaled* latents, i.e. exactly what the sampler produces.
@@ -9,6 +9,8 @@ takes *scaled* latents, i.e. exactly what the sampler produces.
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,10 +121,55 @@ def diffusers_import_error(exc: BaseException) -> str:
             "(pip install 'diffusers<0.37' for torch 2.4) or upgrade torch")
 
 
+HUB = "https://huggingface.co"
+OFFLINE_HELP = ("on a machine with network, run `AutoencoderKL.from_pretrained(\"{name}\")"
+                ".save_pretrained(\"DIR\")` (diffusers), copy DIR here and pass --vae DIR "
+                "(README: 'A VAE without network')")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub (``HF_ENDPOINT``) accepts a connection within ``timeout``
+    seconds: without one, diffusers spends most of a minute on retries before failing."""
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", HUB))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _is_cached(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:
+        return False
+    return isinstance(found, str)
+
+
+def _fetch_allowed(name: str) -> bool:
+    """A Hub id may be downloaded: it is not in the local cache, the Hub is reachable and
+    not switched off (``HF_HUB_OFFLINE``). A cached model loads without any network call;
+    one that cannot be fetched is refused at once, naming the way out."""
+    if _is_cached(name):
+        return False
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else (
+            f"{os.environ.get('HF_ENDPOINT', HUB)} cannot be reached (no network?)")
+        raise UserError(f"{name}: not in the local Hugging Face cache and {why}; "
+                        + OFFLINE_HELP.format(name=name))
+    return True
+
+
 def load_encoder(name: str, device: torch.device | str = "cpu",
                  scale_factor: float | None = None) -> Encoder:
     """``"identity"`` (pixels), or a diffusers AutoencoderKL: a local folder (its own
-    ``config.json``, or a pipeline folder with a ``vae/`` subfolder) or a Hub id."""
+    ``config.json``, or a pipeline folder with a ``vae/`` subfolder, e.g. one written by
+    ``save_pretrained``) or a Hub id (from the local cache; downloaded only when the Hub can
+    be reached, else refused at once with the way out)."""
     device = torch.device(device)
     if name == IDENTITY:
         return IdentityEncoder(scale_factor or 1.0)
@@ -142,6 +189,7 @@ def load_encoder(name: str, device: torch.device | str = "cpu",
                         "Hub id such as stabilityai/sd-vae-ft-mse)")
     else:
         source = name
+        kwargs["local_files_only"] = not _fetch_allowed(name)
     try:
         vae = AutoencoderKL.from_pretrained(source, torch_dtype=torch.float32,
                                             low_cpu_mem_usage=False, **kwargs)

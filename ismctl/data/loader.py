@@ -4,7 +4,7 @@ Each worker streams its slice of the epoch (``plan.py``) through a seeded shuffl
 gathers ``coupling.pool_size`` samples of its stream (``K = pool_size / batch_size`` batches,
 across epoch boundaries when a pool straddles one), draws ``x1 = scale * (mean + std * eps)``
 (or the flipped pair with probability 1/2) and pairs the pool with noise by the sOT coupler
-(SPEC 3.3), all off the training step's critical path. One assignment thus always covers
+(method §3.3), all off the training step's critical path. One assignment thus always covers
 ``pool_size`` samples, however many ranks, accumulation slots and workers share the data.
 Every random choice comes from a generator seeded by ``(seed, rank, worker, epoch[, pool])``
 (a pool belongs to the epoch of its first batch, ``pool`` counts the pools that start in that
@@ -25,6 +25,7 @@ rotated so that slot 0 serves batch ``n``.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,14 @@ from ismctl.data.plan import (
     pool_key,
     worker_segments,
 )
-from ismctl.data.shards import decode_moments, iter_shard
+from ismctl.data.verify import check_shards_exist, decode, label, read_shard
 from ismctl.errors import UserError
 from ismctl.preemption import ignore_stop_signals
 
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]
+# The last line of a worker traceback that the DataLoader re-raises in the main process.
+WORKER_USER_ERROR = re.compile(r"^Caught \w+ in DataLoader worker.*?^[\w.]*UserError: (.+?)\s*\Z",
+                               re.DOTALL | re.MULTILINE)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -88,10 +92,10 @@ def read_segments(root: Path, manifest: Manifest, segments: list[Segment],
     once and kept (the same samples, the same order)."""
     for seg in segments:
         if cache is None:
-            samples = iter_shard(root / manifest.shards[seg.shard].name)
+            samples = read_shard(root, manifest.shards[seg.shard])
         else:
             if seg.shard not in cache:
-                cache[seg.shard] = list(iter_shard(root / manifest.shards[seg.shard].name))
+                cache[seg.shard] = list(read_shard(root, manifest.shards[seg.shard]))
             samples = iter(cache[seg.shard])
         yield from itertools.islice(samples, seg.start, seg.stop)
 
@@ -185,10 +189,10 @@ class PairedLatents(IterableDataset):
 
     def _moments(self, sample: dict) -> np.ndarray:
         if self._decoded is None:
-            return decode_moments(sample["npy"])
+            return decode(sample)
         key = sample["__key__"]
         if key not in self._decoded:
-            self._decoded[key] = decode_moments(sample["npy"])
+            self._decoded[key] = decode(sample)
         return self._decoded[key]
 
     def _batch(self, raw: list[dict], gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -196,7 +200,7 @@ class PairedLatents(IterableDataset):
         if tuple(moments.shape[2:]) != self.manifest.sample_shape:
             raise UserError(f"{self.root}: shard samples have shape {tuple(moments.shape[2:])}, "
                             f"manifest.json says {self.manifest.sample_shape}")
-        labels = torch.tensor([int(s["cls"]) for s in raw], dtype=torch.long)
+        labels = torch.tensor([label(s) for s in raw], dtype=torch.long)
         return draw_latents(moments, self.manifest.scale_factor, self.flip, gen), labels
 
 
@@ -231,10 +235,7 @@ class TrainLoader:
         per_pool = batches_per_pool(pool_size, batch_size)
         self.root = Path(path)
         self.manifest = read_manifest(self.root)
-        for shard in self.manifest.shards:
-            if not (self.root / shard.name).is_file():
-                raise UserError(f"{self.root / shard.name}: shard listed in manifest.json is "
-                                "missing — rerun `ismctl prepare-latents`")
+        check_shards_exist(self.root, self.manifest)
         self.batches_per_epoch = batches_per_rank(self.manifest.count, world_size, batch_size)
         self.dataset = PairedLatents(self.root, self.manifest, batch_size, pool_size, seed,
                                      rank, world_size, num_workers, shuffle_buffer,
@@ -248,7 +249,36 @@ class TrainLoader:
                                  worker_init_fn=ignore_stop_signals if num_workers else None)
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self.loader)
+        # The DataLoader's iterator is made now, not at the first batch: making it draws from
+        # torch's CPU generator, which an exactly resumed run restores after its loaders start.
+        return self._batches(iter(self.loader))
+
+    def _batches(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        try:
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except (UserError, RuntimeError) as exc:
+                    found = WORKER_USER_ERROR.search(str(exc))
+                    if found is None:
+                        raise
+                    # A UserError raised in a worker comes back wrapped in its traceback.
+                    raise UserError(found.group(1).strip()) from None
+                yield batch
+        finally:
+            del batches
+            self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes now. They ignore SIGTERM (see ``ismctl.preemption``),
+        so left to the garbage collector they could outlive a failed run's interpreter,
+        whose exit then waits for them forever; a later ``iter()`` starts new ones."""
+        running = getattr(self.loader, "_iterator", None)
+        if running is not None and hasattr(running, "_shutdown_workers"):
+            running._shutdown_workers()
+        self.loader._iterator = None
 
 
 def iter_dataset(path: str | Path) -> Iterator[tuple[Tensor, int]]:
@@ -257,6 +287,6 @@ def iter_dataset(path: str | Path) -> Iterator[tuple[Tensor, int]]:
     root = Path(path)
     manifest = read_manifest(root)
     for shard in manifest.shards:
-        for sample in iter_shard(root / shard.name):
-            mean = torch.from_numpy(decode_moments(sample["npy"])[0].astype(np.float32))
-            yield mean, int(sample["cls"])
+        for sample in read_shard(root, shard):
+            mean = torch.from_numpy(decode(sample)[0].astype(np.float32))
+            yield mean, label(sample)

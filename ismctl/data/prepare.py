@@ -1,4 +1,4 @@
-"""``ismctl prepare-latents``: encode a dataset once into webdataset shards (SPEC 6).
+"""``ismctl prepare-latents``: encode a dataset once into webdataset shards (method §6).
 
 Layout of the output folder::
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,16 @@ def _remove_stale_temporaries(out: Path) -> None:
     for pattern in (".shard-*.tmp", f"{RECORDS_DIR}/.shard-*.tmp"):
         for path in out.glob(pattern):
             path.unlink(missing_ok=True)
+
+
+def default_workers(most: int = 4) -> int:
+    """Image-decoding workers by default: 4, or fewer on a machine with fewer cores (on 2
+    cores, 4 decoders only take turns with the encoder they feed)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(most, cores))
 
 
 def _check_args(resolution: int, batch_size: int, shard_size: int, num_workers: int) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ismctl.fileio import atomic_path, write_json
@@ -75,7 +76,7 @@ def print_results(results: dict[str, Any], console: Console | None = None) -> No
     console = console or Console()
     console.print(results_table(results))
     for note in results.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
 
 def write_results_json(path: str | Path, results: dict[str, Any]) -> Path:

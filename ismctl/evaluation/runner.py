@@ -6,7 +6,7 @@ every step count plus two-pass CFG at the training scale on the flow velocity at
 For every point: generate ``num_samples`` class-balanced samples (under ``torchrun`` each rank
 its strided share), run every feature extractor the metrics need on them, gather the
 features on rank 0 and score them against reference statistics computed once (and cached).
-Guidance is in the delta convention: CFG scale ``s = 1 + w`` (SPEC 1).
+Guidance is in the delta convention: CFG scale ``s = 1 + w`` (method §1).
 
 Per step count the best point by the selection metric (FID, else the class-conditional
 digits distance, ...) is reported and, for the run's latest checkpoint, remembered in the
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from rich.markup import escape
 
 import ismctl
 from ismctl.errors import UserError
@@ -150,7 +151,7 @@ def warn_own_data_reference(data_path: str, loud: bool) -> str:
             "--ref VIRTUAL_imagenet256_labeled.npz (from openai/guided-diffusion's evaluations "
             "folder), or set eval.ref in the recipe")
     if loud:
-        Console(stderr=True).print(f"[bold red]WARNING:[/] {text}", soft_wrap=True,
+        Console(stderr=True).print(f"[bold red]WARNING:[/] {escape(text)}", soft_wrap=True,
                                    highlight=False)
     return text
 
@@ -216,7 +217,7 @@ def evaluate(
     progress: bool = True,
     double_guidance: bool = False,
     select_by: str | None = None,
-    remember: bool = True,
+    remember: bool | None = None,
     at_best: bool = False,
     compile: bool = False,
     which: str = "inference",
@@ -230,15 +231,19 @@ def evaluate(
     of ``data.path`` (with a loud warning: not comparable with published numbers).
     ``double_guidance`` samples an sm run with CFG on top of its baked-in
     guidance; ``select_by`` names the value that picks the best point per step count;
-    ``remember`` stores those picks in the run; ``at_best`` evaluates each step count at the
-    point remembered by an earlier grid evaluation instead of a guidance list (e.g. FID-50K
-    where a cheaper grid chose w). ``compile``: sample with the torch.compile'd network (same
-    images, up to float rounding). ``which``: the weights sampled, the inference EMA
-    (default, SPEC 3.4), the target EMA or the online network; only the inference EMA's
-    picks are remembered. ``save_png``: also a folder of PNGs per sample set.
+    ``remember`` stores those picks in the run (None: only when the points have at least
+    the recipe's ``eval.num_samples`` samples, so a quick look does not replace them);
+    ``at_best`` evaluates each step count at the point remembered by an earlier grid
+    evaluation instead of a guidance list (e.g. FID-50K where a cheaper grid chose w).
+    ``compile``: sample with the torch.compile'd network (same images, up to float rounding).
+    ``which``: the weights sampled, the inference EMA (default, method §3.4), the target EMA or
+    the online network; only the inference EMA's picks are remembered. ``save_png``: also a
+    folder of PNGs per sample set.
     """
     from ismctl.checkpoint import load_for_sampling, run_recipe
     from ismctl.distributed import init_distributed, shutdown
+    from ismctl.fits import check_eval_request
+    from ismctl.streamout import decoded_shape
 
     if device is None:
         device = run_recipe(path).train.device
@@ -273,7 +278,7 @@ def evaluate(
             save_npz=save_npz,
             progress=progress and info.is_main,
             select_by=select_by,
-            remember=remember and which == "inference",
+            remember=bool(remember) and which == "inference",
             which=which,
             save_png=save_png,
         )
@@ -293,11 +298,21 @@ def evaluate(
         if own_data is not None:
             plan.notes.append(own_data)
         selection_metric(value_names(plan.metrics), select_by, digits)
+        if remember is None:
+            # A quick look (fewer samples than the recipe's evaluation) does not replace the
+            # guidance that `sample` uses unless asked to.
+            cfg.remember = which == "inference" and cfg.num_samples >= ev.num_samples
+            if which == "inference" and not cfg.remember:
+                plan.notes.append(
+                    f"best w not remembered: {cfg.num_samples} samples per point, fewer than "
+                    f"the recipe's eval.num_samples ({ev.num_samples}); --remember stores it")
         w_max = run.recipe.guidance.w_max
         far = [w for w in all_strengths(cfg.guidance) if w > w_max]
         if run.mode == "intrinsic" and far:
             plan.notes.append(f"guidance {', '.join(f'{w:g}' for w in far)} above the trained "
                               f"w_max {w_max:g}: extrapolated")
+        check_eval_request(cfg.num_samples, info.world_size, decoded_shape(run.manifest),
+                           len(plan.groups), cfg.save_npz, info.is_main)
         return _evaluate(run, plan, cfg, info, t_start)
     finally:
         if owns_group:
@@ -368,7 +383,7 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
     write_results_json(cfg.out, results)
     if cfg.progress:
         print_results(results, console)
-        console.print(f"[green]wrote[/] {cfg.out}")
+        console.print(f"[green]wrote[/] {escape(str(cfg.out))}")
     barrier()
     return results
 

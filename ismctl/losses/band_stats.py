@@ -1,4 +1,4 @@
-"""Data-set band statistics for the wavelet loss's normaliser (SPEC 3.2).
+"""Data-set band statistics for the wavelet loss's normaliser (method §3.2).
 
 The wavelet loss prices each DWT band's error relative to the signal in that band. The
 price must be a property of the data, not of the batch: a normaliser estimated on each
@@ -45,7 +45,7 @@ import torch
 
 from ismctl.data.loader import draw_latents
 from ismctl.data.manifest import Manifest, read_manifest
-from ismctl.data.shards import decode_moments, iter_shard
+from ismctl.data.verify import decode, read_shard
 from ismctl.distributed import barrier
 from ismctl.errors import UserError
 from ismctl.fileio import atomic_write_text
@@ -140,8 +140,8 @@ def _data_key(manifest: Manifest, wavelet: str, levels: int, samples: int, flip:
 def _moments(root: Path, manifest: Manifest, count: int) -> torch.Tensor:
     """The first ``count`` samples in shard order. ``prepare-latents`` stores a fixed random
     permutation of the source list, so this is a random, class-mixed subset."""
-    samples = itertools.chain.from_iterable(iter_shard(root / s.name) for s in manifest.shards)
-    arrays = [decode_moments(s["npy"]) for s in itertools.islice(samples, count)]
+    samples = itertools.chain.from_iterable(read_shard(root, s) for s in manifest.shards)
+    arrays = [decode(s) for s in itertools.islice(samples, count)]
     return torch.from_numpy(np.stack(arrays)).float()
 
 

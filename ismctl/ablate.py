@@ -54,10 +54,17 @@ from ismctl.errors import UserError
 from ismctl.fileio import atomic_write_text, write_json
 from ismctl.launch import Torchrun
 from ismctl.protocol import Grid, run_sampler
-from ismctl.recipe import Recipe, apply_override, load_recipe, recipe_from_dict, save_recipe
+from ismctl.recipe import (
+    Recipe,
+    apply_override,
+    find_recipe,
+    load_recipe,
+    recipe_from_dict,
+    save_recipe,
+)
 from ismctl.resume import check_resumable
 
-DEFAULT_RECIPE = "recipes/ism_xl.yaml"
+DEFAULT_RECIPE = "ism_xl"  # a shipped recipe
 FULL, BASELINE = "full", "baseline"
 COMPONENTS_OFF = "components-off"
 
@@ -202,10 +209,10 @@ def baseline_recipe(recipe_path: str, baseline: str | None, cumulative: bool) ->
         return None
     if baseline is None:
         return default_baseline(recipe_path)
-    if not Path(baseline).is_file():
-        raise UserError(f"--baseline {baseline}: recipe file not found (or pass "
-                        f"{COMPONENTS_OFF})")
-    return baseline
+    try:
+        return str(find_recipe(baseline))
+    except UserError as exc:
+        raise UserError(f"--baseline {exc} (or pass {COMPONENTS_OFF})") from exc
 
 
 def baseline_variant(path: str, overrides: list[str] | None) -> tuple[str, Recipe]:
@@ -440,7 +447,8 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
     main_node = torchrun is None or torchrun.is_main_node
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise UserError(f"--seeds {seeds}: give distinct seeds, e.g. 0,1,2")
-    path = recipe_path or DEFAULT_RECIPE
+    # The file itself (a shipped recipe's name resolved), so that sm_<size>.yaml beside it is found.
+    path = str(find_recipe(recipe_path or DEFAULT_RECIPE))
     base = load_recipe(path, overrides)
     if sweep is not None:
         if disable or cumulative:

@@ -37,6 +37,10 @@ same load (the machine may be shared):
   MFU = img/s x forward FLOPs x (3 + target rows per sample) / peak bf16 FLOP/s.
 - ``meanflow``: the MeanFlow step (SPEC 4.1) as a ratio to a flow-matching step on the same
   continuous-jump backbone and batch (first preset), interleaved, one run.
+- ``threads``: on a CPU, the quickstart's evaluation sampling with every usable core (the
+  default thread count) against one thread, as a ratio, on the machine as it is and with
+  ``cores - 1`` busy processes started beside it (another job holding all cores but one):
+  the case for and against the default. Seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -537,6 +543,76 @@ def sampling_paths(device: torch.device, quick: bool) -> dict[str, Any]:
     }
 
 
+BUSY_LOOP = "import time\nend = time.monotonic() + {limit}\nwhile time.monotonic() < end: pass"
+
+
+@contextlib.contextmanager
+def busy_processes(count: int, limit_s: float = 120.0) -> Iterator[None]:
+    """``count`` processes that each keep one core busy (a Python loop; no torch), as another
+    job on a shared machine would. Each also stops by itself after ``limit_s`` seconds, so an
+    interrupted bench leaves nothing running."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(limit=limit_s)])
+             for _ in range(count)]
+    try:
+        time.sleep(0.2)  # let them start and take their cores
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def thread_scaling(quick: bool) -> dict[str, Any] | None:
+    """Sampling speed with every usable core over one thread, on this machine as it is and with
+    ``cores - 1`` busy processes beside it; None with a single usable core.
+
+    The setting is the quickstart's evaluation sampling (tiny/2 on 8x8x1 digits, 10 classes,
+    random weights), one and all-core calls interleaved; each rate is from the fastest round
+    (other load only adds time). ``ratio_all_over_one`` above 1 means the default thread count
+    (every core) is the faster choice; the busy case reproduces the measurement that once made
+    the default subtract the load average (two threads at half the speed of one).
+    """
+    from ismctl.runtime import usable_cores
+    from ismctl.sampler import sample
+
+    cores = usable_cores()
+    if cores < 2:
+        return None
+    batch, steps, rounds = (32, 1, 2) if quick else (128, 2, 5)
+    budget_s = 1.0 if quick else 8.0  # per case: on a loaded machine one all-core call is slow
+    torch.manual_seed(0)
+    model = build_model("tiny/2", 8, 1, 10).eval()
+    noise = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(batch) % 10
+
+    def rate(n: int) -> float:
+        with num_threads(n):
+            start = time.perf_counter()
+            sample(model, noise, labels, steps, 1.0)
+            return batch * steps / (time.perf_counter() - start)
+
+    def measure() -> dict[str, float]:
+        rate(1), rate(cores)  # warm-up: allocations, thread pool start
+        one: list[float] = []
+        every: list[float] = []
+        start = time.perf_counter()
+        while len(one) < rounds and (len(one) < 2 or time.perf_counter() - start < budget_s):
+            one.append(rate(1))
+            every.append(rate(cores))
+        return {"rounds": len(one), "one_thread_sample_steps_per_s": max(one),
+                "all_cores_sample_steps_per_s": max(every),
+                "ratio_all_over_one": max(every) / max(one)}
+
+    load_start = list(os.getloadavg())
+    as_is = measure()
+    with busy_processes(cores - 1):
+        busy = measure()
+    return {"preset": "tiny/2", "batch": batch, "steps": steps, "max_rounds": rounds,
+            "cores": cores, "load_average_start": load_start, "as_is": as_is,
+            "busy": {"busy_processes": cores - 1, **busy}}
+
+
 def _components(step: dict[str, Any], rig: StepRig, quick: bool) -> dict[str, Any]:
     """Each piece's cost as a share of the iSM step. Load from other processes only adds
     time, so least-disturbed estimates are compared: the fastest timed call of each piece
@@ -647,6 +723,13 @@ def _print(report: dict[str, Any], console: Console) -> None:
                       f"(x{paths['speedup_over_before_fastest'][k]:.2f})"
                       for k, v in paths["sample_steps_per_s_fastest"].items()))
     console.print(coupler_table(report["coupler"]))
+    th = report.get("threads")
+    if th:
+        console.print(f"threads, sampling {th['preset']} batch {th['batch']}: all {th['cores']} "
+                      f"cores / 1 thread = x{th['as_is']['ratio_all_over_one']:.2f} as is "
+                      f"(load average {th['load_average_start'][0]:.1f}), "
+                      f"x{th['busy']['ratio_all_over_one']:.2f} with "
+                      f"{th['busy']['busy_processes']} busy process(es) beside")
     for goal in report["goals"]:
         mark = "[green]met[/]" if goal["met"] else "[red]missed[/]"
         console.print(f"goal {goal['name']}: {goal['value']:.3f} <= {goal['limit']:g} {mark}")
@@ -770,7 +853,7 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
     size = 16 if quick else 32
     steps: dict[str, Any] = {}
     components: dict[str, Any] = {}
-    with progress_bar("bench", total=len(presets) + 4, enabled=progress) as bar, \
+    with progress_bar("bench", total=len(presets) + 5, enabled=progress) as bar, \
             tempfile.TemporaryDirectory(prefix="ismctl-bench-") as folder, \
             num_threads(threads):
         tmp = Path(folder)
@@ -806,6 +889,9 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
                                        SAMPLING_STEPS)
         sampling["paths"] = sampling_paths(dev, quick)
         bar.advance()
+        bar.update("threads: all cores against one")
+        threads_report = None if dev.type == "cuda" else thread_scaling(quick)
+        bar.advance()
 
     notes: list[str] = []
     gpu = _gpu_section(steps, dev, notes)
@@ -834,7 +920,7 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "steps": steps, "components": components, "sot": sot, "loader": loader,
         "coupler": coupler,
-        "sampling": sampling, "gpu": gpu,
+        "sampling": sampling, "gpu": gpu, "threads": threads_report,
     }
     report["goals"] = _goals(steps, components)
     report["notes"] = notes

@@ -33,7 +33,7 @@ app = typer.Typer(
     help="Improved shortcut models (iSM): prepare latents, train, sample, evaluate, ablate.",
 )
 recipe_app = typer.Typer(no_args_is_help=True,
-                         help="Inspect recipes: the resolved values and the settable keys.")
+                         help="Inspect recipes: the shipped ones, the resolved values and the settable keys.")
 app.add_typer(recipe_app, name="recipe")
 data_app = typer.Typer(no_args_is_help=True, help="Check prepared data sets.")
 app.add_typer(data_app, name="data")
@@ -41,7 +41,7 @@ console = Console()
 DEBUG = {"on": False}
 
 GUIDANCE_HELP = "Guidance strength w (delta convention: classic CFG scale s = 1 + w; w=0 is unguided)."
-Threads = Annotated[int | None, typer.Option(help="torch intra-op threads (default: OMP_NUM_THREADS, else the cores not busy at start, shared by this node's processes).")]
+Threads = Annotated[int | None, typer.Option(help="torch intra-op threads (default: OMP_NUM_THREADS, else every usable core, shared by this node's torchrun processes; fewer are faster where other jobs hold cores).")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the network first (pays off for many steps or samples).")]
 
 
@@ -127,7 +127,7 @@ def prepare_latents_cmd(
 
 @app.command()
 def train(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/ism_xl.yaml.")],
+    recipe: Annotated[Path, typer.Argument(help="Recipe: a YAML file, or the name of a shipped recipe (`ismctl recipe list`), e.g. quickstart or ism_xl.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set optim.lr=2e-4 (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run from its newest intact checkpoint (a run stopped before its first checkpoint restarts at step 0); refused if the folder holds no run, or if the recipe changed more than steps, logging, workers.")] = False,
     auto_resume: Annotated[bool, typer.Option(help="Resume when the run has a checkpoint, else start it: one command line to requeue forever.")] = False,
@@ -255,7 +255,7 @@ def eval_cmd(
 
 @app.command()
 def ablate(
-    recipe: Annotated[Path | None, typer.Argument(help="Full iSM recipe (default recipes/ism_xl.yaml).")] = None,
+    recipe: Annotated[Path | None, typer.Argument(help="Full iSM recipe: a file or a shipped recipe's name (default ism_xl).")] = None,
     disable: Annotated[str | None, typer.Option(help="Components to switch off, comma-separated: intrinsic-guidance, interval-guidance, wavelet, sot, twin-ema.")] = None,
     cumulative: Annotated[bool, typer.Option(help="The paper's table: baseline, then each component added in turn.")] = False,
     baseline: Annotated[str | None, typer.Option(help="Recipe of the cumulative table's first row, trained and evaluated like the others (default: sm_<size>.yaml beside an ism_<size>.yaml recipe, the published SM settings; else 'components-off', the recipe with its five components off).")] = None,
@@ -363,13 +363,22 @@ def data_check(
 
 @recipe_app.command("show")
 def recipe_show(
-    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML (default: the built-in defaults).")] = None,
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML or a shipped recipe's name (default: the built-in defaults).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set optim.lr=2e-4 (repeatable).")] = None,
 ) -> None:
     """Every field of the resolved recipe, its value and where it came from."""
     from ismctl.recipe_info import print_resolved, resolve_with_sources
 
     print_resolved(*resolve_with_sources(recipe, set_), console)
+
+
+@recipe_app.command("list")
+def recipe_list() -> None:
+    """The recipes shipped with ismctl, one line each: the name to pass to `train`, and what
+    it is."""
+    from ismctl.recipe_info import print_shipped
+
+    print_shipped(console)
 
 
 @recipe_app.command("keys")

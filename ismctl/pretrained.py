@@ -43,6 +43,7 @@ the learned-variance half of the output layer is counted as mapped, sliced).
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from torch import Tensor, nn
 
 from ismctl.ema import unwrap_model
 from ismctl.errors import UserError
+from ismctl.runtime import needs_torch
 
 # Our name -> the published name, where they differ; every other tensor keeps its name.
 RENAMED = {"x_embedder.weight": "x_embedder.proj.weight",
@@ -84,6 +86,22 @@ class ImportReport:
                 "initialised": dict(self.initialised), "ignored": list(self.ignored)}
 
 
+def _allow_namespaces(path: Path) -> contextlib.AbstractContextManager:
+    """Let ``torch.load(weights_only=True)`` read argparse namespaces (DiT's saved arguments).
+
+    torch >= 2.5 allows them for one call; torch 2.4 only process-wide (plain data, no code,
+    so the wider allowance is harmless).
+    """
+    serialization = torch.serialization
+    if hasattr(serialization, "safe_globals"):
+        return serialization.safe_globals([argparse.Namespace])
+    if not hasattr(serialization, "add_safe_globals"):
+        raise needs_torch("2.4", f"model.init_from {path}: reading a checkpoint without "
+                                 "running its code", "a .safetensors file needs no more")
+    serialization.add_safe_globals([argparse.Namespace])
+    return contextlib.nullcontext()
+
+
 def read_pretrained(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
     """The state dict of a DiT/SiT checkpoint file and the entry it was found under.
 
@@ -98,8 +116,10 @@ def read_pretrained(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
         if path.suffix == ".safetensors":
             data: Any = load_file(str(path))
         else:
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            with _allow_namespaces(path):
                 data = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise UserError(f"model.init_from {path}: not a readable checkpoint "
                         f"({str(exc).splitlines()[0]})") from exc

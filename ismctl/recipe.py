@@ -1,8 +1,10 @@
 """Recipes: one pydantic model for everything a run needs, loaded from YAML.
 
-A recipe file may name a parent with ``extends: other.yaml`` (resolved relative to the
-file) and is then deep-merged over it; ``--set a.b=value`` overrides (YAML-parsed values)
-are applied last. Every field has a default and a one-line description, so
+A recipe is a YAML file or the name of a recipe shipped with the package (``ismctl/recipes``:
+``quickstart``, ``ism_xl``, ...); a path to an existing file always wins over a name. A recipe
+file may name a parent with ``extends: other.yaml``, resolved relative to the file, else (a bare
+name with no such file beside it) among the shipped recipes, and is then deep-merged over it;
+``--set a.b=value`` overrides (YAML-parsed values) are applied last. Every field has a default and a one-line description, so
 ``Recipe()`` alone is the paper's iSM-XL/2 setting (SPEC section 3.5).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -375,16 +378,107 @@ def _yaml_error(path: Path, exc: yaml.YAMLError) -> UserError:
     return UserError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML ({problem})")
 
 
+def shipped_recipe_dir() -> Path:
+    """The recipes installed with the package. Wheels install unzipped, so this is a folder."""
+    return Path(__file__).resolve().parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name (file stem) -> file of every shipped recipe, sorted by name."""
+    return {p.stem: p for p in sorted(shipped_recipe_dir().glob("*.yaml"))}
+
+
+def _recipe_name(ref: str) -> str | None:
+    """The shipped-recipe name that ``ref`` spells (``quickstart`` or ``quickstart.yaml``), or
+    None when ``ref`` has a folder part: ``./x.yaml`` and ``runs/a/recipe.yaml`` are paths only."""
+    if not ref or Path(ref).name != ref or ref in (".", ".."):
+        return None
+    for suffix in (".yaml", ".yml"):
+        if ref.endswith(suffix):
+            return ref[: -len(suffix)]
+    return ref
+
+
+def _name_hint(ref: str) -> str:
+    """' (did you mean X?)' for the shipped recipes closest to ``ref``, or ''."""
+    names = list(shipped_recipes())
+    stem = Path(ref).name
+    for suffix in (".yaml", ".yml"):
+        stem = stem.removesuffix(suffix)
+    if stem in names:
+        # A path such as recipes/quickstart.yaml used outside a clone: the name works anywhere.
+        return f" (the shipped recipe of that name is {stem!r})"
+    close = difflib.get_close_matches(stem, names, n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def find_recipe(ref: str | Path, extended_by: Path | None = None) -> Path:
+    """The recipe file that ``ref`` names, resolved.
+
+    ``ref`` is a path (relative to the working folder, or for ``extended_by``'s ``extends:`` to
+    that file's folder) or the name of a shipped recipe; an existing file wins over a name, so a
+    user's own ``ism_xl.yaml`` beside their recipe shadows the shipped one. A recipe that
+    ``extends`` its own file name (``ism_xl.yaml`` extending ``ism_xl.yaml``) means the shipped
+    recipe of that name: a file cannot extend itself.
+    """
+    text = str(ref)
+    # Absolute but not symlink-resolved: messages and the run's records keep the user's
+    # spelling (a clone's recipes/ links into the package). Identity compares resolved paths.
+    path = Path(os.path.abspath(extended_by.parent / text if extended_by is not None else text))
+    itself = extended_by is not None and path.resolve() == extended_by.resolve()
+    if path.is_file() and not itself:
+        return path
+    name = _recipe_name(text)
+    shipped = shipped_recipes().get(name) if name is not None else None
+    if shipped is not None and not (extended_by and shipped == extended_by.resolve()):
+        return shipped
+    if extended_by is not None:
+        if itself:
+            raise UserError(f"{extended_by}: 'extends: {text}' names the file itself")
+        raise UserError(f"{path}: recipe file not found (named by 'extends' in {extended_by})"
+                        f"{_name_hint(text)}")
+    if name is not None and not path.exists():
+        raise UserError(f"{text}: recipe file not found and no shipped recipe of that name"
+                        f"{_name_hint(text)}; `ismctl recipe list` shows them")
+    raise UserError(f"{path}: recipe file not found{_name_hint(text)}")
+
+
+SUMMARY_WIDTH = 110
+
+
+def recipe_summary(path: Path, width: int = SUMMARY_WIDTH) -> str:
+    """One line on what a recipe is: the first sentence or clause of its leading comment, cut
+    at a clause boundary (', ' or ' (' outside parentheses) to at most ``width`` characters."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    depth, breaks = 0, []
+    # A header starts with what the recipe is, then details after ': ' or '. '
+    # ("iSM with the B/2 backbone (~130M params): the same recipe as ...").
+    for i, ch in enumerate(text):
+        if depth == 0 and ch in ":." and text[i + 1:i + 2] in (" ", ""):
+            text = text[:i]
+            break
+        if depth == 0 and text[i:i + 2] in (", ", " ("):
+            breaks.append(i)
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+    if len(text) <= width:
+        return text
+    fits = [i for i in breaks if i <= width]
+    return text[:fits[-1]] if fits else text[:width - 3] + "..."
+
+
 def read_recipe_file(path: Path, sources: dict[str, str] | None = None,
                      seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A recipe file merged over its ``extends`` parents. ``sources``, when given, receives
-    ``section.field -> file`` for every field a file sets (the last file in the chain wins)."""
-    path = path.resolve()
-    if path in seen:
+    ``section.field -> file`` for every field a file sets (the last file in the chain wins).
+    ``path`` is a file or a shipped recipe's name (:func:`find_recipe`)."""
+    path = find_recipe(path) if not seen else path
+    if path.resolve() in {p.resolve() for p in seen}:
         raise UserError(f"{path}: 'extends' cycle")
-    if not path.is_file():
-        extended = f" (named by 'extends' in {seen[-1]})" if seen else ""
-        raise UserError(f"{path}: recipe file not found{extended}")
     try:
         data = safe_load_unique(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -396,8 +490,8 @@ def read_recipe_file(path: Path, sources: dict[str, str] | None = None,
     own = {f"{section}.{name}": str(path) for section, fields in data.items()
            if isinstance(fields, dict) for name in fields}
     if parent is not None:
-        data = _deep_merge(read_recipe_file(path.parent / str(parent), sources, (*seen, path)),
-                           data)
+        data = _deep_merge(read_recipe_file(find_recipe(str(parent), extended_by=path),
+                                            sources, (*seen, path)), data)
     if sources is not None:
         sources.update(own)
     return data
@@ -464,7 +558,8 @@ def _validate(data: dict[str, Any], where: str) -> Recipe:
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file (or the defaults when ``path`` is None) and apply overrides.
+    """Read a recipe (a file or a shipped recipe's name; the defaults when ``path`` is None)
+    and apply overrides.
 
     An error names its cause: the file when the file alone is already invalid, else the first
     ``--set`` after which the recipe is.

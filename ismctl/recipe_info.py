@@ -1,5 +1,6 @@
-"""``ismctl recipe show``, ``recipe keys`` and ``train --dry-run``: what a recipe resolves to,
-what can be set, and what a run would do, without writing anything.
+"""``ismctl recipe show``, ``recipe keys``, ``recipe list`` and ``train --dry-run``: what a
+recipe resolves to, what can be set, which recipes are shipped, and what a run would do, without
+writing anything.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from typing import Any
 from pydantic.fields import FieldInfo
 from rich.console import Console
 
-from ismctl.recipe import Recipe, canonical_key, load_recipe, read_recipe_file
+from ismctl.recipe import (
+    Recipe,
+    canonical_key,
+    find_recipe,
+    load_recipe,
+    read_recipe_file,
+    recipe_summary,
+    shipped_recipes,
+)
 
 DEFAULT = "default"
 
@@ -39,8 +48,8 @@ def resolve_with_sources(path: str | Path | None,
     found: dict[str, str] = {}
     top = None
     if path is not None:
-        top = str(Path(path).resolve())
-        read_recipe_file(Path(path), found)
+        top = str(find_recipe(path))
+        read_recipe_file(Path(top), found)
     sources = {k: ("file " if f == top else "extends ") + f for k, f in found.items()}
     for assignment in overrides or []:
         key = assignment.partition("=")[0]
@@ -84,6 +93,15 @@ def _type_name(annotation: Any) -> str:
     if annotation is type(None):
         return "null"
     return getattr(annotation, "__name__", str(annotation))
+
+
+def print_shipped(console: Console) -> None:
+    """One line per shipped recipe: the name ``train`` takes, and what the recipe is."""
+    recipes = shipped_recipes()
+    width = max(len(name) for name in recipes)
+    for name, path in recipes.items():
+        console.print(f"{name:<{width}}  {recipe_summary(path)}", highlight=False,
+                      soft_wrap=True, markup=False)
 
 
 def print_keys(console: Console) -> None:

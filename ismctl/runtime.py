@@ -29,36 +29,30 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a SLURM or container
+    allocation), which can be fewer than the machine's."""
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
 
 
-def busy_cores() -> int:
-    """Cores already busy with other work: the 1-minute load average, rounded."""
-    try:
-        return int(os.getloadavg()[0] + 0.5)
-    except (AttributeError, OSError):
-        return 0
-
-
 def default_threads() -> int:
-    """``OMP_NUM_THREADS`` when set, else the cores not busy with other work when the command
-    starts, shared among the processes of this node (torchrun's ``LOCAL_WORLD_SIZE``), at
-    least one.
+    """``OMP_NUM_THREADS`` when set, else every usable core, shared among the processes of this
+    node (torchrun's ``LOCAL_WORLD_SIZE``), at least one.
 
-    Torch's own default, one thread per core, oversubscribes a machine that other jobs share:
-    every parallel region then waits for its slowest thread, whose core is taken. Measured on a
-    loaded 2-core machine (``make bench``, sampling paths): two threads ran the quickstart's
-    sampler at half the speed of one. On an idle machine all cores are used, as before. Set
-    ``--threads`` (or ``OMP_NUM_THREADS``) for a fixed count, e.g. for bitwise-repeatable runs.
+    The load average is not consulted: it lags by a minute and counts the machine's own
+    history, so in a pipeline (train, then eval) it counts the command that just finished and
+    left an idle machine to one thread. Where other jobs really do hold cores, fewer threads
+    are faster (``make bench``, ``threads``: on a 2-core machine with one core busy, two threads
+    sampled at about half the speed of one): set ``--threads`` or ``OMP_NUM_THREADS`` there,
+    and for bitwise-repeatable runs.
     """
-    env = os.environ.get("OMP_NUM_THREADS", "")
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    free = max(1, usable_cores() - busy_cores())
-    return max(1, free // max(1, local))
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    ranks = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(1, usable_cores() // ranks)
 
 
 def set_threads(threads: int | None) -> int:
@@ -68,6 +62,25 @@ def set_threads(threads: int | None) -> int:
     n = default_threads() if threads is None else threads
     torch.set_num_threads(n)
     return n
+
+
+def needs_torch(version: str, what: str, hint: str = "") -> UserError:
+    """The one-line error for a feature this torch lacks: ``what`` needs torch >= ``version``.
+    Releases older than pyproject's minimum are refused where a feature is used, not on import,
+    so that what they can do still runs."""
+    return UserError(f"{what} needs torch >= {version} (this is torch {torch.__version__})"
+                     + (f"; {hint}" if hint else ""))
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """Attention on the math kernel, whose ops have forward-mode derivatives (``torch.func.jvp``
+    through the fused kernels is not implemented). torch >= 2.3."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as exc:
+        raise needs_torch("2.3", "a Jacobian-vector product through attention "
+                                 "(objective.mode meanflow)") from exc
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

@@ -126,3 +126,12 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
         assert set(keep["workers_per_gpu"]) == {"A100", "H100"}
         assert all(isinstance(n, int) and n >= 1 for n in keep["workers_per_gpu"].values())
     assert all(isinstance(g["met"], bool) and math.isfinite(g["value"]) for g in stored["goals"])
+    # All cores against one thread, as the machine is and with cores - 1 busy processes.
+    threads = stored["threads"]
+    if threads is not None:
+        assert threads["cores"] >= 2 and threads["busy"]["busy_processes"] == threads["cores"] - 1
+        for case in ("as_is", "busy"):
+            assert positive(threads[case]["ratio_all_over_one"])
+            assert threads[case]["ratio_all_over_one"] == pytest.approx(
+                threads[case]["all_cores_sample_steps_per_s"]
+                / threads[case]["one_thread_sample_steps_per_s"])

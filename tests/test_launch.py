@@ -90,20 +90,42 @@ def test_default_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert default_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr("ismctl.runtime.usable_cores", lambda: 16)
-    monkeypatch.setattr("ismctl.runtime.busy_cores", lambda: 0)
+    # Every usable core, whatever the load average says (it lags and counts the command that
+    # ran just before: an idle machine looked busy to an eval right after a training run).
+    monkeypatch.setattr("os.getloadavg", lambda: (15.0, 15.0, 15.0))
     assert default_threads() == 16
-    monkeypatch.setattr("ismctl.runtime.busy_cores", lambda: 6)
-    assert default_threads() == 10
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_threads() == 1
+    # OMP_NUM_THREADS wins over the torchrun share; empty or nonsense values are ignored.
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert default_threads() == 2
-    # A 2-core machine with one core taken by another job: one thread, never zero.
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    monkeypatch.setattr("ismctl.runtime.usable_cores", lambda: 2)
-    monkeypatch.setattr("ismctl.runtime.busy_cores", lambda: 1)
-    assert default_threads() == 1
-    monkeypatch.setattr("ismctl.runtime.busy_cores", lambda: 5)
-    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "")
+    assert default_threads() == 16
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "x")
+    assert default_threads() == 16
+
+
+def test_usable_cores_is_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ismctl.runtime import usable_cores
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 5, 7}, raising=False)
+    assert usable_cores() == 3
+
+
+def test_threads_option_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    try:
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        assert set_threads(None) == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_set_threads() -> None:

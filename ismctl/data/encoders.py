@@ -106,6 +106,21 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "~", os.sep)) or name.count("/") != 1 or name.endswith("/")
 
 
+def diffusers_import_error(exc: BaseException) -> str:
+    """Why diffusers does not import, in one line. pip installs the newest diffusers whatever
+    torch is installed, and recent releases use torch APIs that older torch releases lack."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = f"diffusers {version('diffusers')}"
+    except PackageNotFoundError:
+        found = "diffusers"
+    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return (f"the VAE encoder needs {found}, which does not import with torch "
+            f"{torch.__version__} ({reason}); with this torch install an older diffusers "
+            "(pip install 'diffusers<0.37' for torch 2.4) or upgrade torch")
+
+
 HUB = "https://huggingface.co"
 OFFLINE_HELP = ("on a machine with network, run `AutoencoderKL.from_pretrained(\"{name}\")"
                 ".save_pretrained(\"DIR\")` (diffusers), copy DIR here and pass --vae DIR "
@@ -158,7 +173,10 @@ def load_encoder(name: str, device: torch.device | str = "cpu",
     device = torch.device(device)
     if name == IDENTITY:
         return IdentityEncoder(scale_factor or 1.0)
-    from diffusers import AutoencoderKL
+    try:
+        from diffusers import AutoencoderKL
+    except Exception as exc:  # noqa: BLE001 - newer diffusers fail on older torch in many ways
+        raise UserError(diffusers_import_error(exc)) from exc
 
     path = Path(name).expanduser()
     kwargs: dict[str, Any] = {}

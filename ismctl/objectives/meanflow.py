@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ismctl.guidance import interval_weight, sample_guidance
 from ismctl.objectives import LossFn, Network, ObjectiveSpec, register_objective
@@ -47,6 +46,7 @@ from ismctl.objectives.shortcut import (
     split_sizes,
 )
 from ismctl.recipe import GuidanceCfg, ObjectiveCfg, Recipe
+from ismctl.runtime import math_attention
 
 # Forward-pass equivalents of one JVP (primal plus tangent through every matrix product).
 JVP_PASSES = 2.0
@@ -78,7 +78,7 @@ def total_derivative(net: Network, x: Tensor, t: Tensor, d: Tensor, y: Tensor, w
     def f(x_: Tensor, t_: Tensor, d_: Tensor) -> Tensor:
         return net(x_, t_, d_, y, w)
 
-    with sdpa_kernel(SDPBackend.MATH):
+    with math_attention():
         return torch.func.jvp(f, (x, t, d), (v.to(x.dtype), torch.ones_like(t),
                                               -torch.ones_like(d)))
 

@@ -168,11 +168,11 @@ def test_plan_without_inception(empty_hub, monkeypatch):
         plan_metrics(None, ["fid", "isc", "prc"], digits=False)
     assert "\n" not in str(err.value) and URL_INCEPTION_V3 in str(err.value)
     p = plan_metrics(None, ["fid", "isc", "prc"], digits=True)
-    assert p.metrics == ["acc", "fd-digits", "cfd-digits"]
+    assert p.metrics == ["acc", "fd-digits", "cfd-digits", "spread-digits"]
     assert len(p.notes) == 1 and "fid, isc, prc skipped" in p.notes[0]
     assert set(p.groups) == {"digits"}
     only_fid = plan_metrics(["fid"], [], digits=True)
-    assert only_fid.metrics == ["acc", "fd-digits", "cfd-digits"] and len(only_fid.notes) == 2
+    assert only_fid.metrics == ["acc", "fd-digits", "cfd-digits", "spread-digits"] and len(only_fid.notes) == 2
 
 
 @needs_ts

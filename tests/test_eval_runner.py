@@ -101,7 +101,7 @@ def test_digits_without_inception_notes_and_defaults(run, tmp_path, monkeypatch)
     monkeypatch.setattr(inception, "fid_helper_weights_path", lambda: None)
     results = evaluate(None, [1], [1.0], 20, None, None, tmp_path / "r.json", None,
                        save_npz=False, batch_size=8, seed=0, device="cpu", progress=False)
-    assert results["metrics"] == ["acc", "fd-digits", "cfd-digits"]
+    assert results["metrics"] == ["acc", "fd-digits", "cfd-digits", "spread-digits"]
     assert results["select_by"] == "cfd-digits"
     assert any("fid, isc, prc skipped" in n for n in results["notes"])
     assert "npz" not in results["points"][0]

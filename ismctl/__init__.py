@@ -1,6 +1,6 @@
 """ismctl: improved shortcut models (iSM) — train, sample, evaluate and ablate.
 
-The Python API (:mod:`ismctl.api`)::
+The Python API (:mod:`ismctl.tools.api`)::
 
     from ismctl import load_model
     model = load_model("runs/quickstart")        # a run, a checkpoint, an export or weights
@@ -15,13 +15,13 @@ __version__ = "0.1.0"
 __all__ = ["Model", "__version__", "export_run", "init_from_pretrained", "load_model"]
 
 if TYPE_CHECKING:
-    from ismctl.api import Model, load_model
-    from ismctl.export import export_run
-    from ismctl.pretrained import init_from_pretrained
+    from ismctl.networks.pretrained import init_from_pretrained
+    from ismctl.tools.api import Model, load_model
+    from ismctl.tools.export import export_run
 
 # Imported on first use, so `import ismctl` (and the command line's start) stays light.
-_LAZY = {"Model": "ismctl.api", "load_model": "ismctl.api", "export_run": "ismctl.export",
-         "init_from_pretrained": "ismctl.pretrained"}
+_LAZY = {"Model": "ismctl.tools.api", "load_model": "ismctl.tools.api",
+         "export_run": "ismctl.tools.export", "init_from_pretrained": "ismctl.networks.pretrained"}
 
 
 def __getattr__(name: str) -> Any:

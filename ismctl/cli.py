@@ -3,7 +3,7 @@
 Bad input raises UserError anywhere below; `main` turns it into one red line on stderr and
 exit code 2 (`--debug`, anywhere on the command line, shows the traceback instead). A training
 run stopped by SIGTERM or SIGUSR1 after writing its checkpoint exits with
-`ismctl.preemption.PREEMPTED_EXIT_CODE` (75); stopped by Ctrl-C (after its checkpoint, or at
+`ismctl.system.preemption.PREEMPTED_EXIT_CODE` (75); stopped by Ctrl-C (after its checkpoint, or at
 once on a second Ctrl-C) with 130 and one line saying what was kept or lost.
 """
 
@@ -19,14 +19,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ismctl.errors import UserError
-from ismctl.preemption import (
+from ismctl.system.preemption import (
     INTERRUPT,
     INTERRUPTED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
     Interrupted,
     Preempted,
 )
+from ismctl.utils.errors import UserError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -109,7 +109,7 @@ def prepare_latents_cmd(
 ) -> None:
     """Encode a dataset into webdataset shards + manifest.json (resumable, torchrun-aware)."""
     from ismctl.data.prepare import default_workers, prepare_latents
-    from ismctl.runtime import set_threads
+    from ismctl.system.runtime import set_threads
 
     num_workers = _renamed(num_workers, workers, "--num-workers", "--workers")
     _at_least(num_workers, 0, "--num-workers")
@@ -137,21 +137,21 @@ def train(
     threads: Threads = None,
 ) -> None:
     """Train a shortcut model (single process, or DDP under torchrun)."""
-    from ismctl.recipe import load_recipe
-    from ismctl.runtime import set_threads
+    from ismctl.config.recipe import load_recipe
+    from ismctl.system.runtime import set_threads
 
     set_threads(threads)
     resolved = load_recipe(recipe, set_)
     if dry_run:
-        from ismctl.recipe_info import plan_training, print_plan
+        from ismctl.tools.recipe_info import plan_training, print_plan
 
         print_plan(plan_training(resolved, str(recipe), resume="auto" if auto_resume else resume,
                                  overwrite=overwrite), console)
         return
-    from ismctl.trainer import train as run_training
+    from ismctl.training.trainer import train as run_training
 
-    # In the training loop Ctrl-C checkpoints (ismctl.preemption); before it, the start is
-    # taken back (ismctl.runfolder).
+    # In the training loop Ctrl-C checkpoints (ismctl.system.preemption); before it, the start is
+    # taken back (ismctl.training.runfolder).
     with _on_ctrl_c("stopped by Ctrl-C before the first training step; the run folder is as "
                     "it was"):
         run_dir = run_training(resolved, str(recipe),
@@ -180,11 +180,11 @@ def sample(
 ) -> None:
     """Generate images from a trained run. A folder or an .npz is written as the samples are
     made: an interrupted job keeps them, and the same command continues it."""
-    from ismctl.checkpoint import load_for_sampling
-    from ismctl.pngdir import is_png_folder
-    from ismctl.protocol import choose_point
-    from ismctl.runtime import set_threads
-    from ismctl.streamout import write_samples
+    from ismctl.runs.checkpoint import load_for_sampling
+    from ismctl.sampling.pngdir import is_png_folder
+    from ismctl.sampling.protocol import choose_point
+    from ismctl.sampling.streamout import write_samples
+    from ismctl.system.runtime import set_threads
 
     num_samples = _renamed(num_samples, num, "--num-samples", "--num")
     num_samples = 64 if num_samples is None else num_samples
@@ -237,8 +237,8 @@ def eval_cmd(
 ) -> None:
     """FID / IS / precision-recall at chosen step counts and guidance strengths."""
     from ismctl.evaluation import evaluate
-    from ismctl.guidance import parse_guidance
-    from ismctl.runtime import set_threads
+    from ismctl.objectives.guidance import parse_guidance
+    from ismctl.system.runtime import set_threads
 
     _at_least(num_samples, 2, "--num-samples")
     _at_least(batch_size, 1, "--batch-size")
@@ -278,9 +278,9 @@ def ablate(
 ) -> None:
     """Train and evaluate recipe variants (iSM components switched off, or a swept field),
     each at its own best guidance per step count, over one or more seeds."""
-    from ismctl.ablate import run_ablation
-    from ismctl.launch import Torchrun
-    from ismctl.runtime import set_threads
+    from ismctl.system.launch import Torchrun
+    from ismctl.system.runtime import set_threads
+    from ismctl.tools.ablate import run_ablation
 
     _at_least(eval_num_samples, 2, "--eval-num-samples")
     set_threads(threads)
@@ -305,12 +305,12 @@ def bench(
     full: Annotated[bool, typer.Option(help="The GPU check: B/2 and XL/2, eager/compiled x fp32/bf16, plus a 200-step run (needs CUDA).")] = False,
 ) -> None:
     """Step-time split, component overheads, loader and sampling throughput, MFU on GPU."""
-    from ismctl.bench import run_bench
+    from ismctl.tools.bench import run_bench
 
     names = None if presets is None else [p.strip() for p in presets.split(",")]
     if full:
-        from ismctl.gpu_check import PRESETS, CheckFailed, run_gpu_check
-        from ismctl.runtime import set_threads
+        from ismctl.system.runtime import set_threads
+        from ismctl.tools.gpu_check import PRESETS, CheckFailed, run_gpu_check
 
         set_threads(threads)
         try:
@@ -332,7 +332,7 @@ def export_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
 ) -> None:
     """Write a self-contained model folder that `ismctl.load_model` loads without the run."""
-    from ismctl.export import export_run
+    from ismctl.tools.export import export_run
 
     folder = export_run(run, out, which=which, results=results, overwrite=overwrite)
     console.print(f"[green]exported[/] {escape(str(run))} to {escape(str(folder))}")
@@ -346,7 +346,7 @@ def data_check(
     sample readable with the manifest's shape and a label in range, the counts."""
     from ismctl.data.manifest import read_manifest
     from ismctl.data.verify import REPAIR, check_dataset
-    from ismctl.progress import progress_bar
+    from ismctl.utils.progress import progress_bar
 
     shards = len(read_manifest(folder).shards)
     with progress_bar(f"checking {folder}", total=shards, unit="shard") as bar:
@@ -367,7 +367,7 @@ def recipe_show(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set optim.lr=2e-4 (repeatable).")] = None,
 ) -> None:
     """Every field of the resolved recipe, its value and where it came from."""
-    from ismctl.recipe_info import print_resolved, resolve_with_sources
+    from ismctl.tools.recipe_info import print_resolved, resolve_with_sources
 
     print_resolved(*resolve_with_sources(recipe, set_), console)
 
@@ -376,7 +376,7 @@ def recipe_show(
 def recipe_list() -> None:
     """The recipes shipped with ismctl, one line each: the name to pass to `train`, and what
     it is."""
-    from ismctl.recipe_info import print_shipped
+    from ismctl.tools.recipe_info import print_shipped
 
     print_shipped(console)
 
@@ -384,7 +384,7 @@ def recipe_list() -> None:
 @recipe_app.command("keys")
 def recipe_keys() -> None:
     """Every settable recipe key (for the YAML file or --set) with its default and meaning."""
-    from ismctl.recipe_info import print_keys
+    from ismctl.tools.recipe_info import print_keys
 
     print_keys(console)
 

@@ -13,16 +13,16 @@ from typing import Any
 
 import pytest
 
-from ismctl.ablate import (
+from ismctl.config.recipe import Recipe, load_recipe
+from ismctl.tools.ablate import (
     ORDER,
     disable,
     paper_fid,
     plan_sweep,
     plan_variants,
 )
-from ismctl.ablate_report import aggregate, main_values, markdown, summarise, write_chart
-from ismctl.errors import UserError
-from ismctl.recipe import Recipe, load_recipe
+from ismctl.tools.ablate_report import aggregate, main_values, markdown, summarise, write_chart
+from ismctl.utils.errors import UserError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -247,7 +247,7 @@ def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_run_ablation_end_to_end_on_digits(digits_data: Path, tmp_path: Path) -> None:
-    from ismctl.ablate import run_ablation
+    from ismctl.tools.ablate import run_ablation
 
     out = tmp_path / "ablate"
     overrides = [f"data.path={digits_data}", "train.steps=20", "optim.warmup_steps=0",
@@ -296,7 +296,7 @@ def test_run_ablation_end_to_end_on_digits(digits_data: Path, tmp_path: Path) ->
 @pytest.mark.slow
 def test_sweep_with_seeds_trains_one_run_per_value_and_seed(digits_data: Path,
                                                             tmp_path: Path) -> None:
-    from ismctl.ablate import run_ablation
+    from ismctl.tools.ablate import run_ablation
 
     out = tmp_path / "sweep"
     overrides = [f"data.path={digits_data}", "train.steps=10", "optim.warmup_steps=0",
@@ -327,7 +327,7 @@ def test_sweep_with_seeds_trains_one_run_per_value_and_seed(digits_data: Path,
 def test_ablation_full_variant_learns(digits_data: Path, tmp_path: Path) -> None:
     """Long enough for the full recipe to learn the classes: its samples are recognised as the
     requested digit far above chance (0.1); the variant differs only in its flipped field."""
-    from ismctl.ablate import run_ablation
+    from ismctl.tools.ablate import run_ablation
 
     out = tmp_path / "ablate"
     overrides = [f"data.path={digits_data}", "train.steps=200", "optim.lr=2e-3",
@@ -346,8 +346,8 @@ def test_ablation_full_variant_learns(digits_data: Path, tmp_path: Path) -> None
 
 def test_a_variant_trained_with_another_recipe_is_not_continued(quickstart: Recipe,
                                                                 tmp_path: Path) -> None:
-    from ismctl.ablate import _check_stored_recipe
-    from ismctl.recipe import save_recipe
+    from ismctl.config.recipe import save_recipe
+    from ismctl.tools.ablate import _check_stored_recipe
 
     run_dir = tmp_path / "full-seed0"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -360,7 +360,7 @@ def test_a_variant_trained_with_another_recipe_is_not_continued(quickstart: Reci
 
 
 def test_default_baseline_is_the_published_sm_recipe_beside_an_ism_one(tmp_path: Path) -> None:
-    from ismctl.ablate import baseline_recipe, default_baseline
+    from ismctl.tools.ablate import baseline_recipe, default_baseline
 
     assert default_baseline(str(RECIPES / "ism_xl.yaml")) == str(RECIPES / "sm_xl.yaml")
     assert default_baseline(str(RECIPES / "ism_b.yaml")) == str(RECIPES / "sm_b.yaml")
@@ -381,7 +381,7 @@ def test_default_baseline_is_the_published_sm_recipe_beside_an_ism_one(tmp_path:
 def _fake_ablation(monkeypatch: pytest.MonkeyPatch) -> list[Recipe]:
     """run_ablation's plumbing without training: record the trained recipes, and give every
     run an sm-style (w = 0) or ism-style (w = 1) result."""
-    import ismctl.ablate as ablate
+    import ismctl.tools.ablate as ablate
 
     trained: list[Recipe] = []
     monkeypatch.setattr(ablate, "_train_variant", lambda recipe, *a, **k: trained.append(recipe))
@@ -398,7 +398,7 @@ def _fake_ablation(monkeypatch: pytest.MonkeyPatch) -> list[Recipe]:
 
 def test_cumulative_ism_xl_starts_from_the_published_sm_baseline(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from ismctl.ablate import run_ablation
+    from ismctl.tools.ablate import run_ablation
 
     trained = _fake_ablation(monkeypatch)
     report = run_ablation(str(RECIPES / "ism_xl.yaml"), None, cumulative=True, out=tmp_path,
@@ -425,7 +425,7 @@ def test_cumulative_ism_xl_starts_from_the_published_sm_baseline(
 
 def test_cumulative_quickstart_baseline_is_the_official_sm_unless_given(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from ismctl.ablate import run_ablation
+    from ismctl.tools.ablate import run_ablation
 
     trained = _fake_ablation(monkeypatch)
     quick = str(RECIPES / "quickstart.yaml")

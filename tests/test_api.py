@@ -13,18 +13,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ismctl import load_model
-from ismctl.checkpoint import (
+from ismctl.config.recipe import load_recipe, save_recipe
+from ismctl.data.manifest import read_manifest
+from ismctl.runs.checkpoint import (
     WEIGHT_FILES,
     list_checkpoints,
     load_for_sampling,
     model_from_recipe,
     save_checkpoint,
 )
-from ismctl.data.manifest import read_manifest
-from ismctl.errors import UserError
-from ismctl.generate import generate_images, image_grid
-from ismctl.protocol import choose_point, remember_best
-from ismctl.recipe import load_recipe, save_recipe
+from ismctl.sampling.generate import generate_images, image_grid
+from ismctl.sampling.protocol import choose_point, remember_best
+from ismctl.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = REPO / "recipes" / "quickstart.yaml"

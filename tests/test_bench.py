@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from ismctl.bench import (
+from ismctl.tools.bench import (
     Sections,
     coupler_throughput,
     flow_matching_loss,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ismctl.checkpoint import list_checkpoints
-from ismctl.integrity import SUMS_NAME, DamagedFile, check_files, check_structure
+from ismctl.runs.checkpoint import list_checkpoints
+from ismctl.runs.integrity import SUMS_NAME, DamagedFile, check_files, check_structure
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = str(REPO / "recipes" / "quickstart.yaml")
@@ -30,9 +30,9 @@ def overrides(data: Path, root: Path, name: str, steps: int) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-step run with checkpoints at steps 2 and 4 (copied by each test)."""
+    from ismctl.config.recipe import load_recipe
     from ismctl.data.prepare import prepare_latents
-    from ismctl.recipe import load_recipe
-    from ismctl.trainer import train
+    from ismctl.training.trainer import train
 
     root = tmp_path_factory.mktemp("integrity")
     prepare_latents("digits", out=root / "digits", progress=False)
@@ -49,7 +49,7 @@ def run(trained: Path, tmp_path: Path) -> Path:
 
 
 def data_of(run: Path) -> Path:
-    from ismctl.recipe import load_recipe
+    from ismctl.config.recipe import load_recipe
 
     return Path(load_recipe(run / "recipe.yaml").data.path)
 
@@ -153,7 +153,7 @@ def test_checkpoints_without_digests_still_load_and_truncation_is_caught(
 
 def test_an_export_checks_its_weights(ismctl_main: Callable[..., int], run: Path,
                                       tmp_path: Path) -> None:
-    from ismctl.api import load_model
+    from ismctl.tools.api import load_model
 
     assert ismctl_main("export", str(run), "--out", str(tmp_path / "e")) == 0
     load_model(tmp_path / "e", device="cpu")

@@ -11,7 +11,10 @@ import torch
 from safetensors import safe_open
 
 import ismctl
-from ismctl.checkpoint import (
+from ismctl.config.recipe import load_recipe
+from ismctl.data.manifest import Manifest, ShardInfo, write_manifest
+from ismctl.networks.model import ShortcutDiT, build_model
+from ismctl.runs.checkpoint import (
     WEIGHT_FILES,
     file_sha256,
     model_config,
@@ -19,9 +22,6 @@ from ismctl.checkpoint import (
     recipe_sha256,
     save_checkpoint,
 )
-from ismctl.data.manifest import Manifest, ShardInfo, write_manifest
-from ismctl.model import ShortcutDiT, build_model
-from ismctl.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,9 +19,9 @@ QUICK = str(REPO / "recipes" / "quickstart.yaml")
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ismctl.config.recipe import load_recipe
     from ismctl.data.prepare import prepare_latents
-    from ismctl.recipe import load_recipe
-    from ismctl.trainer import train
+    from ismctl.training.trainer import train
 
     root = tmp_path_factory.mktemp("cli")
     prepare_latents("digits", out=root / "digits", progress=False)
@@ -149,7 +149,7 @@ def test_bad_recipe_creates_no_run_folder(text: str, digits_run: Path, tmp_path:
 def test_version_and_debug(ismctl_main: Callable[..., int], monkeypatch: pytest.MonkeyPatch,
                            capsys: pytest.CaptureFixture[str]) -> None:
     import ismctl
-    from ismctl.errors import UserError
+    from ismctl.utils.errors import UserError
 
     assert ismctl_main("--version") == 0
     assert capsys.readouterr().out.strip() == f"ismctl {ismctl.__version__}"
@@ -190,8 +190,8 @@ def test_old_option_names_are_hidden_aliases(
 
 
 def test_device_names_are_checked_before_use(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ismctl.distributed import resolve_device
-    from ismctl.errors import UserError
+    from ismctl.system.distributed import resolve_device
+    from ismctl.utils.errors import UserError
 
     assert resolve_device("cpu") == torch.device("cpu")
     for name in ("tpu", "cuda:", "gpu", "cpu:0"):

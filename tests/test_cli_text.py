@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import ismctl.cli as cli
-from ismctl.errors import UserError
+from ismctl.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = str(REPO / "recipes" / "quickstart.yaml")
@@ -29,7 +29,7 @@ def test_an_error_message_keeps_its_brackets(
         raise UserError("fid: needs the optional packages; pip install 'ismctl[fid]' "
                         "([bold]not markup[/bold])")
 
-    monkeypatch.setattr("ismctl.recipe_info.print_keys", keys)
+    monkeypatch.setattr("ismctl.tools.recipe_info.print_keys", keys)
     assert ismctl_main("recipe", "keys") == 2
     err = capsys.readouterr().err
     assert "pip install 'ismctl[fid]' ([bold]not markup[/bold])" in err, err

@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ismctl.ema import TwinEMA
+from ismctl.config.recipe import GuidanceCfg, LossCfg, ObjectiveCfg
 from ismctl.losses import build_loss
-from ismctl.model import build_model
-from ismctl.objective import shortcut_loss
-from ismctl.recipe import GuidanceCfg, LossCfg, ObjectiveCfg
-from ismctl.runtime import compile_counters, compile_network
-from ismctl.sampler import sample
+from ismctl.networks.model import build_model
+from ismctl.objectives.shortcut import shortcut_loss
+from ismctl.sampling.sampler import sample
+from ismctl.system.runtime import compile_counters, compile_network
+from ismctl.training.ema import TwinEMA
 
 pytestmark = pytest.mark.slow
 

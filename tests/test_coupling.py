@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from ismctl.coupling import STATS, SOTCoupler, coupling_stats, ot_assignment, pair_pool
+from ismctl.data.coupling import STATS, SOTCoupler, coupling_stats, ot_assignment, pair_pool
 
 
 def _pair_cost(x0: np.ndarray, x1: np.ndarray, perm) -> float:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ismctl.coupling import SOLVERS, coupling_stats, ot_assignment, pair_pool
+from ismctl.data.coupling import SOLVERS, coupling_stats, ot_assignment, pair_pool
 
 MODES = ("blind", "within_class", "hybrid")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ismctl.coupling import STATS, coupling_stats
 from ismctl.data.bench import benchmark_loader, make_synthetic_latents
+from ismctl.data.coupling import STATS, coupling_stats
 from ismctl.data.loader import PairedLatents, TrainLoader, iter_dataset, shuffle_stream
 from ismctl.data.manifest import Manifest, ShardInfo, read_manifest, write_manifest
 from ismctl.data.plan import (
@@ -27,7 +27,7 @@ from ismctl.data.plan import (
 )
 from ismctl.data.prepare import prepare_latents
 from ismctl.data.shards import encode_sample, sample_key, sha256_file, write_shard
-from ismctl.errors import UserError
+from ismctl.utils.errors import UserError
 
 NUM_CLASSES = 5
 
@@ -207,7 +207,7 @@ def test_resume_across_pools_that_straddle_epochs(tmp_path: Path) -> None:
 
 
 def _record_pool_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    import ismctl.coupling as coupling
+    import ismctl.data.coupling as coupling
 
     sizes: list[int] = []
     real = coupling.pair_pool

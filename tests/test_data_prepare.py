@@ -17,7 +17,7 @@ from ismctl.data.images import center_crop_arr, load_rgb
 from ismctl.data.manifest import Manifest, read_manifest
 from ismctl.data.prepare import prepare_latents
 from ismctl.data.shards import decode_moments, iter_shard
-from ismctl.errors import UserError
+from ismctl.utils.errors import UserError
 
 CLASSES = ["bird", "cat", "dog"]
 EXTS = {".jpg", ".jpeg", ".png"}

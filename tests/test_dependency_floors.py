@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ismctl.errors import UserError
+from ismctl.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(>=|==)\s*([^\s,;]+)$")
@@ -70,7 +70,7 @@ def test_the_readme_states_the_supported_torch_range() -> None:
 
 
 def test_jvp_attention_on_an_old_torch_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ismctl.runtime import math_attention
+    from ismctl.system.runtime import math_attention
 
     with math_attention():  # this torch has it
         pass
@@ -82,7 +82,7 @@ def test_jvp_attention_on_an_old_torch_is_one_line(monkeypatch: pytest.MonkeyPat
 
 def test_pt_checkpoint_on_an_old_torch_is_one_line(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from ismctl.pretrained import read_pretrained
+    from ismctl.networks.pretrained import read_pretrained
 
     path = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(2)}, path)

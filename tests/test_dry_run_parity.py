@@ -1,5 +1,5 @@
 """Every refusal of `train` is also a refusal of `train --dry-run`, with the same line: both
-call one function (ismctl.preflight.check_start) before anything is written. Each case is
+call one function (ismctl.training.preflight.check_start) before anything is written. Each case is
 run both ways, and neither writes anything."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ismctl.checkpoint import list_checkpoints
+from ismctl.runs.checkpoint import list_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = str(REPO / "recipes" / "quickstart.yaml")
@@ -21,7 +21,7 @@ ISM_XL = str(REPO / "recipes" / "ism_xl.yaml")
 HOLDER = """
 import sys, time
 from pathlib import Path
-from ismctl.runlock import acquire
+from ismctl.training.runlock import acquire
 lock = acquire(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(120)
@@ -35,11 +35,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torch
     from safetensors.torch import save_file
 
+    from ismctl.config.recipe import load_recipe
     from ismctl.data.prepare import prepare_latents
-    from ismctl.model import build_model
-    from ismctl.pretrained import RENAMED
-    from ismctl.recipe import load_recipe
-    from ismctl.trainer import train
+    from ismctl.networks.model import build_model
+    from ismctl.networks.pretrained import RENAMED
+    from ismctl.training.trainer import train
 
     root = tmp_path_factory.mktemp("parity")
     digits = root / "digits"
@@ -159,7 +159,7 @@ def test_the_cases_cover_the_trainers_checks() -> None:
     one function, and this list names what it refuses."""
     import inspect
 
-    import ismctl.preflight as preflight
+    import ismctl.training.preflight as preflight
 
     source = inspect.getsource(preflight.check_start)
     for call in ("check_data", "batches_per_pool", "batches_per_rank", "model_from_recipe",

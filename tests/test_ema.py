@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from ismctl.ema import TwinEMA, ema_decay, unwrap_model
+from ismctl.networks.unwrap import unwrap_model
+from ismctl.training.ema import TwinEMA, ema_decay
 
 
 def _model() -> nn.Module:
@@ -33,7 +34,7 @@ def test_default_is_the_papers_ema() -> None:
     """No warm-up unless a recipe asks (SPEC 3.4); the shipped recipes say which they use."""
     from pathlib import Path
 
-    from ismctl.recipe import EMACfg, load_recipe
+    from ismctl.config.recipe import EMACfg, load_recipe
 
     assert EMACfg().warmup is False and TwinEMA(nn.Linear(2, 2)).warmup is False
     recipes = Path(__file__).resolve().parent.parent / "recipes"

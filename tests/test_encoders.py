@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ismctl.data.encoders import IdentityEncoder, load_encoder, to_uint8
-from ismctl.errors import UserError
+from ismctl.utils.errors import UserError
 
 
 def tiny_vae(scaling_factor: float = 0.18215):

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-from ismctl.errors import UserError
 from ismctl.evaluation import inception, plan
 from ismctl.evaluation.features import ExtractorSpec, features_from_images
 from ismctl.evaluation.inception import (
@@ -20,6 +19,7 @@ from ismctl.evaluation.inception import (
     is_torchscript_archive,
 )
 from ismctl.evaluation.plan import plan_metrics
+from ismctl.utils.errors import UserError
 
 TS_FILE = fid_helper_weights_path()
 needs_ts = pytest.mark.skipif(
@@ -172,7 +172,8 @@ def test_plan_without_inception(empty_hub, monkeypatch):
     assert len(p.notes) == 1 and "fid, isc, prc skipped" in p.notes[0]
     assert set(p.groups) == {"digits"}
     only_fid = plan_metrics(["fid"], [], digits=True)
-    assert only_fid.metrics == ["acc", "fd-digits", "cfd-digits", "spread-digits"] and len(only_fid.notes) == 2
+    assert only_fid.metrics == ["acc", "fd-digits", "cfd-digits", "spread-digits"]
+    assert len(only_fid.notes) == 2
 
 
 @needs_ts

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from test_eval_frechet import PROJ_NAME, PROJ_SIDE, numpy_projection, reference_fd
 
-from ismctl.errors import UserError
 from ismctl.evaluation.features import ExtractorSpec, features_from_images
 from ismctl.evaluation.frechet import feature_stats, frechet_distance
 from ismctl.evaluation.npz import read_npz, write_samples_npz, write_stats_npz
 from ismctl.evaluation.reference import load_reference
+from ismctl.utils.errors import UserError
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ import torch.multiprocessing as mp
 from PIL import Image
 from test_eval_frechet import PROJ_NAME, numpy_projection
 
-from ismctl.errors import UserError
 from ismctl.evaluation import reference as reference_mod
 from ismctl.evaluation.features import ExtractorSpec
 from ismctl.evaluation.frechet import feature_stats
@@ -20,6 +19,7 @@ from ismctl.evaluation.reference import (
     subset_indices,
 )
 from ismctl.evaluation.sources import DigitsImages, FolderImages, open_source
+from ismctl.utils.errors import UserError
 
 SPEC = ExtractorSpec(PROJ_NAME)
 

@@ -11,15 +11,15 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-import ismctl.checkpoint as checkpoint
-from ismctl.checkpoint import LoadedRun
+import ismctl.runs.checkpoint as checkpoint
+from ismctl.config.recipe import Recipe
 from ismctl.data.manifest import Manifest, ShardInfo
-from ismctl.errors import UserError
 from ismctl.evaluation import evaluate, inception
 from ismctl.evaluation.digits_classifier import digits_dataset
-from ismctl.generate import balanced_labels
-from ismctl.pngdir import read_png_folder
-from ismctl.recipe import Recipe
+from ismctl.runs.checkpoint import LoadedRun
+from ismctl.sampling.generate import balanced_labels
+from ismctl.sampling.pngdir import read_png_folder
+from ismctl.utils.errors import UserError
 
 
 class TemplateNet(nn.Module):
@@ -220,7 +220,7 @@ class GuidedTemplateNet(TemplateNet):
 
 
 def test_best_guidance_per_step_count_is_reported_and_remembered(run, tmp_path):
-    from ismctl.protocol import choose_point, read_best
+    from ismctl.sampling.protocol import choose_point, read_best
 
     run.model = GuidedTemplateNet()
     (run.checkpoint).mkdir(parents=True)
@@ -262,7 +262,7 @@ def test_best_guidance_per_step_count_is_reported_and_remembered(run, tmp_path):
 
 
 def test_sm_runs_follow_the_authors_protocol(run, tmp_path):
-    from ismctl.recipe import load_recipe
+    from ismctl.config.recipe import load_recipe
 
     run.recipe = load_recipe("recipes/sm_b.yaml")
     run.mode = "conditional"
@@ -281,7 +281,7 @@ def test_sm_runs_follow_the_authors_protocol(run, tmp_path):
 
 def test_sampling_counts_images(tmp_path, capsys):
     """The sampling bar counts images (img, img/s), and an empty request is refused."""
-    from ismctl.generate import generate_images
+    from ismctl.sampling.generate import generate_images
 
     loaded = _loaded(tmp_path)
     images, labels = generate_images(loaded, 6, 1, 0.0, 0, 4, progress=True)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from ismctl.errors import UserError
 from ismctl.evaluation import dinov2
 from ismctl.evaluation.scores import inception_score, precision_recall
+from ismctl.utils.errors import UserError
 
 
 def numpy_is(logits: np.ndarray) -> float:

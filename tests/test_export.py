@@ -16,10 +16,10 @@ from test_api import make_run
 from typer.testing import CliRunner
 
 from ismctl import export_run, load_model
-from ismctl.checkpoint import read_metadata
 from ismctl.cli import app
-from ismctl.errors import UserError
-from ismctl.protocol import remember_best
+from ismctl.runs.checkpoint import read_metadata
+from ismctl.sampling.protocol import remember_best
+from ismctl.utils.errors import UserError
 
 
 @pytest.fixture(scope="module")

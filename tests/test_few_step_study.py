@@ -128,7 +128,7 @@ def test_wall_clock_budget_is_the_fastest_method_s_full_run(tmp_path: Path) -> N
 
 
 def test_run_names_and_overrides_are_those_of_the_recipes() -> None:
-    from ismctl.recipe import load_recipe
+    from ismctl.config.recipe import load_recipe
 
     sm = fs.METHODS["sm"]
     assert sm.run_name(1.5, 2) == "sm_cfg1.5-seed2"

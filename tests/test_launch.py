@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import ismctl.ablate as ablate
+import ismctl.tools.ablate as ablate
 from ismctl.cli import app
-from ismctl.errors import UserError
-from ismctl.launch import Torchrun
-from ismctl.runtime import default_threads, set_threads
+from ismctl.system.launch import Torchrun
+from ismctl.system.runtime import default_threads, set_threads
+from ismctl.utils.errors import UserError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -91,7 +91,7 @@ def test_default_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr("ismctl.runtime.usable_cores", lambda: 16)
+    monkeypatch.setattr("ismctl.system.runtime.usable_cores", lambda: 16)
     # Every usable core, whatever the load average says (it lags and counts the command that
     # ran just before: an idle machine looked busy to an eval right after a training run).
     monkeypatch.setattr("os.getloadavg", lambda: (15.0, 15.0, 15.0))
@@ -112,7 +112,7 @@ def test_default_threads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_usable_cores_is_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ismctl.runtime import usable_cores
+    from ismctl.system.runtime import usable_cores
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 5, 7}, raising=False)
     assert usable_cores() == 3

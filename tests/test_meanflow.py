@@ -18,11 +18,10 @@ from safetensors.torch import load_file
 from scipy import stats
 from torch import Tensor
 
-from ismctl.checkpoint import list_checkpoints
-from ismctl.errors import UserError
-from ismctl.guidance import baked_scale
-from ismctl.model import build_model
+from ismctl.config.recipe import GuidanceCfg, ObjectiveCfg, Recipe
+from ismctl.networks.model import build_model
 from ismctl.objectives import available_objectives, get_objective
+from ismctl.objectives.guidance import baked_scale
 from ismctl.objectives.meanflow import (
     adaptive_weighted,
     baked_velocity,
@@ -31,9 +30,10 @@ from ismctl.objectives.meanflow import (
     meanflow_target,
     total_derivative,
 )
-from ismctl.protocol import plan_points, run_sampler
-from ismctl.recipe import GuidanceCfg, ObjectiveCfg, Recipe
-from ismctl.sampler import sample
+from ismctl.runs.checkpoint import list_checkpoints
+from ismctl.sampling.protocol import plan_points, run_sampler
+from ismctl.sampling.sampler import sample
+from ismctl.utils.errors import UserError
 
 NUM_CLASSES = 3
 NULL = NUM_CLASSES
@@ -433,15 +433,15 @@ def test_one_step_sample_of_the_closed_form_is_exact() -> None:
 
 
 def test_flops_count_the_jvp_and_guidance_rows() -> None:
-    from ismctl.trainer import _flops_per_sample
+    from ismctl.training.monitor import flops_per_sample
 
     model = build_model("tiny/2", 8, 2, NUM_CLASSES, jump_embedding="continuous")
-    fwd = _flops_per_sample(Recipe.model_validate({"objective": {"mode": "sm"},
+    fwd = flops_per_sample(Recipe.model_validate({"objective": {"mode": "sm"},
                                                    "guidance": {"cfg_scale": 1.0}}), model)
     mf = Recipe.model_validate({"objective": {"mode": "meanflow"},
                                 "guidance": {"omega": 1.0, "kappa": 0.5}})
-    assert _flops_per_sample(mf, model) / fwd == pytest.approx((3 + 2 + 0.5) / 3.5)
-    assert math.isfinite(_flops_per_sample(mf, model))
+    assert flops_per_sample(mf, model) / fwd == pytest.approx((3 + 2 + 0.5) / 3.5)
+    assert math.isfinite(flops_per_sample(mf, model))
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -535,7 +535,7 @@ def test_two_ranks_match_one_process_with_accumulation(digits: Path, tmp_path: P
 def test_ablate_sweeps_the_objective(digits: Path, tmp_path: Path) -> None:
     """`ablate --sweep objective.mode=sm,ism,meanflow`: each variant at its own protocol (sm and
     baked meanflow at w = 0, ism over the grid)."""
-    from ismctl.ablate import run_ablation
+    from ismctl.tools.ablate import run_ablation
 
     overrides = [f"data.path={digits}", "train.steps=3", "optim.warmup_steps=0",
                  "data.batch_size=16", "run.log_every=3", "run.sample_every=1000",
@@ -552,7 +552,7 @@ def test_ablate_sweeps_the_objective(digits: Path, tmp_path: Path) -> None:
 
 
 def test_bench_reports_the_meanflow_step_against_flow_matching() -> None:
-    from ismctl.bench import meanflow_step_ratio
+    from ismctl.tools.bench import meanflow_step_ratio
 
     out = meanflow_step_ratio("tiny/2", 4, 8, torch.device("cpu"), 1, 2)
     assert out["expected_ratio_forward_equivalents"] == pytest.approx((3 + 2 + 0.5) / 3)
@@ -562,8 +562,8 @@ def test_bench_reports_the_meanflow_step_against_flow_matching() -> None:
 def test_composes_with_the_wavelet_loss_and_intrinsic_interval_guidance() -> None:
     """iSM's per-sample wavelet loss under MeanFlow's adaptive weight, with intrinsic and
     interval guidance and a separate target network (twin EMA)."""
+    from ismctl.config.recipe import LossCfg
     from ismctl.losses import build_loss
-    from ismctl.recipe import LossCfg
 
     online, target = _tiny(torch.float32, 0).train(), _tiny(torch.float32, 1)
     x0, x1 = torch.randn(8, 2, 8, 8), torch.randn(8, 2, 8, 8)

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ismctl.errors import UserError
-from ismctl.model import (
+from ismctl.networks.model import (
     PRESETS,
     Attention,
     ShortcutDiT,
@@ -19,6 +18,7 @@ from ismctl.model import (
     num_levels,
     parse_preset,
 )
+from ismctl.utils.errors import UserError
 
 
 def tiny(input_size: int = 8, channels: int = 1, num_classes: int = 10, seed: int = 0,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from ismctl.errors import UserError
+from ismctl.config.recipe import GuidanceCfg, ObjectiveCfg
 from ismctl.objectives.shortcut import (
     bootstrap_target,
     grid_times,
@@ -15,7 +15,7 @@ from ismctl.objectives.shortcut import (
     sm_bootstrap_target,
     split_sizes,
 )
-from ismctl.recipe import GuidanceCfg, ObjectiveCfg
+from ismctl.utils.errors import UserError
 
 NUM_CLASSES = 3
 NULL = NUM_CLASSES

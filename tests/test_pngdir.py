@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ismctl.pngdir import is_png_folder, read_png_folder, write_png_folder
+from ismctl.sampling.pngdir import is_png_folder, read_png_folder, write_png_folder
 
 
 @pytest.mark.parametrize("channels", [1, 3])

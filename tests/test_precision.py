@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ismctl.ema import TwinEMA
-from ismctl.errors import UserError
+from ismctl.config.recipe import GuidanceCfg, LossCfg, ObjectiveCfg
 from ismctl.losses import build_loss
-from ismctl.model import build_model
-from ismctl.objective import shortcut_loss
-from ismctl.recipe import GuidanceCfg, LossCfg, ObjectiveCfg
-from ismctl.runtime import autocast, autocast_dtype
+from ismctl.networks.model import build_model
+from ismctl.objectives.shortcut import shortcut_loss
+from ismctl.system.runtime import autocast, autocast_dtype
+from ismctl.training.ema import TwinEMA
+from ismctl.utils.errors import UserError
 
 CLASSES, SIZE, BATCH = 10, 8, 16
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from ismctl.preemption import STOP_SIGNALS, StopSignals, ignore_stop_signals
+from ismctl.system.preemption import STOP_SIGNALS, StopSignals, ignore_stop_signals
 
 
 @pytest.mark.parametrize("sig", STOP_SIGNALS)
@@ -46,7 +46,7 @@ def test_loader_workers_ignore_stop_signals() -> None:
 
 
 def _rank(rank: int, port: int, folder: Path) -> None:
-    from ismctl.distributed import gather_to_main, init_distributed, shutdown
+    from ismctl.system.distributed import gather_to_main, init_distributed, shutdown
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE="2")

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ismctl.errors import UserError
-from ismctl.model import build_model
-from ismctl.pretrained import init_from_pretrained, read_pretrained
+from ismctl.networks.model import build_model
+from ismctl.networks.pretrained import init_from_pretrained, read_pretrained
+from ismctl.utils.errors import UserError
 
 
 def dit_modulate(x, shift, scale):
@@ -204,7 +204,7 @@ def test_dit_checkpoint_gives_the_same_output_at_d0_w0(tmp_path: Path) -> None:
 def test_continuous_jump_networks_import_at_the_source_time(capsys) -> None:
     """A MeanFlow (continuous jump embedding) network feeds t unscaled: the import gives
     F(x, t, 0, c, 0) = source(x, t, c), and the report says so (not 1000 t)."""
-    from ismctl.pretrained import plan_import, print_report
+    from ismctl.networks.pretrained import plan_import, print_report
 
     src = random_dit()
     torch.manual_seed(1)
@@ -298,10 +298,10 @@ def test_training_starts_from_the_checkpoint_and_resume_ignores_it(tmp_path: Pat
                                                                    capsys) -> None:
     from safetensors.torch import load_file as load_st
 
-    from ismctl.checkpoint import list_checkpoints, read_metadata, recipe_sha256
+    from ismctl.config.recipe import load_recipe
     from ismctl.data.prepare import prepare_latents
-    from ismctl.recipe import load_recipe
-    from ismctl.trainer import train
+    from ismctl.runs.checkpoint import list_checkpoints, read_metadata, recipe_sha256
+    from ismctl.training.trainer import train
 
     data = tmp_path / "digits"
     prepare_latents("digits", out=data, progress=False)

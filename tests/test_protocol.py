@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ismctl.errors import UserError
-from ismctl.guidance import parse_guidance
-from ismctl.protocol import (
+from ismctl.config.recipe import load_recipe
+from ismctl.objectives.guidance import parse_guidance
+from ismctl.sampling.protocol import (
     Point,
     best_points,
     choose_point,
@@ -20,7 +20,7 @@ from ismctl.protocol import (
     read_best,
     remember_best,
 )
-from ismctl.recipe import load_recipe
+from ismctl.utils.errors import UserError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

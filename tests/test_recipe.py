@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ismctl.errors import UserError
-from ismctl.recipe import Recipe, apply_override, load_recipe, recipe_from_dict, save_recipe
+from ismctl.config.recipe import Recipe, apply_override, load_recipe, recipe_from_dict, save_recipe
+from ismctl.utils.errors import UserError
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -183,7 +183,7 @@ def test_old_spelling_of_the_sot_pool_still_reads_and_resumes(tmp_path: Path) ->
     """coupling.pool_batches (global batches) and coupling.within_class, as recipes saved by
     older runs have them, become pool_size = K x data.batch_size and mode; conflicting new
     spellings are a one-line error."""
-    from ismctl.resume import unsafe_changes
+    from ismctl.training.resume import unsafe_changes
 
     quick = load_recipe(Path("recipes/quickstart.yaml"))
     old = quick.model_dump(mode="json")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ismctl.checkpoint import prune_checkpoints
-from ismctl.recipe import Recipe, load_recipe
-from ismctl.recipe_info import (
+from ismctl.config.recipe import Recipe, load_recipe
+from ismctl.runs.checkpoint import prune_checkpoints
+from ismctl.tools.recipe_info import (
     checkpoint_steps,
     kept_checkpoints,
     plan_training,
@@ -31,7 +31,7 @@ def _tree(root: Path) -> list[tuple[str, float]]:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-step run of the quickstart recipe on the digits (one checkpoint)."""
     from ismctl.data.prepare import prepare_latents
-    from ismctl.trainer import train
+    from ismctl.training.trainer import train
 
     root = tmp_path_factory.mktemp("info")
     prepare_latents("digits", out=root / "digits", progress=False)
@@ -165,7 +165,7 @@ def test_dry_run_refuses_the_init_from_files_the_run_refuses(
     that is not a checkpoint and a network of other shapes each exit 2 with the run's line."""
     import torch
 
-    from ismctl.model import build_model
+    from ismctl.networks.model import build_model
 
     root = trained.parent
     base = ["train", QUICK, "--dry-run", "--set", f"data.path={root / 'digits'}",

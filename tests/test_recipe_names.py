@@ -12,15 +12,15 @@ from typer.testing import CliRunner
 
 import ismctl
 from ismctl.cli import app
-from ismctl.errors import UserError
-from ismctl.recipe import (
+from ismctl.config.recipe import (
     find_recipe,
     load_recipe,
     recipe_summary,
     shipped_recipe_dir,
     shipped_recipes,
 )
-from ismctl.recipe_info import resolve_with_sources
+from ismctl.tools.recipe_info import resolve_with_sources
+from ismctl.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = {"ism_b", "ism_xl", "meanflow_b", "meanflow_digits", "meanflow_xl", "quickstart",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ismctl.errors import UserError
-from ismctl.recipe import load_recipe
-from ismctl.yamlio import safe_load_unique
+from ismctl.config.recipe import load_recipe
+from ismctl.utils.errors import UserError
+from ismctl.utils.yamlio import safe_load_unique
 
 
 def test_a_repeated_field_is_refused_with_its_line(tmp_path: Path) -> None:

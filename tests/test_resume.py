@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ismctl.errors import UserError
-from ismctl.recipe import Recipe, load_recipe, save_recipe
-from ismctl.resume import changed_fields, check_resumable, unsafe_changes
+from ismctl.config.recipe import Recipe, load_recipe, save_recipe
+from ismctl.training.resume import changed_fields, check_resumable, unsafe_changes
+from ismctl.utils.errors import UserError
 
 QUICK = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 

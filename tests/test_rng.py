@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ismctl.rng import capture_rng_state, restore_rng_state
+from ismctl.utils.rng import capture_rng_state, restore_rng_state
 
 
 def draws() -> tuple[list[float], list[float], float]:

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import ismctl.trainer as trainer
-from ismctl.checkpoint import list_checkpoints
+import ismctl.training.step as train_step
+import ismctl.training.trainer as trainer
 from ismctl.objectives import get_objective
-from ismctl.runlock import LOCK_NAME, acquire, check_unlocked
+from ismctl.runs.checkpoint import list_checkpoints
+from ismctl.training.runlock import LOCK_NAME, acquire, check_unlocked
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = str(REPO / "recipes" / "quickstart.yaml")
@@ -53,7 +54,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 HOLDER = """
 import sys, time
 from pathlib import Path
-from ismctl.runlock import acquire
+from ismctl.training.runlock import acquire
 lock = acquire(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(120)
@@ -145,13 +146,13 @@ def failing_at_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(trainer, "get_objective",
+    monkeypatch.setattr(train_step, "get_objective",
                         lambda mode: dataclasses.replace(get_objective(mode), fn=boom))
 
 
 def test_a_new_run_that_fails_before_its_first_step_leaves_nothing(
         digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ismctl.recipe import load_recipe
+    from ismctl.config.recipe import load_recipe
 
     failing_at_first_step(monkeypatch)
     root = tmp_path / "runs" / "nested"
@@ -223,7 +224,7 @@ def test_an_overwrite_that_fails_before_its_first_step_keeps_the_old_run(
     assert tree(run) == before and sorted(p.name for p in run.iterdir() if
                                           p.name.startswith(".")) == []
     # A successful overwrite replaces the old run, and leaves nothing of it aside.
-    monkeypatch.setattr(trainer, "get_objective", get_objective)
+    monkeypatch.setattr(train_step, "get_objective", get_objective)
     assert ismctl_main(*args, "--overwrite", "--set=optim.lr=0.002") == 0
     assert "lr: 0.002" in (run / "recipe.yaml").read_text()
     assert not [p for p in run.iterdir() if p.name.startswith(".")]

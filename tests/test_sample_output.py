@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ismctl.fits as fits
-import ismctl.generate as generate
+import ismctl.sampling.fits as fits
+import ismctl.sampling.generate as generate
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = str(REPO / "recipes" / "quickstart.yaml")
@@ -20,9 +20,9 @@ QUICK = str(REPO / "recipes" / "quickstart.yaml")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ismctl.config.recipe import load_recipe
     from ismctl.data.prepare import prepare_latents
-    from ismctl.recipe import load_recipe
-    from ismctl.trainer import train
+    from ismctl.training.trainer import train
 
     root = tmp_path_factory.mktemp("sampleout")
     prepare_latents("digits", out=root / "digits", progress=False)
@@ -56,7 +56,7 @@ def one_line(capsys: pytest.CaptureFixture[str]) -> str:
 def test_an_interrupted_folder_is_continued(
         ismctl_main: Callable[..., int], run: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from ismctl.pngdir import read_png_folder
+    from ismctl.sampling.pngdir import read_png_folder
 
     args = ["sample", str(run), "--num-samples", "50", "--batch-size", "10"]
     assert ismctl_main(*args, "--out", str(tmp_path / "whole")) == 0
@@ -79,7 +79,7 @@ def test_an_interrupted_folder_is_continued(
 
 
 def _real_sample() -> Callable[..., object]:
-    from ismctl.sampler import sample
+    from ismctl.sampling.sampler import sample
 
     return sample
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from ismctl.errors import UserError
-from ismctl.sampler import balanced_labels, generate, sample, sample_noise
+from ismctl.sampling.sampler import balanced_labels, generate, sample, sample_noise
+from ismctl.utils.errors import UserError
 
 NUM_CLASSES = 3
 NULL = NUM_CLASSES
@@ -250,7 +250,7 @@ def test_sampling_loop_reads_nothing_back_from_the_device(mode: str, guidance: f
                                                           host_reads) -> None:
     """The step count is checked once up front; the steps themselves only queue work, with a
     real network too (its jump-size look-up has no host read)."""
-    from ismctl.model import build_model
+    from ismctl.networks.model import build_model
 
     torch.manual_seed(0)
     model = build_model("tiny/2", 8, 1, NUM_CLASSES)

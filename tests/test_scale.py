@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import ismctl.coupling as coupling
-import ismctl.ema as ema
-import ismctl.trainer as trainer
-from ismctl.coupling import STATS
+import ismctl.data.coupling as coupling
+import ismctl.training.ema as ema
+import ismctl.training.trainer as trainer
+from ismctl.config.recipe import Recipe, load_recipe
+from ismctl.data.coupling import STATS
 from ismctl.data.loader import TrainLoader
-from ismctl.errors import UserError
 from ismctl.losses import dwt2, idwt2
-from ismctl.recipe import Recipe, load_recipe
+from ismctl.utils.errors import UserError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 STEPS = 3

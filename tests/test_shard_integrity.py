@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import ismctl.data.verify as verify
-import ismctl.preflight as preflight
+import ismctl.training.preflight as preflight
 from ismctl.data.loader import TrainLoader, iter_dataset
 from ismctl.data.shards import sha256_file
-from ismctl.errors import UserError
+from ismctl.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = str(REPO / "recipes" / "quickstart.yaml")

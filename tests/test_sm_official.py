@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from ismctl.config.recipe import GuidanceCfg, ObjectiveCfg
 from ismctl.objectives.shortcut import official_levels, slot_levels, sm_loss
-from ismctl.recipe import GuidanceCfg, ObjectiveCfg
 
 NUM_CLASSES = 5
 DENOISE_TIMESTEPS = 128

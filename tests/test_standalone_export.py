@@ -18,7 +18,7 @@ import torch
 from test_api import make_run
 
 from ismctl import export_run, load_model
-from ismctl.sampler import sample
+from ismctl.sampling.sampler import sample
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "docs" / "standalone_sampler.py"
@@ -35,9 +35,9 @@ def standalone() -> ModuleType:
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Exports of an iSM run (a table of jump sizes) and a MeanFlow run (continuous jumps),
     both with random weights."""
-    from ismctl.checkpoint import WEIGHT_FILES, model_from_recipe, save_checkpoint
+    from ismctl.config.recipe import load_recipe, save_recipe
     from ismctl.data.manifest import read_manifest
-    from ismctl.recipe import load_recipe, save_recipe
+    from ismctl.runs.checkpoint import WEIGHT_FILES, model_from_recipe, save_checkpoint
 
     root = tmp_path_factory.mktemp("standalone")
     ism = make_run(root, "ism")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ismctl.errors import UserError
-from ismctl.progress import PlainBar, format_duration, progress_bar
-from ismctl.recipe import Recipe
-from ismctl.tracking import RunLog, metrics_text
+from ismctl.config.recipe import Recipe
+from ismctl.training.tracking import RunLog, metrics_text
+from ismctl.utils.errors import UserError
+from ismctl.utils.progress import PlainBar, format_duration, progress_bar
 
 LINE = {"step": 200, "loss": 0.5, "velocity": 0.25, "guidance": 0.125, "consistency": 0.125,
         "grad_norm": 1.5, "lr": 1e-4, "it_s": 4.0, "img_s": 1024.0}

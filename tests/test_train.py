@@ -20,12 +20,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import ismctl.trainer as trainer
-from ismctl.checkpoint import list_checkpoints
+import ismctl.training.step as train_step
+import ismctl.training.trainer as trainer
 from ismctl.cli import app
 from ismctl.objectives import ObjectiveSpec, get_objective
-from ismctl.pngdir import read_png_folder
-from ismctl.preemption import PREEMPTED_EXIT_CODE
+from ismctl.runs.checkpoint import list_checkpoints
+from ismctl.sampling.pngdir import read_png_folder
+from ismctl.system.preemption import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = str(REPO / "recipes" / "quickstart.yaml")
@@ -178,7 +179,7 @@ def test_non_finite_loss_after_a_checkpoint_keeps_it(
             parts = {k: v * float("nan") for k, v in parts.items()}
         return parts
 
-    monkeypatch.setattr(trainer, "get_objective", objective_with(poisoned))
+    monkeypatch.setattr(train_step, "get_objective", objective_with(poisoned))
     assert ismctl_main("train", QUICK, "--no-progress",
                        *tiny_overrides(digits, tmp_path, "nan", 40, **{"run.log_every": 10})) == 2
     err = capsys.readouterr().err
@@ -198,7 +199,7 @@ STEPS = 30
 @pytest.fixture(scope="module")
 def reference(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted run that the interrupted ones must reproduce step for step."""
-    from ismctl.recipe import load_recipe
+    from ismctl.config.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("reference")
     overrides = [o.removeprefix("--set=") for o in tiny_overrides(digits, root, "ref", STEPS,
@@ -250,7 +251,7 @@ def test_sigterm_checkpoints_the_step_reached_and_resume_is_exact(
             os.kill(os.getpid(), signal.SIGTERM)
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "get_objective", objective_with(signalled))
+    monkeypatch.setattr(train_step, "get_objective", objective_with(signalled))
     overrides = tiny_overrides(digits, tmp_path, "stopped", STEPS, **EXACT,
                                **{"run.ckpt_every": 1000})
     assert ismctl_main("train", QUICK, "--no-progress",
@@ -261,7 +262,7 @@ def test_sigterm_checkpoints_the_step_reached_and_resume_is_exact(
     run = tmp_path / "stopped"
     assert sorted(losses(run)) == list(range(1, 8))
     assert [s for s, _ in list_checkpoints(run)] == [7]
-    monkeypatch.setattr(trainer, "get_objective", get_objective)
+    monkeypatch.setattr(train_step, "get_objective", get_objective)
     assert ismctl_main("train", QUICK, "--no-progress", "--resume", *overrides) == 0
     assert_same_losses(run, reference)
     # TensorBoard hides the events of the first attempt that the resumed one repeats.
@@ -349,8 +350,8 @@ def test_tensorboard_holds_every_metric_and_the_grids(short_run: Path) -> None:
 
 
 def test_eval_which_weights(short_run: Path, tmp_path: Path) -> None:
-    from ismctl.checkpoint import file_sha256
     from ismctl.evaluation import evaluate
+    from ismctl.runs.checkpoint import file_sha256
 
     ckpt = list_checkpoints(short_run)[-1][1]
     out = {}

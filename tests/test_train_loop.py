@@ -13,13 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ismctl.coupling as coupling
-import ismctl.trainer as trainer
-from ismctl.checkpoint import list_checkpoints, model_from_recipe
+import ismctl.data.coupling as coupling
+import ismctl.training.monitor as train_monitor
+import ismctl.training.step as train_step
+import ismctl.training.trainer as trainer
+from ismctl.config.recipe import Recipe, load_recipe
 from ismctl.data.manifest import read_manifest
-from ismctl.ema import unwrap_model
+from ismctl.networks.unwrap import unwrap_model
 from ismctl.objectives import get_objective
-from ismctl.recipe import Recipe, load_recipe
+from ismctl.runs.checkpoint import list_checkpoints, model_from_recipe
 
 QUICK = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
@@ -55,7 +57,7 @@ def test_target_ema_builds_targets_and_inference_ema_samples(
     sample from, and recompute both EMAs by hand from the online weights of every step."""
     targets: list[dict[str, torch.Tensor]] = []
     sampled: list[dict[str, torch.Tensor]] = []
-    real_loss, real_generate = get_objective("ism").fn, trainer.generate_images
+    real_loss, real_generate = get_objective("ism").fn, train_monitor.generate_images
 
     def loss(net: Any, target: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         targets.append(snapshot(target))
@@ -65,9 +67,9 @@ def test_target_ema_builds_targets_and_inference_ema_samples(
         sampled.append(snapshot(run.model))
         return real_generate(run, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "get_objective",
+    monkeypatch.setattr(train_step, "get_objective",
                         lambda mode: dataclasses.replace(get_objective(mode), fn=loss))
-    monkeypatch.setattr(trainer, "generate_images", generate)
+    monkeypatch.setattr(train_monitor, "generate_images", generate)
     decays = {"target_ema": 0.5, "inference_ema": 0.8}
     r = recipe(digits, tmp_path, "roles", 4, **{"run.ckpt_every": 1, "run.sample_every": 2,
                                                 "ema.target_decay": 0.5,

@@ -9,7 +9,7 @@ import pytest
 import pywt
 import torch
 
-from ismctl.errors import UserError
+from ismctl.config.recipe import DataCfg, LossCfg
 from ismctl.losses import (
     available_losses,
     build_loss,
@@ -32,7 +32,7 @@ from ismctl.losses.band_stats import (
     white_stats,
 )
 from ismctl.losses.wavelet import band_energies
-from ismctl.recipe import DataCfg, LossCfg
+from ismctl.utils.errors import UserError
 
 
 def _random(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:

@@ -13,7 +13,7 @@ from ismctl.data.encoders import IDENTITY
 from ismctl.data.loader import TrainLoader
 from ismctl.data.manifest import Manifest, ShardInfo, write_manifest
 from ismctl.data.shards import encode_sample, sample_key, sha256_file, write_shard
-from ismctl.errors import UserError
+from ismctl.utils.errors import UserError
 
 
 def make_synthetic_latents(out: str | Path, count: int, channels: int = 4, size: int = 32,

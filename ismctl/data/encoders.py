@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ismctl.errors import UserError
+from ismctl.utils.errors import UserError
 
 IDENTITY = "identity"
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ismctl.coupling import SOTCoupler
+from ismctl.data.coupling import SOTCoupler
 from ismctl.data.manifest import Manifest, read_manifest
 from ismctl.data.plan import (
     LATENT,
@@ -50,8 +50,8 @@ from ismctl.data.plan import (
     worker_segments,
 )
 from ismctl.data.verify import check_shards_exist, decode, label, read_shard
-from ismctl.errors import UserError
-from ismctl.preemption import ignore_stop_signals
+from ismctl.system.preemption import ignore_stop_signals
+from ismctl.utils.errors import UserError
 
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]
 # The last line of a worker traceback that the DataLoader re-raises in the main process.
@@ -272,7 +272,7 @@ class TrainLoader:
             self.close()
 
     def close(self) -> None:
-        """Stop the worker processes now. They ignore SIGTERM (see ``ismctl.preemption``),
+        """Stop the worker processes now. They ignore SIGTERM (see ``ismctl.system.preemption``),
         so left to the garbage collector they could outlive a failed run's interpreter,
         whose exit then waits for them forever; a later ``iter()`` starts new ones."""
         running = getattr(self.loader, "_iterator", None)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from ismctl.errors import UserError
-from ismctl.fileio import atomic_write_text
+from ismctl.utils.errors import UserError
+from ismctl.utils.fileio import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 

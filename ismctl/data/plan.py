@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ismctl.errors import UserError
+from ismctl.utils.errors import UserError
 
 ORDER, SHUFFLE, LATENT, NOISE = range(4)
 

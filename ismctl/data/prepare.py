@@ -37,10 +37,10 @@ from ismctl.data.encoders import IDENTITY, Encoder, IdentityEncoder, load_encode
 from ismctl.data.images import ImageFileDataset, image_root, list_image_folder
 from ismctl.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
 from ismctl.data.shards import encode_sample, sample_key, sha256_file, write_shard
-from ismctl.distributed import DistInfo, barrier, init_distributed, shutdown
-from ismctl.errors import UserError
-from ismctl.fileio import atomic_write_text
-from ismctl.progress import progress_bar
+from ismctl.system.distributed import DistInfo, barrier, init_distributed, shutdown
+from ismctl.utils.errors import UserError
+from ismctl.utils.fileio import atomic_write_text
+from ismctl.utils.progress import progress_bar
 
 DATA_ROOT = Path("data")
 FINGERPRINT_NAME = "prepare.json"

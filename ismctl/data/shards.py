@@ -23,7 +23,7 @@ import numpy as np
 from webdataset import TarWriter
 from webdataset.tariterators import tarfile_samples
 
-from ismctl.fileio import atomic_path
+from ismctl.utils.fileio import atomic_path
 
 
 def sample_key(index: int) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ismctl.data.manifest import Manifest, ShardInfo, read_manifest
 from ismctl.data.shards import decode_moments, iter_shard, sha256_file
-from ismctl.errors import UserError
+from ismctl.utils.errors import UserError
 
 REPAIR = ("rerun the `ismctl prepare-latents` command that wrote it (a rerun rewrites shards "
           "that fail their checksum)")

@@ -37,7 +37,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from ismctl.evaluation.cache import cache_dir
 from ismctl.evaluation.frechet import feature_stats, frechet_distance
-from ismctl.fileio import atomic_path
+from ismctl.utils.fileio import atomic_path
 
 DIGITS_NAME = "digits-cnn"
 FEATURES = "digits-features"

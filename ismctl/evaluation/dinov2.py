@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ismctl.errors import UserError
 from ismctl.evaluation.features import ExtractorSpec
+from ismctl.utils.errors import UserError
 
 DINOV2_NAME = "dinov2-vit-l-14"
 HUB_REPO = "facebookresearch/dinov2"

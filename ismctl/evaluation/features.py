@@ -22,9 +22,9 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
-from ismctl.errors import UserError
 from ismctl.evaluation import digits_classifier, inception  # noqa: F401  (register extractors)
-from ismctl.progress import progress_bar
+from ismctl.utils.errors import UserError
+from ismctl.utils.progress import progress_bar
 
 ImageBatch = np.ndarray | torch.Tensor
 

@@ -1,11 +1,11 @@
 """Collecting per-rank results on rank 0 under ``torchrun``; plain pass-through otherwise.
 
-Only rank 0 receives the gathered objects (over a CPU group, ``ismctl.distributed``): with
+Only rank 0 receives the gathered objects (over a CPU group, ``ismctl.system.distributed``): with
 50K samples per point, copying every rank's images and features to every rank would
 multiply host memory by the number of ranks for nothing.
 
 Generation splits a request by strided indices (rank ``r`` holds samples ``r::world_size``,
-see ``ismctl.generate``); ``interleave`` puts the gathered shares back in sample order so
+see ``ismctl.sampling.generate``); ``interleave`` puts the gathered shares back in sample order so
 the metrics see the same ordered set whatever the number of ranks.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
-from ismctl.distributed import gather_to_main
+from ismctl.system.distributed import gather_to_main
 
 
 def distributed() -> bool:

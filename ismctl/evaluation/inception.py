@@ -44,7 +44,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from ismctl.errors import UserError
+from ismctl.utils.errors import UserError
 
 COMPAT_NAME = "inception-v3-compat"
 TS_NAME = "inception-v3-ts"

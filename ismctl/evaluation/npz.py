@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ismctl.errors import UserError
-from ismctl.fileio import atomic_path
+from ismctl.utils.errors import UserError
+from ismctl.utils.fileio import atomic_path
 
 
 def write_samples_npz(path: str | Path, images: np.ndarray,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ismctl.errors import UserError
 from ismctl.evaluation.digits_classifier import (
     DIGITS_NAME,
     FEATURES,
@@ -26,6 +25,7 @@ from ismctl.evaluation.inception import (
     has_logits,
     missing_weights_message,
 )
+from ismctl.utils.errors import UserError
 
 METRICS = ("fid", "isc", "prc", "fd-dinov2", "acc", "fd-digits", "cfd-digits", "spread-digits")
 INCEPTION_METRICS = ("fid", "isc", "prc")

@@ -31,8 +31,8 @@ from ismctl.evaluation.features import ExtractorSpec, extract_features
 from ismctl.evaluation.gather import broadcast_object, gather_objects
 from ismctl.evaluation.npz import read_npz
 from ismctl.evaluation.sources import ImageSource, open_source
-from ismctl.fileio import atomic_path
-from ismctl.progress import progress_bar
+from ismctl.utils.fileio import atomic_path
+from ismctl.utils.progress import progress_bar
 
 CACHE_VERSION = 1
 KEEP_FEATURES = 10_000

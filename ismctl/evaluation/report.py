@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ismctl.fileio import atomic_path, write_json
-from ismctl.sampler import TWO_PASS
+from ismctl.sampling.sampler import TWO_PASS
+from ismctl.utils.fileio import atomic_path, write_json
 
 # Values shown per metric, in order; "prc" gives two numbers.
 VALUES = {

@@ -1,8 +1,9 @@
 """``ismctl eval``: metrics of one checkpoint at chosen step counts and guidance strengths.
 
-The points to sample come from the run's protocol (``ismctl/protocol.py``): every (steps, w)
-of the grid for an iSM run; for an sm run its authors' protocol, the conditional output at
-every step count plus two-pass CFG at the training scale on the flow velocity at 128 steps.
+The points to sample come from the run's protocol (``ismctl/sampling/protocol.py``): every
+(steps, w) of the grid for an iSM run; for an sm run its authors' protocol, the conditional
+output at every step count plus two-pass CFG at the training scale on the flow velocity at 128
+steps.
 For every point: generate ``num_samples`` class-balanced samples (under ``torchrun`` each rank
 its strided share), run every feature extractor the metrics need on them, gather the
 features on rank 0 and score them against reference statistics computed once (and cached).
@@ -35,7 +36,6 @@ from rich.console import Console
 from rich.markup import escape
 
 import ismctl
-from ismctl.errors import UserError
 from ismctl.evaluation.digits_classifier import (
     FEATURES,
     LOGITS,
@@ -62,7 +62,7 @@ from ismctl.evaluation.reference import ReferenceStats, load_reference
 from ismctl.evaluation.report import print_results, value_names, write_plot, write_results_json
 from ismctl.evaluation.scores import frechet_to_reference, inception_score, precision_recall
 from ismctl.evaluation.sources import BUILTIN_DIGITS
-from ismctl.protocol import (
+from ismctl.sampling.protocol import (
     Grid,
     Point,
     all_strengths,
@@ -71,7 +71,8 @@ from ismctl.protocol import (
     remember_best,
     remembered_points,
 )
-from ismctl.sampler import continuous_jumps
+from ismctl.sampling.sampler import continuous_jumps
+from ismctl.utils.errors import UserError
 
 GRID_MAX = 100
 # Feature extraction runs at 299x299 (Inception) whatever the sample size: large batches
@@ -99,7 +100,7 @@ def default_out(run: Any) -> Path:
 def check_points(steps: list[int], guidance: Grid, base_steps: int,
                  continuous: bool = False) -> None:
     """``continuous``: the network takes any jump size (MeanFlow), so any N >= 1 is valid."""
-    from ismctl.sampler import check_steps
+    from ismctl.sampling.sampler import check_steps
 
     if not steps:
         raise UserError("--steps: give at least one step count")
@@ -240,10 +241,10 @@ def evaluate(
     the online network; only the inference EMA's picks are remembered. ``save_png``: also a
     folder of PNGs per sample set.
     """
-    from ismctl.checkpoint import load_for_sampling, run_recipe
-    from ismctl.distributed import init_distributed, shutdown
-    from ismctl.fits import check_eval_request
-    from ismctl.streamout import decoded_shape
+    from ismctl.runs.checkpoint import load_for_sampling, run_recipe
+    from ismctl.sampling.fits import check_eval_request
+    from ismctl.sampling.streamout import decoded_shape
+    from ismctl.system.distributed import init_distributed, shutdown
 
     if device is None:
         device = run_recipe(path).train.device
@@ -321,8 +322,8 @@ def evaluate(
 
 def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
               t_start: float) -> dict[str, Any]:
-    from ismctl.distributed import barrier
-    from ismctl.generate import generate_images
+    from ismctl.sampling.generate import generate_images
+    from ismctl.system.distributed import barrier
 
     rank, world, device = info.rank, info.world_size, info.device
     fbatch = feature_batch_size(cfg.batch_size, device)
@@ -390,7 +391,7 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
 
 def _is_latest(run: Any) -> bool:
     """The evaluated weights are the inference EMA of the run's newest checkpoint."""
-    from ismctl.checkpoint import list_checkpoints
+    from ismctl.runs.checkpoint import list_checkpoints
 
     ckpts = list_checkpoints(Path(run.run_dir))
     return bool(ckpts) and ckpts[-1][1].resolve() == Path(run.checkpoint).resolve()
@@ -403,8 +404,8 @@ def _png_folder(cfg: Settings, pt: Point) -> Path:
 def _write_png_share(cfg: Settings, pt: Point, images: torch.Tensor, labels: torch.Tensor,
                      rank: int, world: int) -> None:
     """Every rank writes its own samples (global indices ``rank::world``) into the folder."""
-    from ismctl.distributed import barrier
-    from ismctl.pngdir import clear_png_folder, write_png_folder
+    from ismctl.sampling.pngdir import clear_png_folder, write_png_folder
+    from ismctl.system.distributed import barrier
 
     folder = _png_folder(cfg, pt)
     if rank == 0:
@@ -418,7 +419,7 @@ def _score_point(run: Any, plan: MetricPlan, cfg: Settings, refs: dict[str, Refe
                  pt: Point, shared: list[Any], images: torch.Tensor,
                  labels: torch.Tensor) -> dict[str, Any]:
     """Rank 0: metrics of the gathered sample set, its grid and (optionally) its .npz."""
-    from ismctl.generate import arrange_by_class, save_grid
+    from ismctl.sampling.generate import arrange_by_class, save_grid
 
     feats = {key: {layer: interleave([p[0][key][layer] for p in shared]) for layer in layers}
              for key, layers in shared[0][0].items()}

@@ -17,9 +17,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ismctl.errors import UserError
 from ismctl.evaluation.features import file_digest
 from ismctl.evaluation.npz import read_npz
+from ismctl.utils.errors import UserError
 
 BUILTIN_DIGITS = "digits"
 Batch = tuple[np.ndarray, np.ndarray]

@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from ismctl.errors import UserError
+from ismctl.config.names import LOSS_NAMES
+from ismctl.config.recipe import LossCfg
 from ismctl.losses.band_stats import BandStats, band_weights, white_stats
 from ismctl.losses.mse import mse_loss
 from ismctl.losses.wavelet import dwt2, idwt2, max_levels, wavelet_loss
-from ismctl.recipe import LossCfg
+from ismctl.utils.errors import UserError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 LossFactory = Callable[[LossCfg, int, BandStats | None], LossFn]
@@ -46,6 +47,9 @@ def register_loss(name: str) -> Callable[[LossFactory], LossFactory]:
     def decorate(factory: LossFactory) -> LossFactory:
         if name in _REGISTRY:
             raise ValueError(f"loss {name!r} is already registered")
+        if name not in LOSS_NAMES:
+            raise ValueError(f"loss {name!r}: add its name to ismctl.config.names.LOSS_NAMES, "
+                             "where recipes are checked against it")
         _REGISTRY[name] = factory
         return factory
 

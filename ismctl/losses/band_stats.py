@@ -43,14 +43,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ismctl.config.recipe import DataCfg, LossCfg
 from ismctl.data.loader import draw_latents
 from ismctl.data.manifest import Manifest, read_manifest
 from ismctl.data.verify import decode, read_shard
-from ismctl.distributed import barrier
-from ismctl.errors import UserError
-from ismctl.fileio import atomic_write_text
 from ismctl.losses.wavelet import dwt2, max_levels
-from ismctl.recipe import DataCfg, LossCfg
+from ismctl.system.distributed import barrier
+from ismctl.utils.errors import UserError
+from ismctl.utils.fileio import atomic_write_text
 
 BAND_STATS_FILE = "band_stats.json"
 # Fixed, so every seed of a study and every rank of a job sees the same normaliser.

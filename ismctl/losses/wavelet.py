@@ -40,8 +40,8 @@ import pywt
 import torch
 from torch import Tensor
 
-from ismctl.errors import UserError
 from ismctl.losses.mse import residual
+from ismctl.utils.errors import UserError
 
 
 @functools.lru_cache(maxsize=32)

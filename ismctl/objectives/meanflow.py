@@ -35,8 +35,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ismctl.guidance import interval_weight, sample_guidance
-from ismctl.objectives import LossFn, Network, ObjectiveSpec, register_objective
+from ismctl.config.recipe import GuidanceCfg, ObjectiveCfg, Recipe
+from ismctl.objectives.guidance import interval_weight, sample_guidance
+from ismctl.objectives.registry import LossFn, Network, ObjectiveSpec, register_objective
 from ismctl.objectives.shortcut import (
     _bcast,
     _drop_labels,
@@ -45,8 +46,7 @@ from ismctl.objectives.shortcut import (
     guidance_inputs,
     split_sizes,
 )
-from ismctl.recipe import GuidanceCfg, ObjectiveCfg, Recipe
-from ismctl.runtime import math_attention
+from ismctl.system.runtime import math_attention
 
 # Forward-pass equivalents of one JVP (primal plus tangent through every matrix product).
 JVP_PASSES = 2.0

@@ -43,10 +43,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ismctl.errors import UserError
-from ismctl.guidance import interval_weight, sample_guidance
-from ismctl.objectives import ObjectiveSpec, register_objective
-from ismctl.recipe import GuidanceCfg, ObjectiveCfg
+from ismctl.config.recipe import GuidanceCfg, ObjectiveCfg
+from ismctl.objectives.guidance import interval_weight, sample_guidance
+from ismctl.objectives.registry import ObjectiveSpec, register_objective
+from ismctl.utils.errors import UserError
 
 Network = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]

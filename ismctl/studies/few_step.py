@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ismctl.fileio import atomic_path, atomic_write_text, write_json
+from ismctl.utils.fileio import atomic_path, atomic_write_text, write_json
 
 STEPS = (1, 2, 4, 128)
 SELECT_SEED, REPORT_SEED = 1, 0

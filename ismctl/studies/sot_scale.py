@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ismctl.coupling import coupling_stats, pair_pool
+from ismctl.data.coupling import coupling_stats, pair_pool
 
 SHAPE = (4, 32, 32)
 

@@ -28,7 +28,7 @@ def positive(value: Any) -> bool:
 
 
 def test_flow_matching_loss_matches_a_hand_computed_mse() -> None:
-    """d = 0, w = 0, target x1 - x0 at x_t = (1 - t) x0 + t x1 (SPEC 1)."""
+    """d = 0, w = 0, target x1 - x0 at x_t = (1 - t) x0 + t x1 (method §1)."""
     calls: list[tuple[torch.Tensor, ...]] = []
 
     def net(x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, y: torch.Tensor,
@@ -96,7 +96,7 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
         assert all(math.isfinite(v) and v >= 0 for v in step[kind]["sections_s"].values())
     assert SECTIONS <= set(step["ism"]["sections_s"])
     assert "target_passes" not in step["fm"]["sections_s"]
-    # SPEC 5: the iSM objective asks 2 target rows per guidance and consistency sample.
+    # method §5: the iSM objective asks 2 target rows per guidance and consistency sample.
     assert step["ism"]["target_rows_per_sample"] == pytest.approx(1.0)
     comp = stored["components"]["tiny/2"]
     for name in ("wavelet", "twin_ema", "sot", "intrinsic_guidance"):

@@ -258,7 +258,7 @@ def _label_signal(noise: torch.Tensor, labels: torch.Tensor) -> float:
 
 def test_within_class_pairing_keeps_the_noise_blind_to_the_label() -> None:
     """On the digits, label-blind pooled OT makes the paired noise predict the class (so a
-    network can ignore the label); per-class assignment leaves it at chance (SPEC 3.3)."""
+    network can ignore the label); per-class assignment leaves it at chance (method §3.3)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()

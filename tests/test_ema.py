@@ -31,7 +31,7 @@ def test_ema_decay_schedule() -> None:
 
 
 def test_default_is_the_papers_ema() -> None:
-    """No warm-up unless a recipe asks (SPEC 3.4); the shipped recipes say which they use."""
+    """No warm-up unless a recipe asks (method §3.4); the shipped recipes say which they use."""
     from pathlib import Path
 
     from ismctl.config.recipe import EMACfg, load_recipe

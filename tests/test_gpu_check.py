@@ -38,7 +38,7 @@ def test_cpu_run_writes_every_number(tmp_path: Path) -> None:
         assert set(row["split_s"]) == {"online_fwd_bwd", "target_passes", "optimizer",
                                        "ema_update"}
         assert all(v > 0 for v in row["split_s"].values())
-        # SPEC 5: 2 target rows per guidance and per consistency sample, 1/4 + 1/4 of the batch.
+        # method §5: 2 target rows per guidance and per consistency sample, 1/4 + 1/4 of the batch.
         assert row["target_rows_per_sample"] == pytest.approx(1.0)
         assert row["recompiles_while_timed"] == 0 and row["mfu"] is None
     coupler = report["coupler"]

@@ -1,4 +1,4 @@
-"""MeanFlow (SPEC 4.1, docs/meanflow.md): the identity's target against a Gaussian closed form,
+"""MeanFlow (method §4.1, docs/meanflow.md): the identity's target against a Gaussian closed form,
 the JVP against finite differences, the batch layout, guidance, gradient routing, and the
 end-to-end paths (train, eval, sample, ablate, DDP)."""
 

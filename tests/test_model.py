@@ -165,7 +165,7 @@ def test_embedding_tables_and_zero_init() -> None:
     for block in model.blocks:
         assert not block.adaLN_modulation[-1].weight.any()
     assert not model.final_layer.linear.weight.any()
-    # Distinct rows for d = 0 and d = 1/128 (SPEC 1: sharing them is a known defect).
+    # Distinct rows for d = 0 and d = 1/128 (method §1: sharing them is a known defect).
     levels = d_to_level(torch.tensor([0.0, 1 / 128]), 128)
     rows = model.d_embedder(levels)
     assert not torch.allclose(rows[0], rows[1])
@@ -194,7 +194,7 @@ def test_unpatchify_matches_fold() -> None:
 
 
 def test_attention_matches_explicit_softmax() -> None:
-    # Scale 1/sqrt(d_head), not the 1/d_head of the official shortcut code (SPEC 2).
+    # Scale 1/sqrt(d_head), not the 1/d_head of the official shortcut code (method §2).
     torch.manual_seed(0)
     attn = Attention(dim=16, num_heads=2).eval()
     x = torch.randn(3, 5, 16)

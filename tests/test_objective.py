@@ -179,7 +179,7 @@ def test_ism_bootstrap_passes_the_same_w_to_both_half_jumps() -> None:
 
 def test_sm_bootstrap_applies_cfg_at_the_flow_level_only() -> None:
     """sm: half jumps at d/2 (never d = 0); the rows at d = 2/M, whose half jumps are the flow
-    (d = 1/M), take classic CFG v_null + s (v_c - v_null) in both half jumps (SPEC 2)."""
+    (d = 1/M), take classic CFG v_null + s (v_c - v_null) in both half jumps (method §2)."""
     base, s = 8, 1.5
     rec = Recorder(_constant_field(cond=3.0, null=1.0, d_coef=100.0))
     d = torch.tensor([2 / base, 0.5, 2 / base])
@@ -386,7 +386,7 @@ def test_shortcut_loss_label_dropout_extremes() -> None:
                       NUM_CLASSES, torch.Generator().manual_seed(0))
         lab = model.calls[0]["y"]
         assert torch.all(lab[16:24] == y[16:24])
-        # Only the velocity part drops labels; the consistency rows keep theirs (SPEC 2).
+        # Only the velocity part drops labels; the consistency rows keep theirs (method §2).
         assert torch.all(lab[24:] == y[24:])
         if p == 1.0:
             assert torch.all(lab[:16] == NULL)

@@ -155,7 +155,7 @@ def _velocity_like(seed: int, size: int, channels: int) -> torch.Tensor:
 @pytest.mark.parametrize(("size", "channels"), [(32, 4), (8, 1)])
 def test_default_loss_is_not_a_rescaled_mse(size: int, channels: int) -> None:
     """The recipe default changes the direction of the gradient, not only its scale: a
-    uniform detail factor would not (SPEC 3.2), the data set's band normaliser does."""
+    uniform detail factor would not (method §3.2), the data set's band normaliser does."""
     target = _velocity_like(0, size, channels)
     pred = (target + 0.5 * _velocity_like(1, size, channels)).requires_grad_(True)
     stats = measure_band_stats(_smooth(2, size, channels, 256), "haar", 5)

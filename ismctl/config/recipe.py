@@ -5,7 +5,7 @@ A recipe is a YAML file or the name of a recipe shipped with the package (``ismc
 file may name a parent with ``extends: other.yaml``, resolved relative to the file, else (a bare
 name with no such file beside it) among the shipped recipes, and is then deep-merged over it;
 ``--set a.b=value`` overrides (YAML-parsed values) are applied last. Every field has a default and a one-line description, so
-``Recipe()`` alone is the paper's iSM-XL/2 setting (SPEC section 3.5).
+``Recipe()`` alone is the paper's iSM-XL/2 setting (docs/method.md §3.5).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def orthogonal_wavelets() -> str:
 
 
 def check_sampling_steps(steps: list[int], mode: str, base_steps: int) -> None:
-    """Shortcut samplers need N a power of two in [1, base_steps] (SPEC 2); others any N >= 1."""
+    """Shortcut samplers need N a power of two in [1, base_steps] (docs/method.md §2); others any N >= 1."""
     for n in steps:
         if n < 1:
             raise ValueError(f"step count {n}: must be >= 1")
@@ -108,7 +108,7 @@ class DataCfg(Section):
 
 
 class ObjectiveCfg(Section):
-    mode: Literal["ism", "sm", "meanflow"] = Field("ism", description="'ism': intrinsic guidance (SPEC 3.1); 'sm': the official shortcut-models algorithm, flow at d = 1/M and CFG in the d = 2/M targets (SPEC 2); 'meanflow': continuous jumps, MeanFlow identity target (SPEC 4.1, docs/meanflow.md).")
+    mode: Literal["ism", "sm", "meanflow"] = Field("ism", description="'ism': intrinsic guidance (docs/method.md §3.1); 'sm': the official shortcut-models algorithm, flow at d = 1/M and CFG in the d = 2/M targets (docs/method.md §2); 'meanflow': continuous jumps, MeanFlow identity target (docs/method.md §4.1, docs/meanflow.md).")
     base_steps: int = Field(128, description="M, the finest number of steps; jump sizes d = 2^-k down to 1/M (sm/ism; meanflow samples any step count).")
     bootstrap_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of the batch used for self-consistency (bootstrap) targets (paper 1/4, official code 1/8; sm: floor(global batch x this) rows in the official level histogram); meanflow: the share with d > 0 (MeanFlow paper 25%).")
     guidance_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Share of the batch for the guidance objective (ism only; ignored by sm).")
@@ -197,7 +197,7 @@ class LossCfg(Section):
 
 
 class CouplingCfg(Section):
-    pool_size: int = Field(8192, ge=0, description="sOT pool in samples: each rank's loader solves one assignment per pool_size samples of its own stream, the same on any number of GPUs, grad_accum and loader workers (paper: 32 batches x 256 = 8192); 0 pairs noise and data independently (SPEC 3.3).")
+    pool_size: int = Field(8192, ge=0, description="sOT pool in samples: each rank's loader solves one assignment per pool_size samples of its own stream, the same on any number of GPUs, grad_accum and loader workers (paper: 32 batches x 256 = 8192); 0 pairs noise and data independently (docs/method.md §3.3).")
     mode: Literal["blind", "within_class", "hybrid"] = Field("within_class", description="'blind': one assignment over the pool, labels ignored (the paper); 'within_class': one per class, so the noise stays independent of the label; 'hybrid': within class for classes with at least min_group samples in the pool, the rest in one label-blind assignment.")
     min_group: int = Field(2, ge=1, description="hybrid mode: classes with fewer samples than this in a pool share one label-blind assignment.")
     pool_batches: int | None = Field(None, ge=0, exclude=True, description="Deprecated spelling of pool_size in global batches (pool_size = pool_batches x data.batch_size); read when loading older recipes.")

@@ -1,4 +1,4 @@
-"""Scaling optimal transport (sOT, SPEC 3.3): pair noise with data by an exact assignment.
+"""Scaling optimal transport (sOT, method §3.3): pair noise with data by an exact assignment.
 
 The coupler gathers ``K`` batches into a pool of ``K * B`` noise/data pairs, solves one
 linear assignment on the squared Euclidean cost, and splits the pool back into its ``K``
@@ -9,7 +9,7 @@ transport plan.
 
 Class-conditional data: an assignment over the whole pool lets the matched noise carry the
 class (noise near a "1" goes to a "1"), so the network can read the class off ``x0`` and
-learns to ignore the label (SPEC 3.3). ``within_class`` (the default of the recipes) solves
+learns to ignore the label (method §3.3). ``within_class`` (the default of the recipes) solves
 one assignment per class instead: the data of class ``c`` is matched with the noise drawn in
 the same slots, so the noise a class receives is still i.i.d. N(0, I) and independent of the
 label, while each class's paths are straightened as before. With many classes and small pools
@@ -18,7 +18,7 @@ with at least ``min_group`` rows within class and all other rows in one label-bl
 assignment. ``coupling_stats`` measures, per pool, how much each choice straightens the paths
 and how much label it leaks into the noise (docs/sot_at_scale.md).
 
-Solving a pool of ``n`` pairs costs up to ``O(n^3)`` on the CPU (SPEC 3.3: seconds at
+Solving a pool of ``n`` pairs costs up to ``O(n^3)`` on the CPU (method §3.3: seconds at
 n = 4096; the ``lapjv`` solver is 2-7x faster than scipy's at 4,096-8,192 pairs), so the
 coupler runs in data-loader worker processes, off the training step: plain torch on the CPU
 plus scipy or ``lap``, and a picklable object holding no lambdas.
@@ -89,7 +89,7 @@ MODES = ("blind", "within_class", "hybrid")
 
 
 def _groups(labels: Tensor, mode: str, min_group: int) -> list[Tensor]:
-    """Row-index groups that each get one assignment (SPEC 3.3); together they cover the pool."""
+    """Row-index groups that each get one assignment (method §3.3); together they cover the pool."""
     if mode == "blind":
         return [torch.arange(labels.shape[0])]
     _, inverse, counts = labels.unique(return_inverse=True, return_counts=True)

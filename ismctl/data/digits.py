@@ -1,4 +1,4 @@
-"""The built-in dataset: scikit-learn's 1,797 8x8 handwritten digits (SPEC 6).
+"""The built-in dataset: scikit-learn's 1,797 8x8 handwritten digits (method §6).
 
 Shipped inside the scikit-learn wheel, so no download. Pixel intensities 0..16 are mapped to
 [-1, 1] by ``v / 8 - 1`` and stored as they are (identity encoder, one channel, no latent

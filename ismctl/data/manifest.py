@@ -1,4 +1,4 @@
-"""``manifest.json``: what ``prepare-latents`` wrote and what ``train`` reads (SPEC 6).
+"""``manifest.json``: what ``prepare-latents`` wrote and what ``train`` reads (method §6).
 
 The manifest is the only thing the trainer, sampler and evaluator need to know about a
 prepared dataset: sample count, classes, the encoder that decodes it, the scale factor

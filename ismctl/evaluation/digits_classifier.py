@@ -1,7 +1,7 @@
 """A built-in metric for the digits dataset that needs no download.
 
 A small CNN is trained on scikit-learn's 1,797 8x8 digits (the data shipped in its wheel,
-SPEC section 6) with a fixed seed, a fixed 80/20 split and one CPU thread, so every machine
+method §6) with a fixed seed, a fixed 80/20 split and one CPU thread, so every machine
 builds the same weights in a few seconds; they are cached on disk. It gives
 
 - ``acc``: the share of generated images the classifier assigns to the class they were

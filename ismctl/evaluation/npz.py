@@ -1,4 +1,4 @@
-"""ADM-compatible ``.npz`` files (SPEC section 6), the guided-diffusion evaluator's format.
+"""ADM-compatible ``.npz`` files (method §6), the guided-diffusion evaluator's format.
 
 - Sample batches: ``arr_0`` uint8 (N, H, W, C) images, ``arr_1`` int64 (N,) class labels.
 - Reference batches (e.g. ADM's ``VIRTUAL_imagenet256_labeled.npz``): ``arr_0`` images and/or

@@ -1,4 +1,4 @@
-"""Loss registry (SPEC 3.2): recipe ``loss.name`` -> per-sample loss ``(pred, target) -> (B,)``.
+"""Loss registry (method §3.2): recipe ``loss.name`` -> per-sample loss ``(pred, target) -> (B,)``.
 
 A factory receives the ``loss`` recipe section, the input side length and the data set's band
 statistics (``ismctl/losses/band_stats.py``; None where no data set is at hand) and returns a

@@ -1,4 +1,4 @@
-"""Plain per-sample mean squared error, the shortcut-model baseline loss (SPEC 2)."""
+"""Plain per-sample mean squared error, the shortcut-model baseline loss (method §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-level wavelet loss (SPEC 3.2): the regression error measured per 2D DWT sub-band.
+"""Multi-level wavelet loss (method §3.2): the regression error measured per 2D DWT sub-band.
 
 The transform is a batched, differentiable 2D discrete wavelet transform in torch, built
 from the filter bank of a PyWavelets wavelet (``dec_lo``/``dec_hi``) with periodic
@@ -19,7 +19,7 @@ weights are the whole content of the loss.
 
 Weights. One factor on every detail band is (almost) MSE: at the maximum depth the
 approximation band is the per-channel mean, so ``approx 1, details 2`` is
-``2 MSE - mean error^2`` and Adam ignores the factor 2 (SPEC 3.2). What changes what the
+``2 MSE - mean error^2`` and Adam ignores the factor 2 (method §3.2). What changes what the
 network learns is the *relative* price of the scales: per-level detail weights
 (``loss.detail_weights``, finest first) and the band normaliser ``loss.band_norm``, which
 divides each band's error by the velocity target's variance per coefficient in that band, so

@@ -1,11 +1,11 @@
 """The backbone: a DiT/SiT transformer (Peebles & Xie 2023) with adaLN-Zero, conditioned on
-time t, jump size d, class label c and guidance strength w (SPEC sections 1 and 3.1).
+time t, jump size d, class label c and guidance strength w (docs/method.md sections 1 and 3.1).
 
 The network F(x_t, t, d, c, w) returns the average velocity of a jump of size d starting at t
 (no learned sigma). The conditioning vector is the sum of four embeddings and drives every
 adaLN modulation; d is looked up in a table with one row per dyadic level plus its own row for
-d = 0, so the instantaneous velocity never shares an embedding with the finest jump (SPEC 1).
-Objectives that train continuous jump sizes (MeanFlow, SPEC 4.1) embed d like t instead
+d = 0, so the instantaneous velocity never shares an embedding with the finest jump (method §1).
+Objectives that train continuous jump sizes (MeanFlow, method §4.1) embed d like t instead
 (``jump_embedding="continuous"``): their target differentiates F in d, which a table cannot.
 """
 
@@ -128,7 +128,7 @@ class ScalarEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, fused qkv, scaled by 1/sqrt(d_head) (SPEC 2: the official
+    """Multi-head self-attention, fused qkv, scaled by 1/sqrt(d_head) (method §2: the official
     shortcut code divides by d_head, a defect not copied)."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
@@ -194,7 +194,7 @@ class FinalLayer(nn.Module):
 
 
 class ShortcutDiT(nn.Module):
-    """F(x_t, t, d, c, w): the average velocity of a jump of size d from time t (SPEC 1)."""
+    """F(x_t, t, d, c, w): the average velocity of a jump of size d from time t (method §1)."""
 
     def __init__(self, input_size: int, in_channels: int, num_classes: int, patch_size: int = 2,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
@@ -226,7 +226,7 @@ class ShortcutDiT(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.jump_embedding = jump_embedding
         # The jump size of the instantaneous velocity (what two-pass flow CFG samples): d = 0,
-        # or 1/M for sm networks, whose flow shares the finest jump's row (SPEC 2).
+        # or 1/M for sm networks, whose flow shares the finest jump's row (method §2).
         self.flow_jump = flow_jump
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
@@ -283,7 +283,7 @@ class ShortcutDiT(nn.Module):
         return self.jump_embedding == "continuous"
 
     def condition(self, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
-        """The adaLN conditioning vector (B, D) = t_emb + d_emb + y_emb + w_emb (SPEC 3.1)."""
+        """The adaLN conditioning vector (B, D) = t_emb + d_emb + y_emb + w_emb (method §3.1)."""
         d_in = d if self.continuous_jumps else d_to_level(d, self.base_steps)
         return (self.t_embedder(t) + self.d_embedder(d_in)
                 + self.y_embedder(y) + self.w_embedder(w))
@@ -322,7 +322,7 @@ def forward_flops(model: ShortcutDiT) -> float:
 
     Counts every matrix product: patch embedding, t/w MLPs, adaLN, qkv, QK^T, AV, output
     projection, MLP and the final layer. Biases, norms, activations and table look-ups are
-    omitted (< 0.1% for DiT sizes). DiT-XL/2 on 32x32x4 gives ~118.6 G multiply-adds (SPEC 5).
+    omitted (< 0.1% for DiT sizes). DiT-XL/2 on 32x32x4 gives ~118.6 G multiply-adds (method §5).
     """
     n, dim, hid = model.grid**2, model.hidden_size, model.mlp_hidden
     patch_dim = model.patch_size**2 * model.in_channels

@@ -21,7 +21,7 @@ embedder's last layer is zero, its first layer keeps our initialisation.) What t
 *means* differs per source, and the import converts nothing:
 
 - Our time runs from noise (t = 0) to data (t = 1), ``x_t = (1 - t) x0 + t x1``, and F is a
-  velocity ``x1 - x0`` (SPEC section 1); our t embedder sees ``k t``.
+  velocity ``x1 - x0`` (method §1); our t embedder sees ``k t``.
 - DiT takes a DDPM step index tau in 0..999 with tau = 0 (almost) clean data and tau = 999
   (almost) pure noise, and its first C output channels predict the noise epsilon (the other
   C, learned variances, are dropped here). Our t corresponds to tau = k t, so the time

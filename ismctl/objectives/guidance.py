@@ -1,7 +1,8 @@
-"""Guidance in the "delta" convention (SPEC 1): v_w = v_c + w (v_c - v_null), CFG scale s = 1 + w.
+"""Guidance in the "delta" convention (method §1): v_w = v_c + w (v_c - v_null), CFG scale
+s = 1 + w.
 
 The same combination serves three places: plain CFG at sampling time (the sm baseline), CFG
-inside the finest bootstrap targets (sm, SPEC 2) and the guidance target of iSM (SPEC 3.1).
+inside the finest bootstrap targets (sm, method §2) and the guidance target of iSM (method §3.1).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def guidance_grid(w_max: float, w_step: float) -> Tensor:
 
 def sample_guidance(n: int, w_max: float, w_step: float,
                     generator: torch.Generator | None, device: torch.device | str) -> Tensor:
-    """``n`` strengths drawn uniformly from {0, w_step, ..., w_max} (SPEC 3.1), float32."""
+    """``n`` strengths drawn uniformly from {0, w_step, ..., w_max} (method §3.1), float32."""
     grid = guidance_grid(w_max, w_step).to(device=device, dtype=torch.float32)
     gen_device = generator.device if generator is not None else device
     idx = torch.randint(len(grid), (n,), generator=generator, device=gen_device)
@@ -45,7 +46,7 @@ def sample_guidance(n: int, w_max: float, w_step: float,
 
 
 def interval_weight(t: Tensor, w: Tensor, interval_start: float) -> Tensor:
-    """Interval guidance (SPEC 3.1): the strength is kept for t >= start and zeroed for
+    """Interval guidance (method §3.1): the strength is kept for t >= start and zeroed for
     t < start, the high-noise end where guidance mostly hurts diversity."""
     return torch.where(t >= interval_start, w, torch.zeros_like(w))
 

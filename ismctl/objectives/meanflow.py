@@ -1,6 +1,6 @@
 """MeanFlow (Geng et al. 2025) in our conventions: continuous jumps, the MeanFlow identity target.
 
-SPEC 4.1; the derivation is docs/meanflow.md. F(x_t, t, d, c, w) is the average velocity of the
+method §4.1; the derivation is docs/meanflow.md. F(x_t, t, d, c, w) is the average velocity of the
 jump from t to T = t + d. With the end T held fixed, (T - t) F(x_t, t, T - t) = x_T - x_t;
 differentiating in t gives -F + d dF/dt = -v, so
 
@@ -22,7 +22,7 @@ v~ is the velocity with guidance baked in (``meanflow_guidance: baked``, MeanFlo
 for rows with a label and t >= interval_start, v~ = v otherwise; its fixed point at d = 0 is CFG
 with scale s = omega / (1 - kappa), i.e. w = s - 1 in our delta convention. With
 ``meanflow_guidance: intrinsic`` w is a network input drawn like ism's and
-v~ = v + w_eff sg(F_tgt(x_t, t, 0, c, 0) - F_tgt(x_t, t, 0, null, 0)) (SPEC 3.1).
+v~ = v + w_eff sg(F_tgt(x_t, t, 0, c, 0) - F_tgt(x_t, t, 0, null, 0)) (method §3.1).
 
 DDP: the gradient-carrying pass is the one call of ``model`` (the DDP-wrapped online network)
 over the whole batch. The JVP and the guidance rows run on ``target_model`` (the target EMA,
@@ -112,8 +112,8 @@ def adaptive_weighted(per_sample: Tensor, dims: int, c: float, p: float) -> Tens
 
     ``per_sample`` is the loss of ``loss.name`` averaged over the ``dims`` dimensions of a sample
     (MSE, or the wavelet loss in the same units); MeanFlow's l is the squared error *summed* over
-    them, so l = dims x per_sample and c is in those units (official JAX code c = 0.01, SPEC
-    4.1). The weighted value and its gradient are the official ones exactly; c applied to the
+    them, so l = dims x per_sample and c is in those units (official JAX code c = 0.01, method
+    §4.1). The weighted value and its gradient are the official ones exactly; c applied to the
     per-dimension mean would be dims times larger in effect (4,096x on ImageNet latents). p = 1
     makes each sample's gradient that of log(l + c), so large-error samples do not dominate.
     """
@@ -125,7 +125,7 @@ def meanflow_loss(model: Network, target_model: Network, x0: Tensor, x1: Tensor,
                   objective: ObjectiveCfg, guidance: GuidanceCfg, loss_fn: LossFn,
                   num_classes: int, generator: torch.Generator | None = None,
                   slot: tuple[int, int] = (0, 1)) -> dict[str, Tensor]:
-    """One training batch of MeanFlow (SPEC 4.1). Returns "loss" (differentiable: the mean of
+    """One training batch of MeanFlow (method §4.1). Returns "loss" (differentiable: the mean of
     the adaptively weighted per-sample losses), and the unweighted mean per-sample loss of the
     d = 0 rows ("velocity") and the d > 0 rows ("consistency"), detached."""
     batch, device, null = x0.shape[0], x0.device, num_classes
@@ -178,7 +178,7 @@ def meanflow_loss(model: Network, target_model: Network, x0: Tensor, x1: Tensor,
 
 def target_passes(objective: ObjectiveCfg, guidance: GuidanceCfg) -> float:
     """Target-network forward-pass equivalents per sample: the cond and null rows of every
-    sample when guidance is in the target, and one JVP per d > 0 sample (SPEC 5)."""
+    sample when guidance is in the target, and one JVP per d > 0 sample (method §5)."""
     return (2.0 * guidance_active(objective, guidance)
             + JVP_PASSES * objective.bootstrap_fraction)
 

@@ -7,7 +7,7 @@ Every objective has one signature (the trainer calls it through :func:`get_objec
 
 ``model`` is the gradient-carrying online network (DDP-wrapped under torchrun: every
 gradient must come from it, so the all-reduce sees it), ``target_model`` the network that
-builds targets under no_grad (the target EMA, SPEC 3.4), ``slot`` the micro-batch's (index,
+builds targets under no_grad (the target EMA, method §3.4), ``slot`` the micro-batch's (index,
 count) among the data slots (ranks x accumulation steps) of one optimiser step, for objectives
 whose batch layout belongs to the global batch (sm's level histogram). Besides the function,
 an entry says how the network embeds jump sizes, which sampler its runs use and what its step
@@ -42,10 +42,10 @@ class ObjectiveSpec:
     ``sampler(recipe)``: the one-pass sampler of its runs ("intrinsic" takes w as a network
     input, "conditional" samples w = 0 because guidance is baked in), see ismctl.sampling.protocol.
     ``target_passes(objective, guidance)``: target-network forward-pass equivalents per
-    training sample (SPEC 5), for the FLOP count.
+    training sample (method §5), for the FLOP count.
     ``flow_jump(objective)``: the jump size at which the family trains its instantaneous
     velocity, which two-pass flow CFG samples: 0 (a level of its own), or 1/M for sm, whose
-    flow shares the finest jump's embedding as in the official code (SPEC 2).
+    flow shares the finest jump's embedding as in the official code (method §2).
     """
 
     name: str

@@ -3,7 +3,7 @@
 Network callables have the signature ``F(x, t, d, y, w) -> velocity`` with x (B, C, H, W),
 t, d, w float (B,) and y long (B,), the null label being ``num_classes``.
 
-``sm`` (SPEC 2) reproduces the training targets and loss of the official shortcut-models code
+``sm`` (method §2) reproduces the training targets and loss of the official shortcut-models code
 (kvfrans/shortcut-models, ``targets_shortcut.py: get_targets``); ``tests/test_sm_official.py``
 holds it against a transcription of that function. A batch is
 
@@ -20,7 +20,7 @@ ones (kvfrans/shortcut-models issue 10); here every sample is used exactly once.
 histogram belongs to the global batch, so each data slot (rank x accumulation step) takes its
 share of it: the same method on any number of GPUs.
 
-``ism`` (SPEC 3.1) keeps d = 0 as a level of its own (the instantaneous velocity) with jumps
+``ism`` (method §3.1) keeps d = 0 as a level of its own (the instantaneous velocity) with jumps
 1/M..1 above it, and splits a batch into three parts, each sample used once:
 
     [0:nv]          velocity      d = 0, w = 0, labels dropped, target x1 - x0
@@ -29,9 +29,9 @@ share of it: the same method on any number of GPUs.
                                   at the sample's own w (the finest level's from d = 0)
 
 The online network sees the whole batch in one forward pass. The target network (the fast
-target EMA, SPEC 3.4) runs twice under no_grad: the guidance cond/null rows fused with the first
+target EMA, method §3.4) runs twice under no_grad: the guidance cond/null rows fused with the first
 half jumps, then the second half jumps, i.e. 2 target rows per guidance sample and per
-consistency sample and nothing more (SPEC 5: an ism step costs about 1.33x flow matching).
+consistency sample and nothing more (method §5: an ism step costs about 1.33x flow matching).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 # (index, count) of this micro-batch among the data slots of one optimiser step.
 Slot = tuple[int, int]
 
-# Target-network passes per sample of each part, for the cost model (SPEC 5).
+# Target-network passes per sample of each part, for the cost model (method §5).
 TARGET_PASSES = {"guidance": 2, "consistency": 2}
 
 
@@ -81,7 +81,7 @@ def _num_levels(base_steps: int) -> int:
 def interpolate(x0: Tensor, x1: Tensor, t: Tensor, sigma_min: float = 0.0
                 ) -> tuple[Tensor, Tensor]:
     """(x_t, v): x_t = (1 - (1 - sigma_min) t) x0 + t x1 and its velocity x1 - (1 - sigma_min) x0
-    (SPEC 1; sigma_min = 1e-5 in the official shortcut-models code, SPEC 2)."""
+    (method §1; sigma_min = 1e-5 in the official shortcut-models code, method §2)."""
     tb = _bcast(t, x0)
     keep = 1.0 - sigma_min
     return (1 - keep * tb) * x0 + tb * x1, x1 - keep * x0
@@ -130,7 +130,7 @@ def jump_levels(n: int, base_steps: int, generator: torch.Generator | None = Non
 
     Each level appears floor(n / L) or floor(n / L) + 1 times, the levels getting the extra
     sample chosen at random, then the whole is shuffled: a part smaller than L still mixes
-    levels (the official code gives every sample d = 1 then, SPEC 2).
+    levels (the official code gives every sample d = 1 then, method §2).
     """
     levels = _num_levels(base_steps)
     gen_dev = _gen_device(generator, "cpu")
@@ -149,7 +149,7 @@ def official_levels(n: int, base_steps: int) -> Tensor:
     The L = log2(M) bootstrap levels are d = 2/M, ..., 1/2, 1 (the finest, 1/M, is the flow's
     own embedding). Each takes n // L rows, finest first, and d = 1 also takes the remainder:
     for M = 128 and n = 32 that is 4 rows at each of 1/64..1/2 and 8 at d = 1; with n < L every
-    row is d = 1 and no row takes CFG (SPEC 2).
+    row is d = 1 and no row takes CFG (method §2).
     """
     levels = _num_levels(base_steps) - 1
     if levels == 0:
@@ -178,7 +178,7 @@ def slot_levels(micro: int, fraction: float, base_steps: int, slot: Slot) -> Ten
 
 
 def grid_times(d: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """t uniform on the multiples of each sample's d with t + d <= 1 (SPEC 2)."""
+    """t uniform on the multiples of each sample's d with t + d <= 1 (method §2)."""
     positions = torch.round(1.0 / d)
     u = _uniform(d.shape[0], generator, d.device)
     k = torch.minimum(torch.floor(u * positions), positions - 1)
@@ -221,7 +221,7 @@ def call_fused(net: Network, groups: list[NetInputs]) -> list[Tensor]:
 
 @dataclass(frozen=True)
 class BootstrapPlan:
-    """The two half jumps of a self-consistency target (SPEC 2):
+    """The two half jumps of a self-consistency target (method §2):
 
         v1 = F(x_t, t, h);  x_mid = x_t + (d/2) v1;  v2 = F(x_mid, t + d/2, h)
         target = (v1 + v2) / 2
@@ -229,9 +229,9 @@ class BootstrapPlan:
     where h, the jump size the half jumps are asked for, is d/2, except in ism at the finest
     level d = 1/M, whose half jumps take the d = 0 velocity (:meth:`ism`). In sm the rows at
     d = 2/M take classic CFG v_null + s (v_c - v_null) from a label row and a null row in both
-    half jumps (:meth:`sm`): the compounding guidance of SPEC 2, kept on purpose. ism passes
+    half jumps (:meth:`sm`): the compounding guidance of method §2, kept on purpose. ism passes
     the sample's own w to both half jumps, so every level is trained at the same strength and
-    guidance does not compound (SPEC 3.1).
+    guidance does not compound (method §3.1).
     """
 
     x_t: Tensor
@@ -324,7 +324,7 @@ def bootstrap_target(F_tgt: Network, x_t: Tensor, t: Tensor, d: Tensor, y: Tenso
 def sm_bootstrap_target(F_tgt: Network, x_t: Tensor, t: Tensor, d: Tensor, y: Tensor,
                         base_steps: int, null_class: int, cfg_scale: float | None = None,
                         clip: float | None = None) -> Tensor:
-    """sm's bootstrap target (SPEC 2): half jumps at d/2, CFG at ``cfg_scale`` in the rows at
+    """sm's bootstrap target (method §2): half jumps at d/2, CFG at ``cfg_scale`` in the rows at
     d = 2/M (whose half jumps are the flow, d = 1/M)."""
     return run_plan(F_tgt, BootstrapPlan.sm(x_t, t, d, y, base_steps, null_class, cfg_scale,
                                             clip))
@@ -352,7 +352,7 @@ def guidance_target(F_tgt: Network, x_t: Tensor, t: Tensor, y: Tensor, w: Tensor
                     null_class: int, interval_start: float) -> Tensor:
     """Intrinsic-guidance target v + w_eff sg(F(x_t, t, 0, c, 0) - F(x_t, t, 0, null, 0)).
 
-    The paper does not publish its guidance term; this form is ours (SPEC 3.1). Since
+    The paper does not publish its guidance term; this form is ours (method §3.1). Since
     E[x1 - x0 | x_t, c] = v_c, its regression optimum is v_c + w (v_c - v_null): the guided
     velocity in the delta convention, learned at d = 0 and carried to larger jumps by the
     consistency part. ``w_eff`` is zero for t < interval_start (interval guidance). The cond
@@ -375,7 +375,7 @@ def _part_mean(per_sample: Tensor, rows: slice) -> Tensor:
 def sm_loss(model: Network, target_model: Network, x0: Tensor, x1: Tensor, y: Tensor,
             objective: ObjectiveCfg, guidance: GuidanceCfg, loss_fn: LossFn, num_classes: int,
             generator: torch.Generator | None = None, slot: Slot = (0, 1)) -> dict[str, Tensor]:
-    """One training batch of the official shortcut-models objective (SPEC 2; module docstring).
+    """One training batch of the official shortcut-models objective (method §2; module docstring).
 
     ``slot`` is this micro-batch's (index, count) among the data slots of the step: the level
     histogram is the global batch's (:func:`slot_levels`). Returns "loss" (one mean of the
@@ -418,7 +418,7 @@ def sm_loss(model: Network, target_model: Network, x0: Tensor, x1: Tensor, y: Te
 def ism_loss(model: Network, target_model: Network, x0: Tensor, x1: Tensor, y: Tensor,
              objective: ObjectiveCfg, guidance: GuidanceCfg, loss_fn: LossFn, num_classes: int,
              generator: torch.Generator | None = None, slot: Slot = (0, 1)) -> dict[str, Tensor]:
-    """One training batch of iSM (SPEC 3.1; module docstring).
+    """One training batch of iSM (method §3.1; module docstring).
 
     ``x0`` noise and ``x1`` data are already paired (sOT) and shuffled, so the parts are
     contiguous slices. Returns "loss" = a L_velocity + b L_guidance + g L_consistency
@@ -494,7 +494,7 @@ def shortcut_loss(model: Network, target_model: Network, x0: Tensor, x1: Tensor,
 
 
 def target_passes(objective: ObjectiveCfg, guidance: GuidanceCfg | None = None) -> float:
-    """Target-network forward passes per training sample (SPEC 5): two half jumps per
+    """Target-network forward passes per training sample (method §5): two half jumps per
     consistency sample and, in ism mode, the cond and null rows per guidance sample (sm's
     extra null rows at d = 2/M, 1/log2(M) of its bootstrap part, are left out)."""
     extra = TARGET_PASSES["consistency"] * objective.bootstrap_fraction

@@ -1,13 +1,13 @@
 """How a run is sampled: the sampler and the guidance strength for each step count.
 
-- iSM runs take w as a network input (SPEC 3.1): any w >= 0, one pass per step, and the best
+- iSM runs take w as a network input (method §3.1): any w >= 0, one pass per step, and the best
   w differs per step count (a 1-step jump needs another strength than a 128-step path).
-- sm runs follow their authors' protocol (SPEC 2): the shortcuts already carry the CFG of
+- sm runs follow their authors' protocol (method §2): the shortcuts already carry the CFG of
   their training targets, so every step count samples the conditional output alone (w = 0);
   the 128-step entry is joined by a separate one with two-pass CFG at the training scale on
   the flow velocity. CFG on top of the baked-in guidance (``double_guidance``) guides twice
   and is only reachable on request.
-- meanflow runs follow MeanFlow's protocol (SPEC 4.1): with ``meanflow_guidance: baked`` CFG is
+- meanflow runs follow MeanFlow's protocol (method §4.1): with ``meanflow_guidance: baked`` CFG is
   in the training target, so every step count samples the conditional output (w = 0), one pass
   per step and no separate CFG entry; with ``intrinsic`` w is an input as for iSM. Any step
   count N >= 1 (continuous jump sizes).

@@ -1,14 +1,14 @@
-"""Euler shortcut sampling (SPEC 1): N steps of size d = 1/N from noise (t = 0) to data (t = 1).
+"""Euler shortcut sampling (method §1): N steps of size d = 1/N from noise (t = 0) to data (t = 1).
 
     x <- x + d F(x, t_i, d, c, w),  t_i = i / N
 
 N is a power of two up to ``base_steps`` for networks trained on dyadic jumps (sm, ism); a
-network with continuous jump sizes (MeanFlow, SPEC 4.1) takes any N >= 1.
+network with continuous jump sizes (MeanFlow, method §4.1) takes any N >= 1.
 
 Samplers (the ``mode`` argument):
 
 - ``intrinsic`` (iSM) feeds the guidance strength w to the network: one pass per step.
-- ``conditional`` (the sm baseline, its authors' protocol, SPEC 2): one pass with the label and
+- ``conditional`` (the sm baseline, its authors' protocol, method §2): one pass with the label and
   w = 0. An sm network has CFG baked into its shortcuts by its training targets, so this
   output is already guided; ``w`` must be 0.
 - ``cfg`` runs the label and the null rows with w = 0 and combines them as
@@ -17,7 +17,7 @@ Samplers (the ``mode`` argument):
 - ``flow-cfg`` is ``cfg`` on the instantaneous velocity instead of the jump of size 1/N: N Euler
   steps of classic flow matching with CFG. The velocity is asked for at the network's
   ``flow_jump``: d = 0 for ism and MeanFlow networks, d = 1/M for sm networks, whose flow is
-  trained at the finest jump's embedding as in the official code (SPEC 2). The sm authors'
+  trained at the finest jump's embedding as in the official code (method §2). The sm authors'
   separate 128-step CFG entry samples exactly this.
 """
 

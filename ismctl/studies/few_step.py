@@ -1,12 +1,12 @@
 """Few-step generation on the built-in digits: SM, iSM, MeanFlow, and MeanFlow with each of
-iSM's components, each tuned the same way and compared at 1, 2, 4 and 128 steps (SPEC 4.1,
+iSM's components, each tuned the same way and compared at 1, 2, 4 and 128 steps (method §4.1,
 ``docs/few_step_digits.md``).
 
 Every method is the quickstart's network, data, optimiser and schedule (``recipes/
 quickstart.yaml``, ``recipes/sm_quickstart.yaml``, ``recipes/meanflow_digits.yaml``) with its
 own objective and components:
 
-- ``sm``: the official shortcut-models algorithm (SPEC 2, ``sm_quickstart.yaml``), CFG at
+- ``sm``: the official shortcut-models algorithm (method §2, ``sm_quickstart.yaml``), CFG at
   ``guidance.cfg_scale`` baked into its bootstrap targets, sampled by its authors' protocol
   (the conditional output; at 128 steps also two-pass CFG on the flow).
 - ``ism``: the quickstart (every iSM component), w an input of the network.
@@ -123,7 +123,7 @@ METHODS = {m.name: m for m in (
 
 
 def nfe(steps: int, sampler: str) -> int:
-    """Network evaluations per sample: two-pass CFG costs 2 per step (SPEC 2)."""
+    """Network evaluations per sample: two-pass CFG costs 2 per step (method §2)."""
     return steps * (2 if sampler == "flow-cfg" else 1)
 
 

@@ -1,6 +1,6 @@
 """How the network runs: intra-op threads, bf16 autocast and torch.compile.
 
-Three kinds of network call carry almost all of the compute (SPEC 5): the online forward and
+Three kinds of network call carry almost all of the compute (method §5): the online forward and
 backward, the target-EMA passes (no grad) and the sampler's pass per step. Training treats the
 three alike: the same precision, and with ``train.compile`` each callable is compiled once and
 reused, so mixed jump sizes and guidance strengths (tensors, not Python numbers) never trigger a

@@ -4,7 +4,7 @@ For B/2 and XL/2 at the recipes' per-GPU batch (a global batch of 256 over 8 GPU
 eager / compiled x fp32 / bf16 runs the real iSM training step (the full objective, wavelet
 loss, clipping, fused AdamW, twin EMA) on synthetic latents and reports img/s, the split of
 the step (online forward + backward, target-EMA passes, optimiser, EMA update), peak memory and
-MFU against the card's dense bf16 peak. Model FLOPs follow SPEC 5: a forward pass counted from
+MFU against the card's dense bf16 peak. Model FLOPs follow method §5: a forward pass counted from
 the shapes (``forward_flops``) times 3 for the online forward and backward plus one per target
 row (1 per sample in iSM), nanoGPT-style. Then a 200-step B/2 iSM run through the real trainer
 (loader, sOT, compile, bf16, checkpoint and sample grids) checks that the losses fall and stay
@@ -318,7 +318,7 @@ def run_gpu_check(out: str | Path = "gpu-check.json", presets: Iterable[str] = P
             except Exception as exc:
                 smoke_result = {**smoke_args, "error": _error_text(exc)}
         _free(dev)
-    # MeanFlow (SPEC 4.1): its step (JVP on the math attention kernel) against flow matching,
+    # MeanFlow (method §4.1): its step (JVP on the math attention kernel) against flow matching,
     # compiled when the compiled paths are checked.
     mf_compiled = any(mode == "compiled" for mode, _ in modes)
     console.print(f"gpu-check: MeanFlow vs flow-matching step, {presets[0]}"

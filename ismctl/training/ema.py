@@ -1,9 +1,9 @@
-"""Twin EMA (SPEC 3.4): a fast target EMA for the training targets, a slow one for sampling.
+"""Twin EMA (method §3.4): a fast target EMA for the training targets, a slow one for sampling.
 
 The target EMA (decay 0.95) builds the self-consistency and guidance targets; the inference
 EMA (decay 0.9999) is only used to sample and evaluate. Either can be disabled for ablations,
 and then the online weights take its place. The paper's EMA has no warm-up, which is the
-default (``ema.warmup: false``); the warm-up schedule is there for short runs (SPEC 3.4).
+default (``ema.warmup: false``); the warm-up schedule is there for short runs (method §3.4).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class TwinEMA:
         """ema = decay * ema + (1 - decay) * online for each enabled copy; buffers copied.
 
         Call after each optimiser step. One fused ``_foreach_lerp_`` per EMA over the whole
-        parameter list keeps this a few percent of a step even for XL models (SPEC 5).
+        parameter list keeps this a few percent of a step even for XL models (method §5).
         """
         online = unwrap_model(model)
         params = [p.detach() for p in online.parameters()]

@@ -38,7 +38,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def flops_per_sample(recipe: Recipe, model: torch.nn.Module) -> float:
-    """SPEC 5: forward + backward = 3 forwards, plus the target network's no-grad passes as
+    """method §5: forward + backward = 3 forwards, plus the target network's no-grad passes as
     the objective counts them (sm/ism: 2 per consistency and per guidance sample; meanflow:
     2 per sample with guidance in the target, a JVP of ~2 per d > 0 sample)."""
     spec = get_objective(recipe.objective.mode)

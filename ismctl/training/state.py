@@ -1,6 +1,6 @@
 """What a training run holds between steps, built fresh or resumed from a checkpoint.
 
-The network, its twin EMA (SPEC 3.4), the AdamW state, the step reached and where the data
+The network, its twin EMA (method §3.4), the AdamW state, the step reached and where the data
 streams stand. Building draws from the global generators in a fixed order (the network's
 initialisation after ``torch.manual_seed(train.seed)``), so a run is reproducible from its
 recipe; resuming restores every piece an uninterrupted run would have had at that step.

@@ -1,7 +1,7 @@
 """One optimiser step: the learning-rate schedule, every data slot's micro-batch through the
 objective, gradient clipping, AdamW and the twin EMA update.
 
-Data flow (SPEC 3, one way): TrainLoader (shards, latents, the sOT pairing in its workers) ->
+Data flow (method §3, one way): TrainLoader (shards, latents, the sOT pairing in its workers) ->
 the recipe's objective (online network + target EMA, :mod:`ismctl.objectives`) -> AdamW ->
 EMA. Reproducibility: the global batch is cut into ``ranks x grad_accum`` slots; slot ``s`` of
 step ``n`` gets its data from loader stream ``s`` and its objective randomness (t, d, w, label
@@ -43,7 +43,7 @@ def make_loaders(recipe: Recipe, micro: int, slots: int, flip: bool, info: DistI
                  start_step: int) -> list[Iterator[tuple[Tensor, ...]]]:
     """One data stream per accumulation slot of this rank, positioned at ``start_step``. Each
     slot's loader solves one sOT assignment per ``coupling.pool_size`` samples of its own
-    stream, so the pool is the same on any number of ranks and accumulation steps (SPEC 3.3)."""
+    stream, so the pool is the same on any number of ranks and accumulation steps (method §3.3)."""
     cfg, cp = recipe.train, recipe.coupling
     return [iter(TrainLoader(
         recipe.data.path, batch_size=micro, pool_size=cp.pool_size, seed=cfg.seed,

@@ -66,7 +66,7 @@ def _train(recipe: Recipe, recipe_path: str | None, resume: bool | str, overwrit
 
     state = build_state(recipe, start, info)
     # The wavelet loss's band normaliser is a constant of the data set, measured once and kept
-    # in the run directory: the loss does not depend on how the batch is split (SPEC 3.2).
+    # in the run directory: the loss does not depend on how the batch is split (method §3.2).
     loss_fn = build_loss(recipe.loss, state.model.input_size,
                          band_stats_for_run(recipe.loss, recipe.data, run_dir, info.is_main))
     workers = _check_workers(recipe, state.data, info)

@@ -1,6 +1,6 @@
 """`ismctl bench` / `make bench`: where the time of an iSM training step goes -> bench.json.
 
-SPEC 5 is the budget. A flow-matching (FM) step costs 3 forward equivalents per sample
+method §5 is the budget. A flow-matching (FM) step costs 3 forward equivalents per sample
 (forward + backward); iSM adds no-grad passes of the target EMA, 2 rows per consistency
 sample and 2 per guidance sample, so with 1/4 + 1/4 of the batch about 4: an iSM step should
 cost ~1.33x an FM step on the same backbone and batch (goal here: <= 1.40), and the wavelet
@@ -35,7 +35,7 @@ same load (the machine may be shared):
   a read back from the device per network call), with inference mode, and compiled.
 - ``gpu``: on CUDA the same step code runs in bf16 for B/2 and XL/2 and reports img/s and
   MFU = img/s x forward FLOPs x (3 + target rows per sample) / peak bf16 FLOP/s.
-- ``meanflow``: the MeanFlow step (SPEC 4.1) as a ratio to a flow-matching step on the same
+- ``meanflow``: the MeanFlow step (method §4.1) as a ratio to a flow-matching step on the same
   continuous-jump backbone and batch (first preset), interleaved, one run.
 - ``threads``: on a CPU, the quickstart's evaluation sampling with every usable core (the
   default thread count) against one thread, as a ratio, on the machine as it is and with
@@ -198,7 +198,7 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
     }
     report["goals"] = goals(steps, components)
     report["notes"] = notes
-    # MeanFlow's step against flow matching on the first preset (SPEC 4.1, docs/meanflow.md).
+    # MeanFlow's step against flow matching on the first preset (method §4.1, docs/meanflow.md).
     mf_name = parse_preset(presets[0])[0]
     report["meanflow"] = meanflow_step_ratio(
         presets[0], 8 if quick else BATCH[kind][mf_name], size, dev,

@@ -1,5 +1,5 @@
 """The data sections: TrainLoader throughput with sOT pools, the wait a step sees, and whether the
-sOT coupler keeps up at ImageNet scale (SPEC 3.3).
+sOT coupler keeps up at ImageNet scale (method §3.3).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The training-step section: FM, iSM and SM steps interleaved on one model and batch, where their
 time goes, each iSM component's cost, the GPU throughput and MFU, and the MeanFlow step ratio
-(SPEC 5).
+(method §5).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ismctl.training.monitor import peak_flops
 def flow_matching_loss(model: Network, x0: Tensor, x1: Tensor, y: Tensor, loss_fn: LossFn,
                        num_classes: int, class_dropout: float,
                        generator: torch.Generator | None) -> dict[str, Tensor]:
-    """Plain flow matching (the reference step of SPEC 5): d = 0, w = 0, labels dropped with
+    """Plain flow matching (the reference step of method §5): d = 0, w = 0, labels dropped with
     ``class_dropout``, target x1 - x0; one online forward, no target network."""
     batch, device = x0.shape[0], x0.device
     gen_device = generator.device if generator is not None else device
@@ -269,7 +269,7 @@ def gpu_section(steps: dict[str, Any], dev: torch.device, notes: list[str]) -> d
 
 def meanflow_step_ratio(preset: str, batch: int, size: int, device: torch.device, warmup: int,
                         iters: int, compiled: bool = False) -> dict[str, Any]:
-    """A MeanFlow training step (SPEC 4.1: JVP target on the d > 0 quarter of the batch, baked
+    """A MeanFlow training step (method §4.1: JVP target on the d > 0 quarter of the batch, baked
     CFG rows, adaptive weight, MSE) against a flow-matching step on the same continuous-jump
     backbone, batch, optimiser and EMA, interleaved; the ratio is the median of per-iteration
     ratios. bf16 autocast on CUDA, fp32 elsewhere; ``compiled`` compiles the online network and

@@ -2,8 +2,8 @@
 iSM's components, each tuned the same way and compared at 1, 2, 4 and 128 steps (method §4.1,
 ``docs/few_step_digits.md``).
 
-Every method is the quickstart's network, data, optimiser and schedule (``recipes/
-quickstart.yaml``, ``recipes/sm_quickstart.yaml``, ``recipes/meanflow_digits.yaml``) with its
+Every method is the quickstart's network, data, optimiser and schedule (the shipped
+recipes ``quickstart``, ``sm_quickstart`` and ``meanflow_digits``) with its
 own objective and components:
 
 - ``sm``: the official shortcut-models algorithm (method §2, ``sm_quickstart.yaml``), CFG at
@@ -71,7 +71,7 @@ WALL_STEPS = (1, 2, 4)
 W_STEP = 0.25          # the sampling grid of intrinsic methods, as trained
 TOP_128 = 1.0          # their first 128-step grid ends here (128-step points are dear)
 MAX_ROUNDS = 3
-MF = "recipes/meanflow_digits.yaml"
+MF = "meanflow_digits"
 SOT = ("coupling.pool_size=256",)
 TWIN = ("ema.target_enabled=true",)
 # Trained on every seed whatever the choice: the ablation study's baseline and full-iSM rows.
@@ -102,9 +102,9 @@ class Method:
 # CFG scale grids: SM s in {1, 1.5, 2, 3}; MeanFlow s = omega / (1 - kappa) = 2 omega in
 # {1, 1.5, 2}. Intrinsic methods start at the quickstart's w_max (1.5).
 METHODS = {m.name: m for m in (
-    Method("sm", "SM (official algorithm)", "recipes/sm_quickstart.yaml", (),
+    Method("sm", "SM (official algorithm)", "sm_quickstart", (),
            "guidance.cfg_scale", "cfg", (1.0, 1.5, 2.0, 3.0), 1.0),
-    Method("ism", "iSM (quickstart)", "recipes/quickstart.yaml", (),
+    Method("ism", "iSM (quickstart)", "quickstart", (),
            "guidance.w_max", "wmax", (1.5,), 1.5, intrinsic=True),
     Method("meanflow", "MeanFlow", MF, (), "guidance.omega", "omega", (0.5, 0.75, 1.0), 0.25),
     Method("meanflow+sot", "MeanFlow + sOT", MF, SOT, "guidance.omega", "omega",
@@ -157,9 +157,9 @@ class Study:
     """The runs and evaluations of one study folder."""
 
     def __init__(self, out: Path, train_steps: int, seeds: list[int], jobs: int,
-                 ismctl: list[str]) -> None:
+                 ismctl: list[str], data: str | None = None) -> None:
         self.out, self.train_steps, self.seeds, self.jobs = out, train_steps, seeds, jobs
-        self.ismctl = ismctl
+        self.ismctl, self.data = ismctl, data
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.grids = Grids(out / "grids.json")
 
@@ -185,7 +185,8 @@ class Study:
         if not self.trained(run_dir):
             sets = [*method.train_overrides(value, seed), f"train.steps={self.train_steps}",
                     f"run.ckpt_every={CKPT_EVERY}", f"run.keep_every={CKPT_EVERY}",
-                    f"run.root={self.out}", f"run.name={run_dir.name}"]
+                    f"run.root={self.out}", f"run.name={run_dir.name}",
+                    *([f"data.path={self.data}"] if self.data else [])]
             args = ["train", method.recipe, *[a for s in sets for a in ("--set", s)],
                     "--auto-resume", "--no-progress"]
             self._call(args, self.out / "logs" / f"train-{run_dir.name}.log")
@@ -525,13 +526,16 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--steps", type=int, default=3000, help="training steps per run")
         p.add_argument("--seeds", default="0,1,2", help="training seeds; the first tunes")
     run.add_argument("--jobs", type=int, default=2, help="subprocesses at a time")
+    run.add_argument("--data", help="prepared digits (default: the recipes' data/digits, "
+                     "relative to the working folder)")
     rep.add_argument("--json", type=Path, help="write the summary here")
     rep.add_argument("--markdown", type=Path, help="write the tables here")
     rep.add_argument("--plot", type=Path, help="write the cfd-digits plot here (PNG)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     ismctl = [sys.executable, "-m", "ismctl"]
-    study = Study(args.out, args.steps, seeds, getattr(args, "jobs", 1), ismctl)
+    study = Study(args.out, args.steps, seeds, getattr(args, "jobs", 1), ismctl,
+                  getattr(args, "data", None))
     if args.command == "run":
         run_study(study)
     summary = summarise(study)

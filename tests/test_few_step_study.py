@@ -1,7 +1,7 @@
 """The few-step study's bookkeeping (ismctl/studies/few_step.py) on fabricated run folders:
 the knob is chosen on the selection samples only, grids grow until no choice sits on an upper
 edge, the tables report the other samples, and the equal-wall-clock checkpoints follow the
-logged training rates."""
+training rates timed one method at a time."""
 
 from __future__ import annotations
 
@@ -105,6 +105,7 @@ def test_tables_report_the_other_samples_and_count_two_pass_nfe(tmp_path: Path) 
     study = _study(tmp_path)
     _fabricate(study)
     _tuned(study)
+    _write_timing(study)
     summary = fs.summarise(study)
     ism = summary["equal_steps"]["ism"]["1"]
     assert ism["cfd-digits"]["mean"] == pytest.approx(30.0 - 0.5)
@@ -117,14 +118,69 @@ def test_tables_report_the_other_samples_and_count_two_pass_nfe(tmp_path: Path) 
     assert "MeanFlow + sOT + twin EMA + wavelet" in text
 
 
+def _write_timing(study: fs.Study) -> None:
+    """Timed: SM 0.25 s per step, every other method 0.5 s (twice as slow)."""
+    fs.write_json(study.out / "timing.json", {
+        f"{name}/round{r}": 0.25 if name == "sm" else 0.5
+        for name in fs.METHODS for r in range(fs.TIME_ROUNDS)})
+
+
 def test_wall_clock_budget_is_the_fastest_method_s_full_run(tmp_path: Path) -> None:
     study = _study(tmp_path)
     _fabricate(study)
+    _write_timing(study)
     budget = fs.wall_budget(study, fs.choose(study))
     assert budget["seconds_per_step"]["sm"] == pytest.approx(0.25)
     assert budget["budget_s"] == pytest.approx(250.0)
     assert budget["step"]["sm"] == {"0": 1000, "1": 1000}
     assert budget["step"]["meanflow"] == {"0": 500, "1": 500}   # half the rate: half the steps
+    # The logged rates (sm 4 it/s, others 2 it/s) are reported beside, not used.
+    assert budget["logged_train_s"]["sm"] == pytest.approx(250.0)
+
+
+def test_report_without_timing_leaves_out_the_wall_clock_table(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    _fabricate(study)
+    _tuned(study)
+    assert fs.wall_budget(study, fs.choose(study), measure=False) is None
+    summary = fs.summarise(study)
+    assert summary["wall_clock"] is None and summary["equal_wall_clock"] == {}
+    text = fs.markdown(summary)
+    assert "Equal training steps" in text and "Equal wall-clock" not in text
+
+
+FAKE_TRAIN = """import json, sys
+from pathlib import Path
+sets = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+run = Path(sets["run.root"]) / sets["run.name"]
+run.mkdir(parents=True)
+slow = "sm_quickstart" not in sys.argv[2]
+# a slow start-up interval, then 0.2 s (sm) or 0.4 s (the others) per step, one odd interval
+rates = [0.5] + [2.5 if slow else 5.0] * 8 + [1.0]
+log = int(sets["run.log_every"])
+lines = [json.dumps({"step": log * (i + 1), "it_s": r}) for i, r in enumerate(rates)]
+(run / "metrics.jsonl").write_text("\\n".join(lines) + "\\n")
+"""
+
+
+def test_time_methods_runs_each_method_alone_and_resumes(tmp_path: Path) -> None:
+    import sys
+
+    fake = tmp_path / "fake_ismctl.py"
+    fake.write_text(FAKE_TRAIN)
+    study = fs.Study(tmp_path / "study", train_steps=1000, seeds=[0, 1], jobs=2,
+                     ismctl=[sys.executable, str(fake)])
+    _fabricate(study)
+    chosen = fs.choose(study)
+    per_step = fs.time_methods(study, chosen)
+    assert per_step["sm"] == pytest.approx(0.2)
+    assert per_step["meanflow+sot+twin-ema"] == pytest.approx(0.4)
+    timing = json.loads((study.out / "timing.json").read_text())
+    assert len(timing) == len(fs.METHODS) * fs.TIME_ROUNDS
+    assert not any((study.out / "timing").iterdir())   # the timing runs are not kept
+    # Resumed from timing.json: nothing is run again (this ismctl would fail).
+    study.ismctl = ["false"]
+    assert fs.time_methods(study, chosen) == per_step
 
 
 def test_run_names_and_overrides_are_those_of_the_recipes() -> None:
@@ -150,14 +206,14 @@ def test_run_names_and_overrides_are_those_of_the_recipes() -> None:
     assert intrinsic.guidance.w_max == 1.5
 
 
-def test_step_seconds_reads_the_least_disturbed_intervals(tmp_path: Path) -> None:
-    """A run logged at 4 it/s, slowed to 1 it/s for half its intervals by another job and with a
-    slow first interval (start-up): 0.25 s per step, while its logged total is longer."""
-    rates = [0.5] + [4.0, 1.0] * 10
-    lines = [json.dumps({"step": 50 * (i + 1), "it_s": r}) for i, r in enumerate(rates)]
+def test_timed_seconds_is_the_median_interval_after_the_warm_up(tmp_path: Path) -> None:
+    """A timing run logged every 25 steps: a slow start-up (left out), then 0.25 s per step
+    with one disturbed interval (the median ignores it)."""
+    rates = [0.5, 1.0, 1.0, 1.0] + [4.0] * 7 + [1.0]
+    lines = [json.dumps({"step": 25 * (i + 1), "it_s": r}) for i, r in enumerate(rates)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    assert fs.step_seconds(tmp_path) == pytest.approx(0.25)
-    assert fs.train_seconds(tmp_path) == pytest.approx(50 * (2 + 10 * 0.25 + 10 * 1.0))
+    assert fs.timed_seconds(tmp_path) == pytest.approx(0.25)
+    assert fs.train_seconds(tmp_path) == pytest.approx(25 * (2 + 4 * 1.0 + 7 * 0.25))
 
 
 def test_slim_checkpoints_keep_the_inference_weights_and_the_final_checkpoint(

@@ -28,9 +28,12 @@ when the best w is the largest w trained, a run with a larger ``w_max`` joins th
 choice is made again (``MAX_ROUNDS`` times at most; what still sits on an edge is reported). The
 low ends (CFG scale 1, w = 0: no guidance) are the ends of the knobs' domains.
 
-Equal wall-clock: the methods' training times per step are read from their logs, and each is
-evaluated at its last checkpoint (every ``CKPT_EVERY`` steps) within the fastest method's full
-training time.
+Equal wall-clock: each method's seconds per training step are measured in one sitting once
+everything else is done (``TIME_ROUNDS`` interleaved rounds of a ``TIME_STEPS``-step run per
+method, one process at a time, so no two methods share the machine's cores and all see the same
+machine), and each is evaluated at its last checkpoint (every ``CKPT_EVERY`` steps) within the
+fastest method's full training time. The study's own training logs are not used for this: the
+runs share the cores two at a time, with each other and with whatever else the machine runs.
 
     python -m ismctl.studies.few_step run runs/few-step --steps 3000 --seeds 0,1,2
     python -m ismctl.studies.few_step report runs/few-step --steps 3000 \\
@@ -49,6 +52,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +75,8 @@ WALL_STEPS = (1, 2, 4)
 W_STEP = 0.25          # the sampling grid of intrinsic methods, as trained
 TOP_128 = 1.0          # their first 128-step grid ends here (128-step points are dear)
 MAX_ROUNDS = 3
+# The timing runs: seconds per step = the median logged interval after the warm-up steps.
+TIME_STEPS, TIME_SKIP, TIME_LOG, TIME_ROUNDS = 300, 100, 25, 2
 MF = "meanflow_digits"
 SOT = ("coupling.pool_size=256",)
 TWIN = ("ema.target_enabled=true",)
@@ -356,25 +362,63 @@ def train_seconds(run_dir: Path) -> float:
     return total
 
 
-def step_seconds(run_dir: Path) -> float:
-    """Seconds per step on an undisturbed machine, estimated from the log: the mean of the
-    fastest quarter of the logged intervals (the first, which holds the start-up, left out).
-    Other jobs only ever slow a step down, so the fastest intervals are the least disturbed."""
-    per_step = sorted(1.0 / rate for _, rate in _logged_rates(run_dir)[1:])
-    return statistics.fmean(per_step[:max(1, len(per_step) // 4)])
+def timed_seconds(run_dir: Path) -> float:
+    """Seconds per step of a timing run: the median of its logged intervals after the first
+    ``TIME_SKIP`` steps (start-up, the first sOT pool, allocator warm-up)."""
+    per_step = [1.0 / rate for step, rate in _logged_rates(run_dir) if step > TIME_SKIP]
+    if not per_step:
+        raise RuntimeError(f"{run_dir}: no metrics line after step {TIME_SKIP}")
+    return statistics.median(per_step)
 
 
-def wall_budget(study: Study, chosen: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
-    """Seconds per step of each method (median of ``step_seconds`` over its reported runs), the
-    budget (the fastest method's full run) and, per method and seed, the last kept checkpoint
-    within it."""
-    per_step: dict[str, float] = {}
+def time_methods(study: Study, chosen: dict[str, dict[int, dict[str, Any]]],
+                 measure: bool = True) -> dict[str, float] | None:
+    """Seconds per training step of every method, measured in one sitting: a ``TIME_STEPS``-step
+    run of its chosen setting (at 1 step; the knob's value does not change the cost), one
+    process at a time, methods interleaved over ``TIME_ROUNDS`` rounds so that a slow spell of
+    the machine falls on all of them; the median over the rounds. Each measurement is kept in
+    ``timing.json`` as it is made (the timing run itself is deleted), so this resumes too.
+    ``measure=False`` (the report) only reads: None while a measurement is missing."""
+    path = study.out / "timing.json"
+    have: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+    root = study.out / "timing"
+    for r in range(TIME_ROUNDS):
+        for method in METHODS.values():
+            key = f"{method.name}/round{r}"
+            if key in have:
+                continue
+            if not measure:
+                return None
+            run_dir = root / f"{method.name}-round{r}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            sets = [*method.train_overrides(chosen[method.name][1]["value"], study.seeds[0]),
+                    f"train.steps={TIME_STEPS}", f"run.log_every={TIME_LOG}",
+                    f"run.ckpt_every={TIME_STEPS}", f"run.sample_every={TIME_STEPS}",
+                    f"run.root={root}", f"run.name={run_dir.name}",
+                    *([f"data.path={study.data}"] if study.data else [])]
+            study._call(["train", method.recipe, *[a for s in sets for a in ("--set", s)],
+                         "--no-progress"], study.out / "logs" / f"time-{run_dir.name}.log")
+            have[key] = timed_seconds(run_dir)
+            write_json(path, have)
+            shutil.rmtree(run_dir)
+    return {name: statistics.median(have[f"{name}/round{r}"] for r in range(TIME_ROUNDS))
+            for name in METHODS}
+
+
+def wall_budget(study: Study, chosen: dict[str, dict[int, dict[str, Any]]],
+                measure: bool = True) -> dict[str, Any] | None:
+    """Seconds per step of each method (``time_methods``), the budget (the fastest method's
+    full run) and, per method and seed, the last kept checkpoint within it; beside them each
+    method's logged training time (median over its reported runs, other jobs included). None
+    when ``measure`` is False and the timing is not complete."""
+    per_step = time_methods(study, chosen, measure)
+    if per_step is None:
+        return None
     logged: dict[str, float] = {}
     for method in METHODS.values():
         runs = [study.run_dir(method, value, seed)
                 for value in {c["value"] for c in chosen[method.name].values()}
                 for seed in study.seeds]
-        per_step[method.name] = statistics.median(step_seconds(r) for r in runs)
         logged[method.name] = statistics.median(train_seconds(r) for r in runs)
     budget = min(per_step.values()) * study.train_steps
     reached = {name: CKPT_EVERY * math.floor(budget / sec / CKPT_EVERY + 1e-9)
@@ -393,9 +437,11 @@ def _mean_sd(values: list[float]) -> dict[str, float]:
 def summarise(study: Study) -> dict[str, Any]:
     tuned = json.loads((study.out / "chosen.json").read_text())
     chosen = {m: {int(n): c for n, c in per.items()} for m, per in tuned["chosen"].items()}
-    budget = wall_budget(study, chosen)
+    budget = wall_budget(study, chosen, measure=False)
     tables: dict[str, Any] = {"equal_steps": {}, "equal_wall_clock": {}}
     for table, step_counts in (("equal_steps", STEPS), ("equal_wall_clock", WALL_STEPS)):
+        if table == "equal_wall_clock" and budget is None:
+            continue   # not timed yet: no wall-clock table
         for method in METHODS.values():
             rows = {}
             for n in step_counts:
@@ -451,9 +497,12 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {meta['label']} | {KNOB_NAMES.get(meta['knob'], meta['knob'])} | "
                      f"{', '.join(f'{v:g}' for v in grid['values'])} | {top} |")
     lines.append("")
-    for table, title in (("equal_steps", f"Equal training steps ({summary['train_steps']:,})"),
-                         ("equal_wall_clock", "Equal wall-clock (budget "
-                          f"{summary['wall_clock']['budget_s']:.0f} s of training)")):
+    wall = summary["wall_clock"]
+    titles = [("equal_steps", f"Equal training steps ({summary['train_steps']:,})")]
+    if wall is not None:
+        titles.append(("equal_wall_clock",
+                       f"Equal wall-clock (budget {wall['budget_s']:.0f} s of training)"))
+    for table, title in titles:
         step_counts = sorted({int(n) for rows in summary[table].values() for n in rows})
         for n in step_counts:
             lines += [f"### {title}, {n} step{'s' if n > 1 else ''}", "",
@@ -472,9 +521,11 @@ def markdown(summary: dict[str, Any]) -> str:
                              f"{_fmt(r['acc'], 3)} | {_fmt(r['fd-digits'], 1)} | "
                              f"{_fmt(r['cfd-digits'], 1)} | {_fmt(r['spread-digits'], 3)} |")
             lines.append("")
-    wall = summary["wall_clock"]
-    lines += ["### Training time (median over the reported runs)", "",
-              "| method | s/step, undisturbed | steps within the budget | logged s per run |",
+    if wall is None:
+        return "\n".join(lines) + "\n"
+    lines += ["### Training time (per step: timed alone; per run: logged, median over the "
+              "reported runs)", "",
+              "| method | s/step, timed alone | steps within the budget | logged s per run |",
               "|---|---|---|---|"]
     for name, sec in wall["seconds_per_step"].items():
         steps_used = sorted(set(wall["step"][name].values()))

@@ -76,10 +76,11 @@ def test_choice_uses_the_selection_samples_only(tmp_path: Path) -> None:
     assert chosen["sm"][1]["value"] == 1.5 and chosen["sm"][1]["candidates"] == 4
 
 
-def test_grids_grow_until_no_choice_sits_on_an_upper_edge(tmp_path: Path) -> None:
-    """A baked knob chosen at its largest value gets one more value; an intrinsic method whose
-    best w is its 128-step ceiling gets a higher ceiling, and one whose best w is the w_max it
-    was trained with gets a run with a larger w_max. The low ends are never grown."""
+def test_grids_grow_until_no_choice_sits_on_an_edge(tmp_path: Path) -> None:
+    """A baked knob chosen at its largest value gets one more value, MeanFlow's omega chosen at
+    its smallest one value below (never down to 0); an intrinsic method whose best w is its
+    128-step ceiling gets a higher ceiling, and one whose best w is the w_max it was trained
+    with gets a run with a larger w_max. SM's scale 1 (its recipe's least) is not grown."""
     study = _study(tmp_path)
     _fabricate(study)
     chosen = fs.choose(study)
@@ -89,8 +90,10 @@ def test_grids_grow_until_no_choice_sits_on_an_upper_edge(tmp_path: Path) -> Non
     chosen["meanflow+sot+twin-ema+intrinsic"][2] = {
         **chosen["meanflow+sot+twin-ema+intrinsic"][2], "guidance": 1.5}
     chosen["sm"][4] = {**chosen["sm"][4], "value": 1.0}      # the low end: no guidance
+    chosen["meanflow+sot"][2] = {**chosen["meanflow+sot"][2], "value": 0.5}
     grown = fs.edges(study, chosen)
-    assert len(grown) == 3
+    assert len(grown) == 4
+    assert study.grids.values["meanflow+sot"] == [0.25, 0.5, 0.75, 1.0]
     assert study.grids.values["meanflow"] == [0.5, 0.75, 1.0, 1.25]
     assert study.grids.top128["ism"] == 1.5 and study.grids.values["ism"] == [1.5]
     assert study.grids.values["meanflow+sot+twin-ema+intrinsic"] == [1.5, 3.0]
@@ -99,6 +102,10 @@ def test_grids_grow_until_no_choice_sits_on_an_upper_edge(tmp_path: Path) -> Non
     again = fs.Grids(tmp_path / "grids.json")
     assert again.values["meanflow"] == [0.5, 0.75, 1.0, 1.25] and again.top128["ism"] == 1.5
     assert again.w_grid(fs.METHODS["ism"], 1.5, 128) == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert again.values["meanflow+sot"] == [0.25, 0.5, 0.75, 1.0]
+    # omega 0.25 chosen: the next value down would be 0 (the unconditional model), not grown.
+    chosen["meanflow+sot"][2] = {**chosen["meanflow+sot"][2], "value": 0.25}
+    assert not any(g.startswith("meanflow+sot:") for g in fs.edges(_study(tmp_path), chosen))
 
 
 def test_tables_report_the_other_samples_and_count_two_pass_nfe(tmp_path: Path) -> None:

@@ -22,11 +22,14 @@ scale, MeanFlow's omega) is a grid of training runs; an intrinsic method's w is 
 sampling, up to the ``guidance.w_max`` it was trained with. The choice is made per method and
 step count on training seed ``seeds[0]`` and sampling seed ``SELECT_SEED``; every reported
 number comes from the chosen setting at sampling seed ``REPORT_SEED``, for every training seed:
-the choice never sees the samples it is scored on. No choice may sit on the upper edge of its
-grid: a baked knob's grid grows by one value, an intrinsic method's 128-step w grid by 0.5, and
-when the best w is the largest w trained, a run with a larger ``w_max`` joins the grid; then the
-choice is made again (``MAX_ROUNDS`` times at most; what still sits on an edge is reported). The
-low ends (CFG scale 1, w = 0: no guidance) are the ends of the knobs' domains.
+the choice never sees the samples it is scored on. No choice may sit on an edge of its grid.
+A baked knob's grid grows by one value above its top, and MeanFlow's also below its bottom
+(below CFG scale 1 its target leans towards the unconditional velocity; the grid stays above
+scale 0, the unconditional model; an sm recipe takes scales from 1 up). An intrinsic method's
+128-step w grid grows by 0.5, and when the best w is the largest w trained, a run with a larger
+``w_max`` joins the grid. Then the choice is made again (``MAX_ROUNDS`` times at most; what
+still sits on an edge is reported). An intrinsic method's w = 0 is the end of the range it was
+trained on, not of a grid.
 
 Equal wall-clock: each method's seconds per training step are measured in one sitting once
 everything else is done (``TIME_ROUNDS`` interleaved rounds of a ``TIME_STEPS``-step run per
@@ -95,7 +98,8 @@ class Method:
     knob: str                      # recipe field of the training runs (one run per value)
     short: str                     # run-name tag of the knob
     values: tuple[float, ...]      # its first grid
-    widen: float                   # a grid grows by this step
+    widen: float                   # a grid grows by this step above its top
+    widen_down: float = 0.0        # and by this one below its bottom, staying above 0 (baked)
     intrinsic: bool = False        # w is a network input: knob = guidance.w_max
 
     def run_name(self, value: float, seed: int) -> str:
@@ -105,23 +109,25 @@ class Method:
         return [*self.overrides, f"{self.knob}={value:g}", f"train.seed={seed}"]
 
 
-# CFG scale grids: SM s in {1, 1.5, 2, 3}; MeanFlow s = omega / (1 - kappa) = 2 omega in
-# {1, 1.5, 2}. Intrinsic methods start at the quickstart's w_max (1.5).
+# CFG scale grids: SM s in {1, 1.5, 2, 3} (an sm recipe takes s >= 1); MeanFlow
+# s = omega / (1 - kappa) = 2 omega in {1, 1.5, 2}, widened downwards by s 0.5 (omega 0.25).
+# Intrinsic methods start at the quickstart's w_max (1.5).
 METHODS = {m.name: m for m in (
     Method("sm", "SM (official algorithm)", "sm_quickstart", (),
            "guidance.cfg_scale", "cfg", (1.0, 1.5, 2.0, 3.0), 1.0),
     Method("ism", "iSM (quickstart)", "quickstart", (),
            "guidance.w_max", "wmax", (1.5,), 1.5, intrinsic=True),
-    Method("meanflow", "MeanFlow", MF, (), "guidance.omega", "omega", (0.5, 0.75, 1.0), 0.25),
+    Method("meanflow", "MeanFlow", MF, (), "guidance.omega", "omega", (0.5, 0.75, 1.0), 0.25,
+           0.25),
     Method("meanflow+sot", "MeanFlow + sOT", MF, SOT, "guidance.omega", "omega",
-           (0.5, 0.75, 1.0), 0.25),
+           (0.5, 0.75, 1.0), 0.25, 0.25),
     Method("meanflow+twin-ema", "MeanFlow + twin EMA", MF, TWIN, "guidance.omega", "omega",
-           (0.5, 0.75, 1.0), 0.25),
+           (0.5, 0.75, 1.0), 0.25, 0.25),
     Method("meanflow+sot+twin-ema", "MeanFlow + sOT + twin EMA", MF, SOT + TWIN,
-           "guidance.omega", "omega", (0.5, 0.75, 1.0), 0.25),
+           "guidance.omega", "omega", (0.5, 0.75, 1.0), 0.25, 0.25),
     Method("meanflow+sot+twin-ema+wavelet", "MeanFlow + sOT + twin EMA + wavelet", MF,
            SOT + TWIN + ("loss.name=wavelet",), "guidance.omega", "omega", (0.5, 0.75, 1.0),
-           0.25),
+           0.25, 0.25),
     Method("meanflow+sot+twin-ema+intrinsic", "MeanFlow + sOT + twin EMA + intrinsic guidance",
            MF, SOT + TWIN + ("objective.meanflow_guidance=intrinsic",), "guidance.w_max", "wmax",
            (1.5,), 1.5, intrinsic=True),
@@ -271,13 +277,18 @@ def choose(study: Study) -> dict[str, dict[int, dict[str, Any]]]:
 
 
 def edges(study: Study, chosen: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
-    """Grow every grid whose chosen point sits on its upper edge; returns what was grown."""
+    """Grow every grid whose chosen point sits on its edge; returns what was grown."""
     grown: list[str] = []
     g = study.grids
     for method in METHODS.values():
         values = g.values[method.name]
         for n, c in chosen[method.name].items():
             if not method.intrinsic:
+                low = round(min(values) - method.widen_down, 6)
+                if c["value"] == min(values) and method.widen_down and low > 0:
+                    values.insert(0, low)
+                    grown.append(f"{method.name}: {method.knob} {low:g} ({n} steps chose the "
+                                 "lower edge)")
                 edge = c["value"] == max(values)
             elif c["guidance"] < max(g.w_grid(method, c["value"], n)):
                 continue

@@ -78,7 +78,7 @@ def test_choice_uses_the_selection_samples_only(tmp_path: Path) -> None:
 
 def test_grids_grow_until_no_choice_sits_on_an_edge(tmp_path: Path) -> None:
     """A baked knob chosen at its largest value gets one more value, MeanFlow's omega chosen at
-    its smallest one value below (never down to 0); an intrinsic method whose best w is its
+    its smallest one value below (half-way to 0 near it); an intrinsic method whose best w is its
     128-step ceiling gets a higher ceiling, and one whose best w is the w_max it was trained
     with gets a run with a larger w_max. SM's scale 1 (its recipe's least) is not grown."""
     study = _study(tmp_path)
@@ -103,9 +103,11 @@ def test_grids_grow_until_no_choice_sits_on_an_edge(tmp_path: Path) -> None:
     assert again.values["meanflow"] == [0.5, 0.75, 1.0, 1.25] and again.top128["ism"] == 1.5
     assert again.w_grid(fs.METHODS["ism"], 1.5, 128) == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
     assert again.values["meanflow+sot"] == [0.25, 0.5, 0.75, 1.0]
-    # omega 0.25 chosen: the next value down would be 0 (the unconditional model), not grown.
+    # omega 0.25 chosen: a step down would reach 0 (the unconditional model), so half-way.
     chosen["meanflow+sot"][2] = {**chosen["meanflow+sot"][2], "value": 0.25}
-    assert not any(g.startswith("meanflow+sot:") for g in fs.edges(_study(tmp_path), chosen))
+    again = _study(tmp_path)
+    fs.edges(again, chosen)
+    assert again.grids.values["meanflow+sot"] == [0.125, 0.25, 0.5, 0.75, 1.0]
 
 
 def test_tables_report_the_other_samples_and_count_two_pass_nfe(tmp_path: Path) -> None:

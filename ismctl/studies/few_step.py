@@ -24,8 +24,9 @@ step count on training seed ``seeds[0]`` and sampling seed ``SELECT_SEED``; ever
 number comes from the chosen setting at sampling seed ``REPORT_SEED``, for every training seed:
 the choice never sees the samples it is scored on. No choice may sit on an edge of its grid.
 A baked knob's grid grows by one value above its top, and MeanFlow's also below its bottom
-(below CFG scale 1 its target leans towards the unconditional velocity; the grid stays above
-scale 0, the unconditional model; an sm recipe takes scales from 1 up). An intrinsic method's
+(below CFG scale 1 its target leans towards the unconditional velocity), by one step or, where
+that would reach scale 0 (the unconditional model), half-way to it; an sm recipe takes scales
+from 1 up. An intrinsic method's
 128-step w grid grows by 0.5, and when the best w is the largest w trained, a run with a larger
 ``w_max`` joins the grid. Then the choice is made again (``MAX_ROUNDS`` times at most; what
 still sits on an edge is reported). An intrinsic method's w = 0 is the end of the range it was
@@ -99,7 +100,7 @@ class Method:
     short: str                     # run-name tag of the knob
     values: tuple[float, ...]      # its first grid
     widen: float                   # a grid grows by this step above its top
-    widen_down: float = 0.0        # and by this one below its bottom, staying above 0 (baked)
+    widen_down: float = 0.0        # and by this one below its bottom (halving near 0; baked)
     intrinsic: bool = False        # w is a network input: knob = guidance.w_max
 
     def run_name(self, value: float, seed: int) -> str:
@@ -284,8 +285,11 @@ def edges(study: Study, chosen: dict[str, dict[int, dict[str, Any]]]) -> list[st
         values = g.values[method.name]
         for n, c in chosen[method.name].items():
             if not method.intrinsic:
-                low = round(min(values) - method.widen_down, 6)
-                if c["value"] == min(values) and method.widen_down and low > 0:
+                # One step down, or half-way to 0 where a step would reach it (scale 0 is the
+                # unconditional model).
+                low = min(values) - method.widen_down
+                low = round(low if low > 0 else min(values) / 2, 6)
+                if c["value"] == min(values) and method.widen_down:
                     values.insert(0, low)
                     grown.append(f"{method.name}: {method.knob} {low:g} ({n} steps chose the "
                                  "lower edge)")

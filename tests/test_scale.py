@@ -1,6 +1,6 @@
-"""iSM at scale, simulated on the CPU: the ImageNet recipe under 2 gloo ranks against 1 process
-with 2 accumulation steps (sOT pool sizes, wavelet band weights, EMA decays and losses), and
-the live coupling statistics the trainer logs."""
+"""iSM at scale, simulated on the CPU: the ImageNet recipes under 2 gloo ranks against 1 process
+with 2 accumulation steps (sOT pool sizes, wavelet band weights, EMA decays and losses; the sm
+and MeanFlow baselines too), and the live coupling statistics the trainer logs."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ import torch
 import torch.multiprocessing as mp
 
 import ismctl.data.coupling as coupling
+import ismctl.objectives.shortcut as shortcut
 import ismctl.training.ema as ema
 import ismctl.training.trainer as trainer
 from ismctl.config.recipe import Recipe, load_recipe
 from ismctl.data.coupling import STATS
 from ismctl.data.loader import TrainLoader
 from ismctl.losses import dwt2, idwt2
+from ismctl.objectives.shortcut import official_levels
 from ismctl.utils.errors import UserError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -31,19 +33,22 @@ def _losses(run: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln]
 
 
-def _imagenet_recipe(data: Path, root: Path, name: str, grad_accum: int) -> Recipe:
-    """recipes/ism_xl.yaml as it is (objective, guidance, wavelet loss, coupling mode, EMA),
-    on XL/2's 4x32x32 latents with 1,000 classes; only the backbone (tiny, patch 8), the batch
-    (8: micro-batches of 4 on 2 slots), the pool (16 samples: 4 micro-batches) and the run
-    length are small."""
+def _imagenet_recipe(data: Path, root: Path, name: str, grad_accum: int,
+                     recipe: str = "ism_xl") -> Recipe:
+    """A shipped ImageNet recipe as it is (objective, guidance, loss, coupling mode, EMA), on
+    XL/2's 4x32x32 latents with 1,000 classes; only the backbone (tiny, patch 8), the batch
+    (8: micro-batches of 4 on 2 slots), the sOT pool where there is one (16 samples: 4
+    micro-batches) and the run length are small."""
+    pool = {"coupling.pool_size": 16} if load_recipe(RECIPES / f"{recipe}.yaml") \
+        .coupling.pool_size else {}
     sets = {"model.preset": "tiny/8", "data.path": data, "data.batch_size": 8,
-            "data.num_workers": 0, "data.shuffle_buffer": 64, "coupling.pool_size": 16,
+            "data.num_workers": 0, "data.shuffle_buffer": 64, **pool,
             "loss.band_stats_samples": 64, "train.steps": STEPS, "train.grad_accum": grad_accum,
             "train.device": "cpu", "train.precision": "fp32", "run.root": root,
             "run.name": name, "run.log_every": 1, "run.ckpt_every": 1000,
             "run.sample_every": 1000, "run.sample_num": 4, "run.tracker": "none",
             "eval.steps": "[1]"}
-    return load_recipe(RECIPES / "ism_xl.yaml", [f"{k}={v}" for k, v in sets.items()])
+    return load_recipe(RECIPES / f"{recipe}.yaml", [f"{k}={v}" for k, v in sets.items()])
 
 
 def _band_weights(loss_fn: Any) -> list[float]:
@@ -70,6 +75,7 @@ def _record(out: Path) -> None:
             fh.write(json.dumps({"kind": kind, "value": value}) + "\n")
 
     real_pair, real_decay, real_build = coupling.pair_pool, ema.ema_decay, trainer.build_loss
+    real_levels = shortcut.slot_levels
 
     def pair_pool(x0: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         write("pool", [x0.shape[0], kwargs.get("mode")])
@@ -88,23 +94,35 @@ def _record(out: Path) -> None:
             write("bands", _band_weights(fn))
         return fn
 
+    def slot_levels(micro: int, fraction: float, base_steps: int, slot: Any) -> torch.Tensor:
+        levels = real_levels(micro, fraction, base_steps, slot)
+        write("levels", levels.tolist())
+        return levels
+
     coupling.pair_pool, ema.ema_decay, trainer.build_loss = pair_pool, ema_decay, build_loss
+    shortcut.slot_levels = slot_levels
 
 
 def _read(path: Path) -> dict[str, list]:
-    out: dict[str, list] = {"pool": [], "decay": [], "bands": []}
+    out: dict[str, list] = {"pool": [], "decay": [], "bands": [], "levels": []}
     for line in path.read_text().splitlines():
         item = json.loads(line)
         out[item["kind"]].append(item["value"])
     return out
 
 
-def _rank(rank: int, port: int, data: str, root: str) -> None:
+def _rank(rank: int, port: int, data: str, root: str, recipe: str = "ism_xl") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     _record(Path(root) / f"record-rank{rank}.jsonl")
-    trainer.train(_imagenet_recipe(Path(data), Path(root), "ranks", 1), progress=False)
+    trainer.train(_imagenet_recipe(Path(data), Path(root), "ranks", 1, recipe), progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +141,12 @@ def test_imagenet_recipe_on_two_ranks_equals_one_rank_with_accumulation(
     single_log = tmp_path / "record-single.jsonl"
     with monkeypatch.context() as patch:
         for module, name in ((coupling, "pair_pool"), (ema, "ema_decay"),
-                             (trainer, "build_loss")):
+                             (trainer, "build_loss"), (shortcut, "slot_levels")):
             patch.setattr(module, name, getattr(module, name))  # restored on exit
         _record(single_log)
         single = trainer.train(_imagenet_recipe(imagenet_like, tmp_path, "single", 2),
                                progress=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(imagenet_like), str(tmp_path)), nprocs=2)
+    mp.spawn(_rank, args=(_free_port(), str(imagenet_like), str(tmp_path)), nprocs=2)
 
     one = _read(single_log)
     ranks = [_read(tmp_path / f"record-rank{r}.jsonl") for r in range(2)]
@@ -156,6 +171,48 @@ def test_imagenet_recipe_on_two_ranks_equals_one_rank_with_accumulation(
     for x, y in zip(a, b, strict=True):
         for key in ("loss", "sot_cost_reduction", "sot_leakage"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["sm_xl", "meanflow_xl"])
+def test_baselines_on_two_ranks_equal_one_rank_with_accumulation(
+        recipe: str, imagenet_like: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sm draws its slot's share of the global batch's level histogram (method §2), MeanFlow
+    weighs each sample's summed error (method §4.1): on 2 ranks, the recipe's EMA decays and
+    the losses of 1 rank with 2 accumulation steps."""
+    single_log = tmp_path / "record-single.jsonl"
+    with monkeypatch.context() as patch:
+        for module, name in ((coupling, "pair_pool"), (ema, "ema_decay"),
+                             (trainer, "build_loss"), (shortcut, "slot_levels")):
+            patch.setattr(module, name, getattr(module, name))  # restored on exit
+        _record(single_log)
+        single = trainer.train(_imagenet_recipe(imagenet_like, tmp_path, "single", 2, recipe),
+                               progress=False)
+    mp.spawn(_rank, args=(_free_port(), str(imagenet_like), str(tmp_path), recipe), nprocs=2)
+
+    one = _read(single_log)
+    ranks = [_read(tmp_path / f"record-rank{r}.jsonl") for r in range(2)]
+    loaded = load_recipe(RECIPES / f"{recipe}.yaml")
+    assert one["pool"] == [] and all(r["pool"] == [] for r in ranks)   # independent pairing
+    if loaded.objective.mode == "sm":
+        # Per step the two slots (accumulation steps or ranks) train the global batch's
+        # histogram: floor(8 x 1/8) = 1 bootstrap row, at d = 1.
+        glob = sorted(official_levels(1, loaded.objective.base_steps).tolist())
+        assert [sorted(a + b) for a, b in zip(one["levels"][::2], one["levels"][1::2],
+                                              strict=True)] == [glob] * STEPS
+        assert [sorted(a + b) for a, b in zip(*(r["levels"] for r in ranks),
+                                              strict=True)] == [glob] * STEPS
+    # MeanFlow's targets come from the online weights: no target EMA to update.
+    decays = [loaded.ema.target_decay] * loaded.ema.target_enabled + [loaded.ema.inference_decay]
+    expected = [[d, n, ema.ema_decay(d, n, loaded.ema.warmup)] for n in range(STEPS)
+                for d in decays]
+    assert one["decay"] == expected
+    for r in ranks:
+        assert r["decay"] == one["decay"]
+    a, b = _losses(single), _losses(tmp_path / "ranks")
+    assert [line["step"] for line in a] == [line["step"] for line in b] == [1, 2, 3]
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-6)
 
 
 @pytest.fixture(scope="module")

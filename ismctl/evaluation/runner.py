@@ -244,7 +244,7 @@ def evaluate(
     from ismctl.runs.checkpoint import load_for_sampling, run_recipe
     from ismctl.sampling.fits import check_eval_request
     from ismctl.sampling.streamout import decoded_shape
-    from ismctl.system.distributed import init_distributed, shutdown
+    from ismctl.system.distributed import init_distributed, rank_failed, shutdown
 
     if device is None:
         device = run_recipe(path).train.device
@@ -315,6 +315,10 @@ def evaluate(
         check_eval_request(cfg.num_samples, info.world_size, decoded_shape(run.manifest),
                            len(plan.groups), cfg.save_npz, info.is_main)
         return _evaluate(run, plan, cfg, info, t_start)
+    except BaseException as exc:
+        if owns_group:
+            rank_failed(exc)
+        raise
     finally:
         if owns_group:
             shutdown()

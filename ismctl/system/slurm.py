@@ -59,7 +59,9 @@ QUERY_TIMEOUT_S = 30
 # squeue's states of a job that still holds or waits for an allocation.
 RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 RECORD = "jobs.json"
-ERROR_LINE = re.compile(r"^(error: |stopping: |[A-Za-z_.]*(Error|Exception)\b)")
+# ismctl's own one-line reasons first, then a Python exception's last line.
+ISMCTL_LINE = re.compile(r"^(error: |stopping: )")
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception)\b")
 
 
 class SlurmOptions(BaseModel):
@@ -216,10 +218,10 @@ def last_error(log: Path) -> str | None:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
         return None
-    for line in reversed(lines):
-        text = line.strip()
-        if ERROR_LINE.match(text) and "submitit" not in text:
-            return text
+    for pattern in (ISMCTL_LINE, EXCEPTION_LINE):
+        for line in reversed(lines):
+            if pattern.match(line.strip()):
+                return line.strip()
     return None
 
 

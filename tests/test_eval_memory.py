@@ -32,7 +32,7 @@ from ismctl.evaluation.digits_classifier import digits_dataset
 from ismctl.runs.checkpoint import LoadedRun
 
 SIDE = 256
-MARGIN = 48 * 2**20
+MARGIN = 64 * 2**20
 
 
 class TemplateNet(nn.Module):
@@ -60,8 +60,10 @@ class Upsampler:
         self.side = side
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        big = torch.nn.functional.interpolate(latents, size=(self.side, self.side))
-        return to_uint8(big.expand(-1, 3, -1, -1))
+        block = self.side // latents.shape[-1]
+        small = to_uint8(latents)  # (B, 8, 8, 1)
+        big = small.repeat_interleave(block, 1).repeat_interleave(block, 2)
+        return big.expand(-1, -1, -1, 3).contiguous()
 
 
 def loaded_run(root: Path) -> LoadedRun:

@@ -359,3 +359,27 @@ def test_slurm_flags_need_the_slurm_launch(ismctl_main: Callable[..., int],
     assert "--status: only with --launch slurm" in capsys.readouterr().err
     assert ismctl_main("train", "quickstart", "--launch", "slurm", "--overwrite") == 2
     assert "--overwrite with --launch slurm" in capsys.readouterr().err
+
+
+@pytest.mark.slurm
+def test_a_driver_waits_for_one_command_as_a_job(slurm_cluster: Path, tmp_path: Path) -> None:
+    from ismctl.system.slurm import run_and_wait
+
+    log = run_and_wait(tmp_path, SlurmOptions(time="5"), "list", ["recipe", "list"], tmp_path,
+                       poll_s=0.5)
+    assert "quickstart" in Path(log).read_text()
+    with pytest.raises(RuntimeError, match=r"did not succeed: error: .*no-such-recipe"):
+        run_and_wait(tmp_path, SlurmOptions(time="5"), "bad", ["train", "no-such-recipe"],
+                     tmp_path, poll_s=0.5)
+
+
+def test_study_commands_become_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ismctl.studies.few_step as few_step
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(few_step, "run_and_wait", lambda *a: calls.append(a))
+    opts = SlurmOptions(partition="gpu")
+    study = few_step.Study(tmp_path, 10, [0], 2, ["ismctl"], launch=opts)
+    study._call(["eval", "run"], tmp_path / "logs" / "eval-run-x.log")
+    assert calls == [(tmp_path / "slurm", opts, "eval-run-x", ["eval", "run", "--threads", "1"],
+                      tmp_path)]

@@ -478,3 +478,29 @@ def print_states(states: list[CellState], console: Any, title: str) -> None:
         table.add_row(escape(s.name), f"[{style}]{s.state}[/]" if style else s.state,
                       s.job_id or "-", escape(where))
     console.print(table)
+
+
+def run_and_wait(folder: Path, options: SlurmOptions, name: str, args: list[str],
+                 watch: Path, poll_s: float = 5.0) -> str:
+    """Run one ``ismctl`` command line as a SLURM job and wait until it leaves the queue (for a
+    driver that keeps several such jobs in flight, one thread each); returns its log path.
+    Each look at the queue has its time limit; a job that did not succeed is a RuntimeError
+    naming its log and last error line."""
+    launcher = Launcher(folder, options, f"ismctl-{name}")
+    cell = Cell(name, [args], watch, False)
+    job = launcher.submit([cell])[0]
+    log = launcher.record()[name]["log"]
+    while job in queued_jobs():
+        time.sleep(poll_s)
+    result = Path(folder) / f"{job}_0_result.pkl"
+    status = None
+    if result.is_file():
+        import pickle
+
+        with open(result, "rb") as fh:
+            status = pickle.load(fh)[0]
+    if status != "success":
+        why = last_error(Path(log)) or final_state(job) or "no result"
+        raise RuntimeError(f"job {job} (`ismctl {shlex.join(args)}`) did not succeed: {why}; "
+                           f"log: {log}")
+    return log

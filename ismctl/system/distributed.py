@@ -174,10 +174,9 @@ def rank_failed(exc: BaseException) -> None:
     together (a preemption after its checkpoint, Ctrl-C) is not a failure; anything else is
     printed with this rank's number and left for the other ranks, which then end within
     seconds. Either way :func:`shutdown` then meets no other rank."""
-    from ismctl.system.preemption import Interrupted, Preempted
-
     _FAILED["on"] = True
-    if _WATCH is None or isinstance(exc, Preempted | Interrupted | KeyboardInterrupt):
+    # ``all_ranks``: a stop every rank makes at once (ismctl.system.preemption's exceptions).
+    if _WATCH is None or isinstance(exc, KeyboardInterrupt) or getattr(exc, "all_ranks", False):
         return
     reason = failure_reason(exc)
     sys.stderr.write(f"error: rank {_WATCH.rank} of {_WATCH.world_size} failed: {reason}\n")

@@ -181,7 +181,9 @@ def _query(cmd: list[str]) -> str:
                         "scheduler is unreachable, so nothing was submitted") from exc
     if done.returncode != 0:
         why = (done.stderr or done.stdout).strip().splitlines()
-        raise UserError(f"`{shlex.join(cmd)}` failed: {why[-1] if why else done.returncode}")
+        raise UserError(f"--launch slurm: `{shlex.join(cmd)}` failed ({why[-1] if why else done.returncode}); "
+                        "run this where SLURM answers (a login node; SLURM_CONF names the "
+                        "cluster's slurm.conf)")
     return done.stdout
 
 
@@ -409,6 +411,8 @@ class Launcher:
         if not cells:
             return []
         submitit = _import_submitit()
+        # A scheduler that does not answer says so in one line here, before sbatch would.
+        queued_jobs()
         self.folder.mkdir(parents=True, exist_ok=True)
         opts = self.options
         try:

@@ -197,7 +197,9 @@ def test_a_failing_cell_is_reported_and_resubmitted_alone(
     assert status["unfinished"] == ["data.batch_size=60"]
     failed = states["data.batch_size=60"]
     assert failed["state"] == "failed" and failed["log"] == record["data.batch_size=60"]["log"]
-    assert "data.batch_size=60" in failed["reason"] and "FAILED" in failed["reason"]
+    # The scheduler's verdict and the trainer's one-line reason.
+    assert failed["reason"].startswith("FAILED, exit code 1:0; error: coupling.pool_size=256")
+    assert "micro-batches of 60 samples" in failed["reason"]
     # Failed once: never requeued.
     assert Path(failed["log"]).read_text().count("Starting with JobEnvironment") == 1
     # Run again: the failed cell alone is submitted, as a job of its own.
@@ -207,7 +209,7 @@ def test_a_failing_cell_is_reported_and_resubmitted_alone(
     new = again["data.batch_size=60"]["job_id"]
     assert new != bad and "_" not in new
     wait_for(f"job {new}", left_queue(new))
-    assert "data.batch_size=60" in (last_error(Path(again["data.batch_size=60"]["log"])) or "")
+    assert "micro-batches of 60" in (last_error(Path(again["data.batch_size=60"]["log"])) or "")
 
 
 @pytest.mark.slurm

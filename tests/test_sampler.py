@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -221,8 +223,9 @@ def test_conditional_sampler_is_one_unguided_pass_with_the_label() -> None:
 
 
 def test_flow_cfg_integrates_the_instantaneous_velocity_with_cfg() -> None:
-    """flow-cfg asks for d = 0 at every step (the d > 0 rows of this field are wrong on
-    purpose), combines label and null rows, and at 128 steps lands on the exact flow."""
+    """flow-cfg asks for the network's flow jump at every step, d = 0 for an ism network (the
+    d > 0 rows of this field are wrong on purpose), combines label and null rows, and at 128
+    steps lands on the exact flow."""
 
     def field(x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
         exact = exact_velocity(x, t.double())
@@ -242,6 +245,32 @@ def test_flow_cfg_integrates_the_instantaneous_velocity_with_cfg() -> None:
     constant = FieldNet(_constant_field)
     y = sample(constant, torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), 4, 0.5, mode="flow-cfg")
     torch.testing.assert_close(y, torch.full_like(y, 4.0))
+
+
+def test_flow_cfg_of_an_sm_network_asks_for_the_finest_jump() -> None:
+    """An sm network trains its flow at the finest jump's embedding, d = 1/M (method §2): its
+    flow-CFG entry asks for that d, not d = 0, whatever the number of steps; the recipe's
+    network carries that jump."""
+    from ismctl.config.recipe import Recipe
+    from ismctl.objectives import flow_jump
+    from ismctl.runs.checkpoint import model_from_recipe
+
+    def field(x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        base = torch.where(_col(d) == 1 / 8, 3.0, -50.0).to(x.dtype)
+        return (base + torch.where(_col(y) == NULL, -1.0, 0.0)).expand_as(x).clone()
+
+    net = FieldNet(field)
+    net.flow_jump = 1 / 8
+    x = sample(net, torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), 4, 0.5, mode="flow-cfg",
+               base_steps=8)
+    assert all(bool((c["d"] == 1 / 8).all()) for c in net.calls) and len(net.calls) == 4
+    # v_c + 0.5 (v_c - v_null) = 3 + 0.5 per unit time.
+    torch.testing.assert_close(x, torch.full_like(x, 3.5))
+    recipe = Recipe.model_validate({"objective": {"mode": "sm", "base_steps": 8},
+                                    "eval": {"steps": [1]}, "model": {"preset": "tiny/2"}})
+    assert flow_jump(recipe) == 1 / 8
+    manifest = SimpleNamespace(num_classes=NUM_CLASSES, channels=1, latent_size=8)
+    assert model_from_recipe(recipe, manifest).flow_jump == 1 / 8
 
 
 @pytest.mark.parametrize(("mode", "guidance"), [("intrinsic", 1.0), ("conditional", 0.0),

@@ -8,8 +8,11 @@ import math
 
 import pytest
 import torch
-from test_training_targets import CPU, ISM, Field, Harness, batches, make_recipe, mse
+from test_training_targets import CPU, ISM, Harness, batches, make_recipe, mse
 
+from ismctl.config.recipe import LossCfg
+from ismctl.losses import build_loss
+from ismctl.networks.model import build_model
 from ismctl.training.ema import TwinEMA
 from ismctl.training.state import TrainState
 from ismctl.training.step import TrainStep
@@ -78,11 +81,12 @@ def test_the_real_step_reads_nothing_back_from_the_device(host_reads) -> None:
     CPU's for-loop AdamW reads its step counter, a host tensor)."""
     recipe = make_recipe(optim={"grad_clip": 1.0, "warmup_steps": 10}, **ISM)
     torch.manual_seed(0)
-    model = Field(seed=1)
+    model = build_model("tiny/2", 8, 2, 3, base_steps=8)
     ema = TwinEMA(model, target_decay=0.5, inference_decay=0.9)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     state = TrainState(model, ema, opt)
-    step = TrainStep(recipe, state, mse, [batches(48, 0)], 1, CPU)
+    wavelet = build_loss(LossCfg(levels=3), 8)
+    step = TrainStep(recipe, state, wavelet, [batches(48, 0)], 1, CPU)
     step(0)
     with host_reads() as reads:
         step(1)

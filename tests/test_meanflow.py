@@ -518,6 +518,11 @@ def test_flops_count_the_jvp_and_guidance_rows() -> None:
     mf = Recipe.model_validate({"objective": {"mode": "meanflow"},
                                 "guidance": {"omega": 1.0, "kappa": 0.5}})
     assert flops_per_sample(mf, model) / fwd == pytest.approx((3 + 2 + 0.5) / 3.5)
+    # No guidance in the target (omega 1, kappa 0): only the JVP of the d > 0 rows.
+    spec = get_objective("meanflow")
+    assert spec.target_passes(ObjectiveCfg(mode="meanflow"), GuidanceCfg()) == 0.5
+    assert spec.target_passes(ObjectiveCfg(mode="meanflow", meanflow_guidance="intrinsic"),
+                              GuidanceCfg(w_max=0.0)) == 0.5
     assert math.isfinite(flops_per_sample(mf, model))
 
 

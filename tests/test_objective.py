@@ -436,3 +436,47 @@ def test_shortcut_loss_is_deterministic_given_generator() -> None:
     for key in a:
         torch.testing.assert_close(a[key], b[key])
     assert math.isfinite(a["loss"].item())
+
+
+def test_sm_levels_edges() -> None:
+    """M = 2: one bootstrap level (d = 1), whose half jumps are the flow; a slot index must lie
+    below the slot count."""
+    from ismctl.objectives.shortcut import official_levels, slot_levels
+
+    assert official_levels(3, 2).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(UserError, match="base_steps"):
+        official_levels(3, 1)
+    assert slot_levels(8, 0.5, 8, (1, 2)).tolist() == official_levels(8, 8)[1::2].tolist()
+    for bad in ((2, 2), (-1, 2)):
+        with pytest.raises(ValueError, match="slot"):
+            slot_levels(8, 0.5, 8, bad)
+
+
+def test_shortcut_loss_hands_the_slot_to_sm() -> None:
+    """The level histogram belongs to the global batch: slot 1 of 2 trains its own share."""
+    from ismctl.objectives.shortcut import official_levels
+
+    obj = ObjectiveCfg(mode="sm", base_steps=8, bootstrap_fraction=0.25)
+    model = Recorder(ZeroNet())
+    x0, x1, y = _batch(16, seed=8)
+    shortcut_loss(model, _constant_field(), x0, x1, y, obj, GuidanceCfg(), _mse, NUM_CLASSES,
+                  torch.Generator().manual_seed(0), (1, 2))
+    share = official_levels(8, 8)[1::2]
+    assert model.calls[0]["d"][: len(share)].tolist() == share.tolist()
+
+
+def test_sm_without_cfg_asks_for_no_null_rows() -> None:
+    """Scale 1 (or none) is the conditional velocity itself: the half jumps take one row per
+    sample, no null rows."""
+    d = torch.tensor([2 / 8, 0.5, 2 / 8])
+    t = torch.tensor([0.25, 0.0, 0.5])
+    y = torch.tensor([2, 2, 0])
+    for scale in (1.0, None):
+        rec = Recorder(_constant_field(cond=3.0, null=1.0))
+        got = sm_bootstrap_target(rec, torch.zeros(3, 1, 2, 2), t, d, y, 8, NULL,
+                                  cfg_scale=scale)
+        assert rec.rows == [3, 3]
+        torch.testing.assert_close(got, torch.full_like(got, 3.0))
+    rec = Recorder(_constant_field(cond=3.0, null=1.0))
+    sm_bootstrap_target(rec, torch.zeros(3, 1, 2, 2), t, d, y, 8, NULL, cfg_scale=2.0)
+    assert rec.rows == [5, 5]

@@ -91,3 +91,11 @@ def test_the_real_step_reads_nothing_back_from_the_device(host_reads) -> None:
     with host_reads() as reads:
         step(1)
     assert reads.ops == []
+
+
+def test_loader_workers_are_shared_among_the_accumulation_slots() -> None:
+    from ismctl.training.step import loader_workers
+
+    for workers, accum, want in ((0, 1, 0), (4, 2, 2), (1, 4, 1), (6, 1, 6)):
+        recipe = make_recipe(data={"num_workers": workers}, train={"grad_accum": accum})
+        assert loader_workers(recipe) == want, (workers, accum)

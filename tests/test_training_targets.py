@@ -352,6 +352,7 @@ def test_sm_step_targets_row_by_row() -> None:
     # Flow rows: the finest jump's embedding, t on the 1/M grid, labels dropped, target
     # x1 - (1 - sigma_min) x0.
     assert (d[flow] == 1 / 8).all() and torch.equal(t[flow] * 8, torch.round(t[flow] * 8))
+    assert (t[flow] >= 0).all() and (t[flow] < 1).all() and len(set(t[flow].tolist())) >= 5
     assert ((lab[flow] == y[flow]) | (lab[flow] == NULL)).all() and (lab[flow] == NULL).any()
     torch.testing.assert_close(target[flow], x1[flow] - (1 - sigma) * x0[flow])
 
@@ -414,7 +415,11 @@ def test_meanflow_step_targets_row_by_row(guidance: str) -> None:
     v = x1 - x0
     torch.testing.assert_close(x, (1 - _col(t)) * x0 + _col(t) * x1)
     assert (d[flat] == 0).all() and (d[jump] > 0).all() and (t + d <= 1).all()
-    assert ((lab == y) | (lab == NULL)).all() and (lab[flat] == NULL).any()
+    # Labels are dropped among the d = 0 rows only, a leading block of them (MeanFlow's rule).
+    dropped = lab == NULL
+    assert torch.equal(lab[~dropped], y[~dropped]) and dropped[flat].any()
+    assert not dropped[jump].any() and torch.equal(lab[jump], y[jump])
+    assert torch.equal(dropped, torch.arange(48) < int(dropped.sum()))
 
     with torch.no_grad():
         zero = torch.zeros(48)
@@ -560,3 +565,19 @@ def test_meanflow_jump_targets_on_gaussian_data_follow_the_closed_form() -> None
     want = exact + g.sd(tj + dj) / g.sd(tj) * (v[jump] - g.velocity(xj, tj))
     torch.testing.assert_close(target[jump], want, rtol=1e-7, atol=1e-7)
     torch.testing.assert_close(target[~jump], v[~jump])
+
+
+@pytest.mark.parametrize("sections", [ISM, SM, MF_BAKED, MF_INTRINSIC],
+                         ids=["ism", "sm", "meanflow-baked", "meanflow-intrinsic"])
+def test_every_draw_comes_from_the_step_generator(sections: dict) -> None:
+    """t, d, w and the label drops come from the generator the step seeds, never the global
+    one: the same step after other global draws asks and trains exactly the same."""
+    recipe = make_recipe(**sections)
+    first = Harness(recipe, mse).run(5)
+    again = Harness(recipe, mse)
+    torch.manual_seed(123)
+    torch.rand(7)
+    second = again.run(5)
+    for key in ("x", "t", "d", "y", "w"):
+        assert torch.equal(first["call"][key], second["call"][key]), key
+    assert torch.equal(first["target"], second["target"])

@@ -141,3 +141,15 @@ def test_all_strengths_of_a_per_step_count_grid() -> None:
     sm = load_recipe(RECIPES / "sm_b.yaml")
     with pytest.raises(UserError, match="double-guidance"):
         plan_points(sm, [1], {1: [0.0, 1.0]})
+
+
+def test_remembered_points_are_the_stored_choices(tmp_path: Path) -> None:
+    from ismctl.sampling.protocol import remembered_points
+
+    record = {"metric": "fid", "value": 3.0, "candidates": 2, "checkpoint_step": 5}
+    remember_best(tmp_path, {1: {**record, "guidance": 1.5, "sampler": "intrinsic"},
+                             128: {**record, "guidance": 0.5, "sampler": "flow-cfg"}})
+    assert remembered_points(tmp_path, [128, 1]) == [Point(128, 0.5, "flow-cfg"),
+                                                     Point(1, 1.5, "intrinsic")]
+    with pytest.raises(UserError, match=r"no best w for 4, 8 step"):
+        remembered_points(tmp_path, [1, 4, 8])

@@ -99,3 +99,32 @@ def test_loader_workers_are_shared_among_the_accumulation_slots() -> None:
     for workers, accum, want in ((0, 1, 0), (4, 2, 2), (1, 4, 1), (6, 1, 6)):
         recipe = make_recipe(data={"num_workers": workers}, train={"grad_accum": accum})
         assert loader_workers(recipe) == want, (workers, accum)
+
+
+def test_each_accumulation_slot_reads_its_own_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank r's slot m is data stream r x grad_accum + m of ranks x grad_accum, positioned at
+    the step reached, with the recipe's pool, pairing, buffer, flip and workers per slot."""
+    import ismctl.training.step as step_module
+    from ismctl.system.distributed import DistInfo
+    from ismctl.training.step import make_loaders
+
+    made: list[dict] = []
+
+    class Loader:
+        def __init__(self, path: str, **kwargs: object) -> None:
+            made.append({"path": path, **kwargs})
+
+        def __iter__(self):
+            return iter(())
+
+    monkeypatch.setattr(step_module, "TrainLoader", Loader)
+    recipe = make_recipe(data={"path": "somewhere", "num_workers": 4, "shuffle_buffer": 77},
+                         train={"grad_accum": 2, "seed": 9},
+                         coupling={"pool_size": 32, "mode": "hybrid", "min_group": 3})
+    info = DistInfo(rank=1, world_size=3, local_rank=1, device=torch.device("cpu"))
+    make_loaders(recipe, 16, 6, True, info, 40)
+    assert [m["rank"] for m in made] == [2, 3]
+    for m in made:
+        assert m == {**m, "path": "somewhere", "batch_size": 16, "pool_size": 32, "seed": 9,
+                     "world_size": 6, "num_workers": 2, "shuffle_buffer": 77, "flip": True,
+                     "start_batch": 40, "mode": "hybrid", "min_group": 3}

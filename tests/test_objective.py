@@ -480,3 +480,12 @@ def test_sm_without_cfg_asks_for_no_null_rows() -> None:
     rec = Recorder(_constant_field(cond=3.0, null=1.0))
     sm_bootstrap_target(rec, torch.zeros(3, 1, 2, 2), t, d, y, 8, NULL, cfg_scale=2.0)
     assert rec.rows == [5, 5]
+
+
+def test_target_passes_per_sample() -> None:
+    """Target-network passes per training sample (method §5): two half jumps per consistency
+    row, and for ism the cond and null rows per guidance row."""
+    from ismctl.objectives.shortcut import target_passes
+
+    assert target_passes(ObjectiveCfg(mode="ism")) == pytest.approx(2 * 0.25 + 2 * 0.25)
+    assert target_passes(ObjectiveCfg(mode="sm", bootstrap_fraction=0.125)) == 0.25

@@ -453,16 +453,19 @@ def test_sm_levels_edges() -> None:
 
 
 def test_shortcut_loss_hands_the_slot_to_sm() -> None:
-    """The level histogram belongs to the global batch: slot 1 of 2 trains its own share."""
+    """The level histogram belongs to the global batch: slot 1 of 2 trains its share of the
+    6 bootstrap rows of 24 (M = 16: 1/8, 1/4, 1/2, 1, 1, 1), where a micro-batch of 12 alone
+    would have 3 rows, all at d = 1."""
     from ismctl.objectives.shortcut import official_levels
 
-    obj = ObjectiveCfg(mode="sm", base_steps=8, bootstrap_fraction=0.25)
+    obj = ObjectiveCfg(mode="sm", base_steps=16, bootstrap_fraction=0.25)
     model = Recorder(ZeroNet())
-    x0, x1, y = _batch(16, seed=8)
+    x0, x1, y = _batch(12, seed=8)
     shortcut_loss(model, _constant_field(), x0, x1, y, obj, GuidanceCfg(), _mse, NUM_CLASSES,
                   torch.Generator().manual_seed(0), (1, 2))
-    share = official_levels(8, 8)[1::2]
-    assert model.calls[0]["d"][: len(share)].tolist() == share.tolist()
+    assert official_levels(3, 16).tolist() == [1.0, 1.0, 1.0]
+    assert model.calls[0]["d"][:3].tolist() == official_levels(6, 16)[1::2].tolist()
+    assert model.calls[0]["d"][:3].tolist() == [0.25, 1.0, 1.0]
 
 
 def test_sm_without_cfg_asks_for_no_null_rows() -> None:

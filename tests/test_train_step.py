@@ -98,7 +98,8 @@ def test_loader_workers_are_shared_among_the_accumulation_slots() -> None:
 
     for workers, accum, want in ((0, 1, 0), (4, 2, 2), (1, 4, 1), (6, 1, 6)):
         recipe = make_recipe(data={"num_workers": workers}, train={"grad_accum": accum})
-        assert loader_workers(recipe) == want, (workers, accum)
+        got = loader_workers(recipe)
+        assert got == want and isinstance(got, int), (workers, accum)
 
 
 def test_each_accumulation_slot_reads_its_own_stream(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -102,8 +102,9 @@ def test_peak_memory_does_not_grow_with_the_number_of_samples(tmp_path: Path) ->
     large, many = peak_rss(8000, tmp_path / "large.json", cache)
     print(f"peak RSS: 2,000 samples {small / 2**20:.0f} MiB, 8,000 samples "
           f"{large / 2**20:.0f} MiB at {SIDE}x{SIDE}x3")
-    # Holding the images would add 6,000 x 196,608 bytes (1,180 MB), 17 times the margin.
-    assert abs(large - small) < MARGIN
+    # Holding the images would add 6,000 x 196,608 bytes (1,180 MB), 17 times the margin. Only
+    # growth counts: the allocator's peak varies by tens of MB between processes either way.
+    assert large - small < MARGIN
     for results in (few, many):
         assert results["points"][0]["metrics"]["acc"] == 1.0
         assert results["points"][0]["num_samples"] in (2000, 8000)

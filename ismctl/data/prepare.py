@@ -39,7 +39,7 @@ from ismctl.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manife
 from ismctl.data.shards import encode_sample, sample_key, sha256_file, write_shard
 from ismctl.system.distributed import DistInfo, barrier, init_distributed, shutdown
 from ismctl.utils.errors import UserError
-from ismctl.utils.fileio import atomic_write_text
+from ismctl.utils.fileio import atomic_write_text, check_writable
 from ismctl.utils.progress import progress_bar
 
 DATA_ROOT = Path("data")
@@ -252,6 +252,7 @@ def prepare_latents(src: str, out: str | Path | None = None, resolution: int = 2
     _check_args(resolution, batch_size, shard_size, num_workers)
     source = open_source(src, resolution)
     out_dir = Path(out) if out is not None else DATA_ROOT / source.default_name
+    check_writable(out_dir, "--out", folder=True)
     owns_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(device)
     try:

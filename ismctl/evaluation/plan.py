@@ -2,8 +2,10 @@
 
 Metrics: ``fid``, ``isc`` and ``prc`` (Inception-v3), ``fd-dinov2`` (DINOv2 ViT-L/14), and
 for the built-in digits dataset ``acc`` and ``fd-digits`` (the digits classifier, added
-automatically there). Inception metrics need weights: without them a digits evaluation drops
-them with a note, any other evaluation stops with a UserError naming the file to get.
+automatically there). Inception metrics need weights: without them an evaluation that asked
+for them (``--metrics fid``, or any data set but the digits) stops with a UserError naming the
+file to get; only a digits evaluation whose recipe lists them by default drops them with a
+note.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ismctl.evaluation.digits_classifier import (
 from ismctl.evaluation.dinov2 import DINOV2_NAME
 from ismctl.evaluation.features import ExtractorSpec
 from ismctl.evaluation.inception import (
+    URL_INCEPTION_V3,
     InceptionChoice,
     find_inception,
     has_logits,
@@ -97,7 +100,9 @@ def plan_metrics(
     plan = MetricPlan(metrics=[])
     wanted = set(names)
     if wanted & set(INCEPTION_METRICS):
-        wanted = _plan_inception(plan, wanted, names, digits, inception_weights)
+        wanted = _plan_inception(plan, wanted, names, digits and requested is None,
+                                 inception_weights,
+                                 "--metrics" if requested is not None else "eval.metrics")
     if digits and not wanted:
         plan.notes.append("no requested metric can be computed: acc and fd-digits instead")
         names += [m for m in DIGITS_METRICS if m not in names]
@@ -134,18 +139,26 @@ def selection_metric(values: list[str], requested: str | None = None,
     return next((m for m in order if m in ranked), ranked[0])
 
 
-def _plan_inception(plan: MetricPlan, wanted: set[str], names: list[str], digits: bool,
-                    inception_weights: str | None) -> set[str]:
-    """Add the Inception group to ``plan``; returns the metrics still wanted."""
+def _plan_inception(plan: MetricPlan, wanted: set[str], names: list[str], optional: bool,
+                    inception_weights: str | None, where: str = "--metrics") -> set[str]:
+    """Add the Inception group to ``plan``; returns the metrics still wanted. ``optional``:
+    the metrics come from a digits recipe's defaults, not from the command line, so missing
+    weights drop them with a note instead of stopping."""
     choice = find_inception(inception_weights)
     if choice is None:
-        if not digits:
-            raise UserError(missing_weights_message())
+        if not optional:
+            asked = ",".join(m for m in names if m in INCEPTION_METRICS)
+            raise UserError(f"{where} {asked}: {missing_weights_message()}")
         dropped = [m for m in names if m in INCEPTION_METRICS]
         plan.notes.append(f"{', '.join(dropped)} skipped: {missing_weights_message()}")
         return wanted - set(INCEPTION_METRICS)
     plan.inception = choice
     if "isc" in wanted and not has_logits(choice.name):
+        if not optional:
+            raise UserError(
+                f"{where} isc: {choice.name} ({choice.source}) has no classifier head, so no "
+                "Inception Score; pass torch-fidelity's weights with --inception-weights "
+                f"(download {URL_INCEPTION_V3}), or leave isc out")
         plan.notes.append(
             f"isc skipped: {choice.name} ({choice.source}) has no classifier head; "
             "pass torch-fidelity's weights with --inception-weights for the Inception Score"

@@ -25,17 +25,17 @@ import datetime
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from rich.console import Console
 from rich.markup import escape
 
 import ismctl
+from ismctl.evaluation import store
 from ismctl.evaluation.digits_classifier import (
     FEATURES,
     LOGITS,
@@ -45,7 +45,7 @@ from ismctl.evaluation.digits_classifier import (
 )
 from ismctl.evaluation.dinov2 import DINOV2_NAME, build_dinov2
 from ismctl.evaluation.features import extract_features, iter_batches
-from ismctl.evaluation.gather import gather_objects, interleave
+from ismctl.evaluation.gather import broadcast_object, gather_objects, interleave
 from ismctl.evaluation.npz import write_samples_npz
 from ismctl.evaluation.plan import (
     DINOV2_LAYER,
@@ -67,11 +67,13 @@ from ismctl.sampling.protocol import (
     Point,
     all_strengths,
     best_points,
+    extrapolation_note,
     plan_points,
     remember_best,
     remembered_points,
 )
 from ismctl.sampling.sampler import continuous_jumps
+from ismctl.utils.console import make_console
 from ismctl.utils.errors import UserError
 
 GRID_MAX = 100
@@ -152,7 +154,7 @@ def warn_own_data_reference(data_path: str, loud: bool) -> str:
             "--ref VIRTUAL_imagenet256_labeled.npz (from openai/guided-diffusion's evaluations "
             "folder), or set eval.ref in the recipe")
     if loud:
-        Console(stderr=True).print(f"[bold red]WARNING:[/] {escape(text)}", soft_wrap=True,
+        make_console(stderr=True).print(f"[bold red]WARNING:[/] {escape(text)}", soft_wrap=True,
                                    highlight=False)
     return text
 
@@ -200,6 +202,9 @@ class Settings:
     remember: bool
     which: str = "inference"
     save_png: bool = False
+    # What is evaluated and the points of it already stored at ``out`` (ismctl.evaluation.store).
+    identity: dict[str, Any] = field(default_factory=dict)
+    finished: list[dict[str, Any]] = field(default_factory=list)
 
 
 def evaluate(
@@ -223,6 +228,7 @@ def evaluate(
     compile: bool = False,
     which: str = "inference",
     save_png: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run or checkpoint; returns the results dict (empty on ranks other than 0).
 
@@ -239,7 +245,8 @@ def evaluate(
     ``compile``: sample with the torch.compile'd network (same images, up to float rounding).
     ``which``: the weights sampled, the inference EMA (default, method §3.4), the target EMA or
     the online network; only the inference EMA's picks are remembered. ``save_png``: also a
-    folder of PNGs per sample set.
+    folder of PNGs per sample set. ``out`` holding another evaluation is refused unless
+    ``overwrite``; the points of the same evaluation found there are not computed again.
     """
     from ismctl.runs.checkpoint import load_for_sampling, run_recipe
     from ismctl.sampling.fits import check_eval_request
@@ -307,17 +314,37 @@ def evaluate(
                 plan.notes.append(
                     f"best w not remembered: {cfg.num_samples} samples per point, fewer than "
                     f"the recipe's eval.num_samples ({ev.num_samples}); --remember stores it")
-        w_max = run.recipe.guidance.w_max
-        far = [w for w in all_strengths(cfg.guidance) if w > w_max]
-        if run.mode == "intrinsic" and far:
-            plan.notes.append(f"guidance {', '.join(f'{w:g}' for w in far)} above the trained "
-                              f"w_max {w_max:g}: extrapolated")
+        if far := extrapolation_note(run.recipe, cfg.points):
+            plan.notes.append(far)
         check_eval_request(cfg.num_samples, info.world_size, decoded_shape(run.manifest),
                            len(plan.groups), cfg.save_npz, info.is_main)
+        _check_out(run, plan, cfg, info.is_main, overwrite)
         return _evaluate(run, plan, cfg, info, t_start)
     finally:
         if owns_group:
             shutdown()
+
+
+def _check_out(run: Any, plan: MetricPlan, cfg: Settings, is_main: bool,
+               overwrite: bool) -> None:
+    """Rank 0 checks ``--out`` (writable; not another evaluation's) and finds the points
+    already done; every rank learns the verdict, so all skip the same points or all stop."""
+    from ismctl.utils.fileio import check_writable
+
+    cfg.identity = store.identity(run.sha256, cfg.which, cfg.num_samples, cfg.seed, cfg.ref,
+                                  plan.metrics,
+                                  {k: g.spec.identity() for k, g in plan.groups.items()})
+    verdict: tuple[str, Any] | None = None
+    if is_main:
+        try:
+            check_writable(cfg.out, "--out")
+            verdict = ("ok", store.finished_points(cfg.out, cfg.identity, overwrite))
+        except UserError as exc:
+            verdict = ("error", str(exc))
+    kind, value = broadcast_object(verdict)
+    if kind == "error":
+        raise UserError(value)
+    cfg.finished = [p for p in value if store.reusable(p, cfg.save_npz, cfg.save_png)]
 
 
 def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
@@ -327,7 +354,7 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
 
     rank, world, device = info.rank, info.world_size, info.device
     fbatch = feature_batch_size(cfg.batch_size, device)
-    console = Console()
+    console = make_console()
     # Extractors first: a network that cannot be loaded stops the run before any work.
     extractors = _build_extractors(plan, device)
     t_ref = time.perf_counter()
@@ -346,7 +373,16 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
     reference_s = time.perf_counter() - t_ref
 
     points: list[dict[str, Any]] = []
+    finished = {store.point_key(p): p for p in cfg.finished}
+    asked = {(pt.steps, float(pt.guidance), pt.sampler) for pt in cfg.points}
+    if info.is_main and (found := len(asked & set(finished))):
+        console.print(f"{found} of {len(asked)} point(s) already evaluated in {cfg.out} or its "
+                      ".partial: not computed again (--overwrite computes every point)",
+                      markup=False, highlight=False)
     for pt in cfg.points:
+        if (done := finished.get((pt.steps, float(pt.guidance), pt.sampler))) is not None:
+            points.append(done)
+            continue
         t0 = time.perf_counter()
         images, labels = generate_images(run, cfg.num_samples, pt.steps, pt.guidance, cfg.seed,
                                          cfg.batch_size, progress=cfg.progress, rank=rank,
@@ -366,6 +402,8 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
                             "metrics_s": time.perf_counter() - t2,
                             "images_per_s": cfg.num_samples / max(t1 - t0, 1e-9)}
         points.append(point)
+        # Kept if the evaluation is interrupted: the same command continues from here.
+        store.save_partial(cfg.out, cfg.identity, points)
         if cfg.progress:
             console.print(f"{pt.label()}: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in point["metrics"].items()))
@@ -373,6 +411,8 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
     if not info.is_main:
         barrier()
         return {}
+    # Points of the same evaluation stored earlier and not asked for this time stay.
+    points += [p for k, p in finished.items() if k not in asked]
     results = _results(run, plan, points, refs, cfg, world, str(device))
     results["timings"] = {"reference_s": reference_s, "total_s": time.perf_counter() - t_start}
     if cfg.remember and _is_latest(run):
@@ -382,6 +422,7 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
     plot = write_plot(cfg.out.parent / f"{cfg.out.stem}-plot.png", results)
     results["plot"] = str(plot) if plot is not None else None
     write_results_json(cfg.out, results)
+    store.finish(cfg.out)
     if cfg.progress:
         print_results(results, console)
         console.print(f"[green]wrote[/] {escape(str(cfg.out))}")

@@ -40,6 +40,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Check prepared data sets.")
 app.add_typer(data_app, name="data")
 console = make_console()
 DEBUG = {"on": False}
+# Old option names used in this command: said once it ends (in the error line if it fails, so
+# that bad input stays one line).
+RENAMED: list[str] = []
 
 GUIDANCE_HELP = "Guidance strength w (delta convention: classic CFG scale s = 1 + w; w=0 is unguided)."
 Threads = Annotated[int | None, typer.Option(help="torch intra-op threads (default: OMP_NUM_THREADS, else every usable core, shared by this node's torchrun processes; fewer are faster where other jobs hold cores).")]
@@ -70,8 +73,8 @@ def _renamed(new: int | None, old: int | None, new_name: str, old_name: str) -> 
     if new is not None and new != old:
         raise UserError(f"{old_name} {old} and {new_name} {new}: the same option under its old "
                         f"and new name; give only {new_name}")
-    _say("[yellow]note:[/]", f"{old_name} is now called {new_name}; the old name will go in a "
-                             "later release")
+    RENAMED.append(f"{old_name} is now called {new_name}; the old name will go in a later "
+                   "release")
     return old
 
 
@@ -435,13 +438,18 @@ def main() -> None:
     if "--debug" in sys.argv[1:]:
         sys.argv = [sys.argv[0], "--debug", *[a for a in sys.argv[1:] if a != "--debug"]]
     DEBUG["on"] = False
+    RENAMED.clear()
     try:
         app()
     except UserError as exc:
         if DEBUG["on"]:
             raise
-        _say("[bold red]error:[/]", str(exc))
+        _say("[bold red]error:[/]", str(exc) + "".join(f" (note: {n})" for n in RENAMED))
         sys.exit(2)
+    except SystemExit as stop:
+        for note in RENAMED if not stop.code else []:
+            _say("[yellow]note:[/]", note)
+        raise
     except Preempted as exc:
         if exc.signal_name == INTERRUPT.name:
             _say("[bold yellow]interrupted:[/]", str(exc))

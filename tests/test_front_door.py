@@ -391,3 +391,27 @@ def test_the_method_doc_ships_with_the_package(ismctl_main: Callable[..., int],
     assert capsys.readouterr().out.strip().endswith("method.md")
     assert ismctl_main("docs", "methd") == 2
     _one_error_line(capsys, "did you mean method")
+
+
+def test_the_recipe_table_names_every_shipped_recipe() -> None:
+    from ismctl.config.recipe import shipped_recipe_dir
+
+    table = (REPO / "docs" / "training.md").read_text()
+    rows = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
+    assert rows == {p.stem for p in shipped_recipe_dir().glob("*.yaml")}
+
+
+def test_a_meanflow_model_card_says_any_number_of_steps(digits_run: Path,
+                                                        tmp_path: Path) -> None:
+    from ismctl.config.recipe import load_recipe
+    from ismctl.tools.export import export_run
+    from ismctl.training.trainer import train
+
+    recipe = load_recipe("meanflow_digits", [
+        f"data.path={digits_run.parent / 'digits'}", f"run.root={tmp_path}",
+        "train.steps=1", "data.batch_size=8", "run.sample_num_samples=10", "run.tracker=none"])
+    run = train(recipe, "meanflow_digits", progress=False)
+    card = (export_run(run, tmp_path / "m") / "README.md").read_text()
+    assert "any number of steps" in card and "power" not in card
+    sm_card = (export_run(digits_run, tmp_path / "s") / "README.md").read_text()
+    assert "steps (powers of two)" in sm_card

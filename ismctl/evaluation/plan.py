@@ -2,10 +2,11 @@
 
 Metrics: ``fid``, ``isc`` and ``prc`` (Inception-v3), ``fd-dinov2`` (DINOv2 ViT-L/14), and
 for the built-in digits dataset ``acc`` and ``fd-digits`` (the digits classifier, added
-automatically there). Inception metrics need weights: without them an evaluation that asked
-for them (``--metrics fid``, or any data set but the digits) stops with a UserError naming the
-file to get; only a digits evaluation whose recipe lists them by default drops them with a
-note.
+automatically there). Inception metrics need weights: a metric asked for on the command line
+(``--metrics fid``) that cannot be computed stops the evaluation with a UserError naming what
+to get, as FID without weights does on any data set but the digits; from a recipe's default
+list, the Inception Score without torch-fidelity's weights (and on the digits every Inception
+metric without any weights) is dropped with a note.
 """
 
 from __future__ import annotations
@@ -100,9 +101,8 @@ def plan_metrics(
     plan = MetricPlan(metrics=[])
     wanted = set(names)
     if wanted & set(INCEPTION_METRICS):
-        wanted = _plan_inception(plan, wanted, names, digits and requested is None,
-                                 inception_weights,
-                                 "--metrics" if requested is not None else "eval.metrics")
+        wanted = _plan_inception(plan, wanted, names, digits, inception_weights,
+                                 requested is not None)
     if digits and not wanted:
         plan.notes.append("no requested metric can be computed: acc and fd-digits instead")
         names += [m for m in DIGITS_METRICS if m not in names]
@@ -139,22 +139,24 @@ def selection_metric(values: list[str], requested: str | None = None,
     return next((m for m in order if m in ranked), ranked[0])
 
 
-def _plan_inception(plan: MetricPlan, wanted: set[str], names: list[str], optional: bool,
-                    inception_weights: str | None, where: str = "--metrics") -> set[str]:
-    """Add the Inception group to ``plan``; returns the metrics still wanted. ``optional``:
-    the metrics come from a digits recipe's defaults, not from the command line, so missing
-    weights drop them with a note instead of stopping."""
+def _plan_inception(plan: MetricPlan, wanted: set[str], names: list[str], digits: bool,
+                    inception_weights: str | None, asked: bool = False) -> set[str]:
+    """Add the Inception group to ``plan``; returns the metrics still wanted. ``asked``: the
+    metrics come from the command line, so what cannot be computed stops the evaluation; from
+    the recipe's defaults, the Inception Score without its weights (and, on the digits, every
+    Inception metric) is dropped with a note."""
+    where = "--metrics" if asked else "eval.metrics"
     choice = find_inception(inception_weights)
     if choice is None:
-        if not optional:
-            asked = ",".join(m for m in names if m in INCEPTION_METRICS)
-            raise UserError(f"{where} {asked}: {missing_weights_message()}")
+        if asked or not digits:
+            listed = ",".join(m for m in names if m in INCEPTION_METRICS)
+            raise UserError(f"{where} {listed}: {missing_weights_message()}")
         dropped = [m for m in names if m in INCEPTION_METRICS]
         plan.notes.append(f"{', '.join(dropped)} skipped: {missing_weights_message()}")
         return wanted - set(INCEPTION_METRICS)
     plan.inception = choice
     if "isc" in wanted and not has_logits(choice.name):
-        if not optional:
+        if asked:
             raise UserError(
                 f"{where} isc: {choice.name} ({choice.source}) has no classifier head, so no "
                 "Inception Score; pass torch-fidelity's weights with --inception-weights "

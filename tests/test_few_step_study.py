@@ -1,195 +1,313 @@
-"""The few-step study's bookkeeping (ismctl/studies/few_step.py) on fabricated run folders:
-the knob is chosen on the selection samples only, grids grow until no choice sits on an upper
-edge, the tables report the other samples, and the equal-wall-clock checkpoints follow the
-training rates timed one method at a time."""
+"""The few-step study (ismctl/studies/few_step.py) run end to end on a fake ``ismctl``: the knob
+is chosen on the selection samples only, grids grow until no choice sits on an edge, every
+evaluated point lands in the results folder, a rerun with the run folders gone recomputes
+nothing, an interrupted study resumes, and the report reads the results folder alone."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ismctl.studies import few_step as fs
 
+# A stand-in for `python -m ismctl`, fast and without torch. `train` writes the checkpoints and
+# the metrics log a run would; `eval` scores each requested point with the formulas below (sm at
+# 128 steps adds its flow-CFG entry, as its protocol does); `sample` writes a 1x1 PNG. Every
+# call is appended to $FAKE_LOG. $FAKE_CENTER (JSON) moves the best knob value per run-name tag,
+# $FAKE_W the best w; an eval whose output path contains $FAKE_FAIL fails once.
+#   selection samples (sampling seed 1): cfd = 10 + |value - center| + |w - FAKE_W|
+#                                        (flow CFG: 5 + |value - center|)
+#   reported samples (sampling seed 0):  cfd = 30 - value - w - seed / 2 - step / 1e4
+#                                        (flow CFG: 50)
+FAKE = r'''
+import json, os, struct, sys, zlib
+from pathlib import Path
 
-def _study(tmp_path: Path) -> fs.Study:
-    return fs.Study(tmp_path, train_steps=1000, seeds=[0, 1], jobs=1, ismctl=["false"])
+args = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as fh:
+    fh.write(json.dumps(args) + "\n")
+opt = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
 
-
-def _write_eval(study: fs.Study, run_dir: Path, step: int, n: int, seed: int,
-                points: list[tuple[float, str, float]]) -> None:
-    out = study.eval_file(run_dir, step, n, seed)
+if args[0] == "train":
+    sets = dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--set")
+    run = Path(sets["run.root"]) / sets["run.name"]
+    steps, every = int(sets["train.steps"]), int(sets.get("run.ckpt_every", sets["train.steps"]))
+    log = int(sets.get("run.log_every", 50))
+    run.mkdir(parents=True, exist_ok=True)
+    for step in range(every, steps + 1, every):
+        ckpt = run / "checkpoints" / f"step-{step:07d}"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        for name in ("inference_ema", "online", "target_ema"):
+            (ckpt / f"{name}.safetensors").write_bytes(b"w")
+        (ckpt / "state.pt").write_bytes(b"s")
+    rate = 4.0 if args[1] == "sm_quickstart" else 2.0
+    lines = [json.dumps({"step": s, "it_s": rate}) for s in range(log, steps + 1, log)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+elif args[0] == "eval":
+    out = Path(opt["--out"])
+    fail = os.environ.get("FAKE_FAIL")
+    if fail and fail in str(out) and not Path(os.environ["FAKE_LOG"] + ".failed").exists():
+        Path(os.environ["FAKE_LOG"] + ".failed").write_text("")
+        sys.exit(1)
+    ckpt = Path(args[1])
+    step = int(ckpt.name.split("-")[1])
+    method, tag = ckpt.parent.parent.name.split("_", 1)
+    knob, seed = tag.rsplit("-seed", 1)
+    short = knob.rstrip("0123456789.")
+    value, seed = float(knob[len(short):]), int(seed)
+    center = {"cfg": 1.5, "omega": 0.75, "wmax": 1.5, **json.loads(os.environ.get(
+        "FAKE_CENTER", "{}"))}[short]
+    best_w = float(os.environ.get("FAKE_W", "0.5"))
+    n, sseed = int(opt["--steps"]), int(opt["--seed"])
+    sampler = "intrinsic" if short == "wmax" else "conditional"
+    requested = [(float(w), sampler) for w in opt["--guidance"].split(",")]
+    if method == "sm" and n == 128:
+        requested.append((value - 1, "flow-cfg"))
+    points = []
+    for w, s in requested:
+        if sseed == 1:
+            cfd = 10 + abs(value - center) + (abs(w - best_w) if s != "flow-cfg" else -5)
+        else:
+            cfd = 50.0 if s == "flow-cfg" else 30 - value - w - seed / 2 - step / 1e4
+        points.append({"steps": n, "guidance": w, "sampler": s, "num_samples": 1000,
+                       "metrics": {"acc": 0.9, "fd-digits": cfd / 2, "cfd-digits": cfd,
+                                   "spread-digits": 0.8}})
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"points": [
-        {"steps": n, "guidance": w, "sampler": sampler,
-         "metrics": {"acc": 0.9, "fd-digits": cfd / 2, "cfd-digits": cfd, "spread-digits": 0.9}}
-        for w, sampler, cfd in points]}))
+    out.write_text(json.dumps({"checkpoint": {"sha256": "f" * 64, "step": step},
+                               "ismctl_version": "fake", "torch": "fake",
+                               "created": "2026-01-01T00:00:00+00:00", "points": points}))
+elif args[0] == "sample":
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\x00\x80")) + chunk(b"IEND", b""))
+    Path(opt["--out"]).write_bytes(png)
+'''
 
 
-def _write_metrics(run_dir: Path, it_s: float) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"step": s, "it_s": it_s}) for s in range(50, 1001, 50)]
-    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+def _fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> Path:
+    (tmp_path / "fake_ismctl.py").write_text(FAKE)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return log
 
 
-def _fabricate(study: fs.Study, values: dict[str, list[float]] | None = None) -> None:
-    """Selection files where the selection samples and the reported samples disagree: a
-    choice that peeked at the reported samples would pick another point. The best selection
-    point is w = 0.5 for intrinsic methods and the grid's second value for baked ones."""
-    for m in fs.METHODS.values():
-        grid = (values or {}).get(m.name, study.grids.values[m.name])
-        for i, value in enumerate(grid):
-            for seed in study.seeds:
-                run_dir = study.run_dir(m, value, seed)
-                _write_metrics(run_dir, it_s=4.0 if m.name == "sm" else 2.0)
-                for n in fs.STEPS:
-                    ws = study.grids.w_grid(m, value, n)
-                    sampler = "intrinsic" if m.intrinsic else "conditional"
-                    sel = [(w, sampler, 10.0 + abs(w - 0.5) + abs(i - 1)) for w in ws]
-                    rep = [(w, sampler, 30.0 - w - i) for w in ws]
-                    if m.name == "sm" and n == 128:
-                        sel.append((value - 1, "flow-cfg", 5.0 + abs(i - 1)))
-                        rep.append((value - 1, "flow-cfg", 50.0))
-                    for step in (500, 1000):
-                        _write_eval(study, run_dir, step, n, fs.SELECT_SEED, sel)
-                        _write_eval(study, run_dir, step, n, fs.REPORT_SEED, rep)
+def _study(tmp_path: Path, seeds: tuple[int, ...] = (0, 1),
+           methods: tuple[str, ...] = fs.DEFAULT_METHODS) -> fs.Study:
+    return fs.Study(tmp_path / "runs", train_steps=300, seeds=list(seeds), jobs=2,
+                    ismctl=[sys.executable, str(tmp_path / "fake_ismctl.py")],
+                    results=tmp_path / "docs" / "results", methods=methods)
 
 
-def _tuned(study: fs.Study) -> None:
-    fs.write_json(study.out / "chosen.json", {"chosen": fs.choose(study), "widened": [],
-                                              "grids": {}})
-    data = json.loads((study.out / "chosen.json").read_text())
-    data["grids"] = {name: {"values": study.grids.values[name],
-                            "top128": study.grids.top128[name]} for name in fs.METHODS}
-    fs.write_json(study.out / "chosen.json", data)
+def _calls(log: Path) -> list[list[str]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
 
-def test_choice_uses_the_selection_samples_only(tmp_path: Path) -> None:
+def _result_files(study: fs.Study) -> list[Path]:
+    return sorted(p for p in study.results.root.rglob("step*.json"))
+
+
+def test_choice_uses_the_selection_samples_only(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reported samples prefer the grids' largest values; the selection samples prefer the
+    interior points the choice makes (sm's flow CFG at 128 steps)."""
+    _fake(tmp_path, monkeypatch)
     study = _study(tmp_path)
-    _fabricate(study)
-    chosen = fs.choose(study)
+    chosen = fs.tune(study)
     assert chosen["ism"][1]["guidance"] == 0.5 and chosen["ism"][1]["candidates"] == 7
     assert chosen["ism"][128]["candidates"] == 5            # 128 steps: w up to 1 first
-    assert chosen["meanflow"][4]["value"] == 0.75            # the second grid value wins
-    assert chosen["sm"][128]["sampler"] == "flow-cfg"
+    assert chosen["meanflow"][4]["value"] == 0.75
+    assert chosen["sm"][128]["sampler"] == "flow-cfg" and chosen["sm"][128]["value"] == 1.5
     assert chosen["sm"][1]["value"] == 1.5 and chosen["sm"][1]["candidates"] == 4
+    assert study.grids.widened == []
 
 
-def test_grids_grow_until_no_choice_sits_on_an_edge(tmp_path: Path) -> None:
-    """A baked knob chosen at its largest value gets one more value, MeanFlow's omega chosen at
-    its smallest one value below (half-way to 0 near it); an intrinsic method whose best w is its
-    128-step ceiling gets a higher ceiling, and one whose best w is the w_max it was trained
-    with gets a run with a larger w_max. SM's scale 1 (its recipe's least) is not grown."""
+def test_grids_grow_until_no_choice_sits_on_an_edge(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """SM best at its top scale, MeanFlow at its bottom omega, iSM best beyond its w_max: each
+    grid grows (omega half-way to 0 near it) and the choice is made again, until interior."""
+    centers = {"cfg": 3.0, "omega": 0.25, "wmax": 3.0}
+    log = _fake(tmp_path, monkeypatch, FAKE_CENTER=json.dumps(centers), FAKE_W="1.5")
+    study = _study(tmp_path, methods=("sm", "ism", "meanflow"))
+    chosen = fs.tune(study)
+    assert study.grids.values["sm"] == [1.0, 1.5, 2.0, 3.0, 4.0]
+    assert chosen["sm"][1]["value"] == 3.0
+    assert study.grids.values["meanflow"] == [0.125, 0.25, 0.5, 0.75, 1.0]
+    assert chosen["meanflow"][2]["value"] == 0.25
+    assert study.grids.values["ism"] == [1.5, 3.0] and chosen["ism"][1]["value"] == 3.0
+    assert chosen["ism"][1]["guidance"] == 1.5
+    assert study.grids.top128["ism"] == 2.0                   # 1 -> 1.5 -> 2: w = 1.5 interior
+    assert chosen["ism"][128]["guidance"] == 1.5
+    rounds = len(study.grids.widened)
+    assert 0 < rounds <= fs.MAX_ROUNDS
+    # Persisted: a resumed study starts from the grown grids and runs nothing again.
+    before = len(_calls(log))
+    again = _study(tmp_path, methods=("sm", "ism", "meanflow"))
+    assert again.grids.values == study.grids.values
+    assert fs.tune(again) == chosen and len(again.grids.widened) == rounds
+    assert len(_calls(log)) == before
+
+
+def test_edges_widen_each_kind_of_grid(tmp_path: Path) -> None:
+    """Chosen points set by hand: a baked knob at its largest value gets one more value,
+    MeanFlow's omega at its smallest one value below (half-way to 0 near it); an intrinsic
+    method whose best w is its 128-step ceiling gets a higher ceiling, one whose best w is its
+    w_max a run with a larger w_max. SM's scale 1 (its recipe's least) is not grown."""
+    study = _study(tmp_path, methods=tuple(fs.METHODS))
+    interior = {"sm": (1.5, 0.0), "ism": (1.5, 0.5), "meanflow": (0.75, 0.0)}
+    chosen = {m.name: {n: {"value": interior.get(m.name.split("+")[0], (0.75, 0.0))[0],
+                           "guidance": interior.get(m.name.split("+")[0], (1.5, 0.5))[1]}
+                       for n in fs.STEPS}
+              for m in study.methods}
+    chosen["meanflow+sot+twin-ema+intrinsic"] = {n: {"value": 1.5, "guidance": 0.5}
+                                                  for n in fs.STEPS}
+    assert fs.edges(study, chosen) == []
+    chosen["meanflow"][1]["value"] = 1.0
+    chosen["ism"][128]["guidance"] = 1.0
+    chosen["meanflow+sot+twin-ema+intrinsic"][2]["guidance"] = 1.5
+    chosen["sm"][4]["value"] = 1.0                           # the low end: no guidance
+    chosen["meanflow+sot"][2]["value"] = 0.5
+    assert len(fs.edges(study, chosen)) == 4
+    g = study.grids
+    assert g.values["meanflow+sot"] == [0.25, 0.5, 0.75, 1.0]
+    assert g.values["meanflow"] == [0.5, 0.75, 1.0, 1.25]
+    assert g.top128["ism"] == 1.5 and g.values["ism"] == [1.5]
+    assert g.w_grid(fs.METHODS["ism"], 1.5, 128) == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert g.values["meanflow+sot+twin-ema+intrinsic"] == [1.5, 3.0]
+    assert g.values["sm"] == [1.0, 1.5, 2.0, 3.0]
+    chosen["meanflow+sot"][2]["value"] = 0.25   # a step down would reach omega 0: half-way
+    fs.edges(study, chosen)
+    assert g.values["meanflow+sot"] == [0.125, 0.25, 0.5, 0.75, 1.0]
+
+
+def _run(study: fs.Study) -> dict[str, Any]:
+    fs.run_study(study)
+    return fs.summarise(study)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One whole study of the six methods on two seeds, shared by the tests that read it."""
+    tmp_path = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _fake(tmp_path, monkeypatch)
+        return _run(_study(tmp_path))
+
+
+def test_results_outlive_the_run_folders(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole study: every reported cell is a result file; with the run folders deleted a
+    rerun trains and evaluates nothing, and the report is rendered from the results alone."""
+    log = _fake(tmp_path, monkeypatch)
     study = _study(tmp_path)
-    _fabricate(study)
-    chosen = fs.choose(study)
-    assert fs.edges(study, chosen) == []                       # all interior
-    chosen["meanflow"][1] = {**chosen["meanflow"][1], "value": 1.0}
-    chosen["ism"][128] = {**chosen["ism"][128], "guidance": 1.0}
-    chosen["meanflow+sot+twin-ema+intrinsic"][2] = {
-        **chosen["meanflow+sot+twin-ema+intrinsic"][2], "guidance": 1.5}
-    chosen["sm"][4] = {**chosen["sm"][4], "value": 1.0}      # the low end: no guidance
-    chosen["meanflow+sot"][2] = {**chosen["meanflow+sot"][2], "value": 0.5}
-    grown = fs.edges(study, chosen)
-    assert len(grown) == 4
-    assert study.grids.values["meanflow+sot"] == [0.25, 0.5, 0.75, 1.0]
-    assert study.grids.values["meanflow"] == [0.5, 0.75, 1.0, 1.25]
-    assert study.grids.top128["ism"] == 1.5 and study.grids.values["ism"] == [1.5]
-    assert study.grids.values["meanflow+sot+twin-ema+intrinsic"] == [1.5, 3.0]
-    assert study.grids.values["sm"] == [1.0, 1.5, 2.0, 3.0]
-    # Persisted: a resumed study continues with the grown grids.
-    again = fs.Grids(tmp_path / "grids.json")
-    assert again.values["meanflow"] == [0.5, 0.75, 1.0, 1.25] and again.top128["ism"] == 1.5
-    assert again.w_grid(fs.METHODS["ism"], 1.5, 128) == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
-    assert again.values["meanflow+sot"] == [0.25, 0.5, 0.75, 1.0]
-    # omega 0.25 chosen: a step down would reach 0 (the unconditional model), so half-way.
-    chosen["meanflow+sot"][2] = {**chosen["meanflow+sot"][2], "value": 0.25}
+    summary = _run(study)
+    calls = _calls(log)
+    kinds = [c[0] for c in calls]
+    assert kinds.count("sample") == len(fs.DEFAULT_METHODS)
+    files = _result_files(study)
+    reported = [f for f in files if f"sseed{fs.REPORT_SEED}" in f.name
+                and f.name.startswith("step300-")]
+    assert len(reported) >= len(fs.DEFAULT_METHODS) * 2 * len(fs.STEPS)
+    record = json.loads(reported[0].read_text())
+    assert {"method", "value", "train_seed", "checkpoint_step", "steps", "sampling_seed",
+            "guidance", "sampler", "metrics", "command"} <= set(record)
+    # Every run trained leaves a training record; the timing is kept too.
+    assert (study.results.root / "timing.json").is_file()
+    assert len(list(study.results.root.rglob("train.json"))) == kinds.count("train") - \
+        len(fs.DEFAULT_METHODS) * fs.TIME_ROUNDS
+
+    shutil.rmtree(study.out)
+    log.unlink()
     again = _study(tmp_path)
-    fs.edges(again, chosen)
-    assert again.grids.values["meanflow+sot"] == [0.125, 0.25, 0.5, 0.75, 1.0]
+    assert _run(again) == summary
+    assert _calls(log) == []
+    assert not again.out.exists()
+
+    # The report needs nothing but the results folder (and renders every table and the picture).
+    elsewhere = fs.Study(tmp_path / "nowhere", 300, [0, 1], 1, ["false"],
+                         results=study.results.root)
+    text = fs.markdown(fs.summarise(elsewhere))
+    for m in fs.DEFAULT_METHODS:
+        assert text.count(f"| {fs.METHODS[m].label} |") == len(fs.STEPS) + len(fs.WALL_STEPS) + 2
+    assert fs.picture(elsewhere, summary, tmp_path / "picture.png")
 
 
-def test_tables_report_the_other_samples_and_count_two_pass_nfe(tmp_path: Path) -> None:
-    study = _study(tmp_path)
-    _fabricate(study)
-    _tuned(study)
-    _write_timing(study)
-    summary = fs.summarise(study)
+def test_reported_numbers_are_the_chosen_points_on_other_samples(
+        finished: dict[str, Any]) -> None:
+    summary = finished
     ism = summary["equal_steps"]["ism"]["1"]
-    assert ism["cfd-digits"]["mean"] == pytest.approx(30.0 - 0.5)
-    assert ism["spread-digits"]["mean"] == pytest.approx(0.9)
-    assert ism["nfe"] == 1
+    # 30 - value - w - seed / 2 - step / 1e4 at w_max 1.5, w 0.5, seeds 0 and 1, step 300.
+    assert ism["cfd-digits"]["mean"] == pytest.approx(30 - 1.5 - 0.5 - 0.25 - 0.03)
+    assert ism["cfd-digits"]["sd"] == pytest.approx(0.5 / 2 ** 0.5)
+    assert ism["nfe"] == 1 and ism["spread-digits"]["mean"] == pytest.approx(0.8)
     sm128 = summary["equal_steps"]["sm"]["128"]
     assert sm128["nfe"] == 256 and sm128["cfd-digits"]["mean"] == pytest.approx(50.0)
+    assert sm128["sampler"] == "flow-cfg"
     text = fs.markdown(summary)
     assert "flow CFG" in text and "Equal wall-clock" in text and "| spread |" in text
-    assert "MeanFlow + sOT + twin EMA + wavelet" in text
 
 
-def _write_timing(study: fs.Study) -> None:
-    """Timed: SM 0.25 s per step, every other method 0.5 s (twice as slow)."""
-    fs.write_json(study.out / "timing.json", {
-        f"{name}/round{r}": 0.25 if name == "sm" else 0.5
-        for name in fs.METHODS for r in range(fs.TIME_ROUNDS)})
+def test_wall_clock_budget_is_the_fastest_method_s_full_run(finished: dict[str, Any]) -> None:
+    """The fake trains sm at 4 it/s and the others at 2: within sm's 300 steps the others reach
+    150, so they are evaluated at their last kept checkpoint, step 100."""
+    summary = finished
+    wall = summary["wall_clock"]
+    assert wall["seconds_per_step"]["sm"] == pytest.approx(0.25)
+    assert wall["seconds_per_step"]["meanflow"] == pytest.approx(0.5)
+    assert wall["budget_s"] == pytest.approx(75.0)
+    assert wall["step"]["sm"] == {"0": 300, "1": 300} and wall["step"]["ism"] == {"0": 100,
+                                                                                 "1": 100}
+    assert summary["equal_wall_clock"]["meanflow"]["1"]["train_steps"] == [100, 100]
+    # Training time as logged by each run (4 it/s for sm's 300 steps), reported beside.
+    assert wall["logged_train_s"]["sm"] == pytest.approx(75.0)
 
 
-def test_wall_clock_budget_is_the_fastest_method_s_full_run(tmp_path: Path) -> None:
+def test_an_interrupted_study_resumes_without_redoing_finished_cells(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    methods = ("sm", "ism")
+    clean_log = _fake(clean, monkeypatch)
+    _run(_study(clean, methods=methods))
+    clean_evals = sum(c[0] == "eval" for c in _calls(clean_log))
+
+    log = _fake(tmp_path, monkeypatch, FAKE_FAIL="step300-4steps-sseed0")
+    with pytest.raises(RuntimeError, match="failed"):
+        fs.run_study(_study(tmp_path, methods=methods))
+    assert _result_files(_study(tmp_path))                   # what finished is kept
+    _run(_study(tmp_path, methods=methods))
+    evals = sum(c[0] == "eval" for c in _calls(log))
+    assert evals == clean_evals + 1                          # the failed one, once more
+
+
+def test_report_without_timing_leaves_out_the_wall_clock_table(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake(tmp_path, monkeypatch)
     study = _study(tmp_path)
-    _fabricate(study)
-    _write_timing(study)
-    budget = fs.wall_budget(study, fs.choose(study))
-    assert budget["seconds_per_step"]["sm"] == pytest.approx(0.25)
-    assert budget["budget_s"] == pytest.approx(250.0)
-    assert budget["step"]["sm"] == {"0": 1000, "1": 1000}
-    assert budget["step"]["meanflow"] == {"0": 500, "1": 500}   # half the rate: half the steps
-    # The logged rates (sm 4 it/s, others 2 it/s) are reported beside, not used.
-    assert budget["logged_train_s"]["sm"] == pytest.approx(250.0)
-
-
-def test_report_without_timing_leaves_out_the_wall_clock_table(tmp_path: Path) -> None:
-    study = _study(tmp_path)
-    _fabricate(study)
-    _tuned(study)
-    assert fs.wall_budget(study, fs.choose(study), measure=False) is None
+    chosen = fs.tune(study)
+    study.run_cells(fs.report_cells(study, chosen, fs.STEPS, lambda m, s: study.train_steps))
     summary = fs.summarise(study)
     assert summary["wall_clock"] is None and summary["equal_wall_clock"] == {}
     text = fs.markdown(summary)
     assert "Equal training steps" in text and "Equal wall-clock" not in text
 
 
-FAKE_TRAIN = """import json, sys
-from pathlib import Path
-sets = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
-run = Path(sets["run.root"]) / sets["run.name"]
-run.mkdir(parents=True)
-slow = "sm_quickstart" not in sys.argv[2]
-# a slow start-up interval, then 0.2 s (sm) or 0.4 s (the others) per step, one odd interval
-rates = [0.5] + [2.5 if slow else 5.0] * 8 + [1.0]
-log = int(sets["run.log_every"])
-lines = [json.dumps({"step": log * (i + 1), "it_s": r}) for i, r in enumerate(rates)]
-(run / "metrics.jsonl").write_text("\\n".join(lines) + "\\n")
-"""
-
-
-def test_time_methods_runs_each_method_alone_and_resumes(tmp_path: Path) -> None:
-    import sys
-
-    fake = tmp_path / "fake_ismctl.py"
-    fake.write_text(FAKE_TRAIN)
-    study = fs.Study(tmp_path / "study", train_steps=1000, seeds=[0, 1], jobs=2,
-                     ismctl=[sys.executable, str(fake)])
-    _fabricate(study)
-    chosen = fs.choose(study)
-    per_step = fs.time_methods(study, chosen)
-    assert per_step["sm"] == pytest.approx(0.2)
-    assert per_step["meanflow+sot+twin-ema"] == pytest.approx(0.4)
-    timing = json.loads((study.out / "timing.json").read_text())
-    assert len(timing) == len(fs.METHODS) * fs.TIME_ROUNDS
-    assert not any((study.out / "timing").iterdir())   # the timing runs are not kept
-    # Resumed from timing.json: nothing is run again (this ismctl would fail).
-    study.ismctl = ["false"]
-    assert fs.time_methods(study, chosen) == per_step
+def test_timed_seconds_is_the_median_interval_after_the_warm_up(tmp_path: Path) -> None:
+    """A timing run logged every 25 steps: a slow start-up (left out), then 0.25 s per step
+    with one disturbed interval (the median ignores it)."""
+    rates = [0.5, 1.0, 1.0, 1.0] + [4.0] * 7 + [1.0]
+    lines = [json.dumps({"step": 25 * (i + 1), "it_s": r}) for i, r in enumerate(rates)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert fs.timed_seconds(tmp_path) == pytest.approx(0.25)
+    assert fs.train_seconds(tmp_path) == pytest.approx(25 * (2 + 4 * 1.0 + 7 * 0.25))
 
 
 def test_run_names_and_overrides_are_those_of_the_recipes() -> None:
@@ -215,14 +333,18 @@ def test_run_names_and_overrides_are_those_of_the_recipes() -> None:
     assert intrinsic.guidance.w_max == 1.5
 
 
-def test_timed_seconds_is_the_median_interval_after_the_warm_up(tmp_path: Path) -> None:
-    """A timing run logged every 25 steps: a slow start-up (left out), then 0.25 s per step
-    with one disturbed interval (the median ignores it)."""
-    rates = [0.5, 1.0, 1.0, 1.0] + [4.0] * 7 + [1.0]
-    lines = [json.dumps({"step": 25 * (i + 1), "it_s": r}) for i, r in enumerate(rates)]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    assert fs.timed_seconds(tmp_path) == pytest.approx(0.25)
-    assert fs.train_seconds(tmp_path) == pytest.approx(25 * (2 + 4 * 1.0 + 7 * 0.25))
+def test_result_keys_name_the_cell(tmp_path: Path) -> None:
+    """The path of a result is its key: method, knob value, training seed, checkpoint step, step
+    count, sampling seed, sampler and w (the committed results rely on this layout)."""
+    results = fs.Results(tmp_path)
+    cell = fs.Cell("meanflow+sot", 0.75, 2, 3000, 4, 1)
+    (point,) = cell.points([0.0])
+    assert results.point_file(cell, point) == (tmp_path / "meanflow+sot" / "omega0.75-seed2"
+                                               / "step3000-4steps-sseed1-conditional-w0.json")
+    sm = fs.Cell("sm", 1.5, 0, 3000, 128, 0)
+    assert [results.point_file(sm, p).name for p in sm.points([0.0])] == [
+        "step3000-128steps-sseed0-conditional-w0.json",
+        "step3000-128steps-sseed0-flow-cfg-w0.5.json"]
 
 
 def test_slim_checkpoints_keep_the_inference_weights_and_the_final_checkpoint(
@@ -241,9 +363,6 @@ def test_slim_checkpoints_keep_the_inference_weights_and_the_final_checkpoint(
     assert len(list((tmp_path / "checkpoints" / "step-0000300").iterdir())) == 4
 
 
-def test_plot_is_written(tmp_path: Path) -> None:
-    study = _study(tmp_path / "study")
-    _fabricate(study)
-    _tuned(study)
-    fs.plot(fs.summarise(study), tmp_path / "plot.png")
+def test_plot_is_written(tmp_path: Path, finished: dict[str, Any]) -> None:
+    fs.plot(finished, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

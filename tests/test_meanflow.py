@@ -311,6 +311,70 @@ def test_baked_guidance_target_interval_and_dropout() -> None:
     assert ((t < 0.4) & (labels != NULL)).any() and ((t >= 0.4) & (labels != NULL)).any()
 
 
+def _official_cond_drop(labels: Tensor, v_t: Tensor, v_g: Tensor, u: Tensor, p: float,
+                        num_classes: int) -> tuple[Tensor, Tensor]:
+    """Gsunshine/meanflow ``MeanFlow.cond_drop``, transcribed: the number of dropped labels is
+    how many of the batch's uniforms fall below p; the first that many rows get the null label
+    and their guided velocity is replaced by the plain one."""
+    count = int((u < p).sum())
+    first = torch.arange(labels.shape[0]) < count
+    return (torch.where(first, torch.full_like(labels, num_classes), labels),
+            torch.where(_col(first.to(v_t.dtype)).bool(), v_t, v_g))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_class_dropout_is_the_official_rule(seed: int) -> None:
+    """Labels and d = 0 targets of the training step equal a transcription of the official
+    dropout on the same uniforms (replayed from the generator: the two time draws, then one
+    uniform per row): only leading rows, all at d = 0, lose their label and their guidance."""
+    n, n0, p = 16, 12, 0.3
+    x0, x1, y = _batch(n, 100 + seed)
+    obj = ObjectiveCfg(mode="meanflow", class_dropout=p, bootstrap_fraction=0.25)
+    guid = GuidanceCfg(omega=0.5, kappa=0.25, interval_start=0.0)
+    seen: dict[str, Tensor] = {}
+
+    def model(x, t, d, yy, w):
+        seen.update(x=x, t=t, d=d, y=yy)
+        return torch.zeros_like(x, requires_grad=True)
+
+    def loss_fn(pred: Tensor, target: Tensor) -> Tensor:
+        seen["target"] = target
+        return _mse(pred, target)
+
+    meanflow_loss(model, Recorder(_linear_field), x0, x1, y, obj, guid, loss_fn, NUM_CLASSES,
+                  torch.Generator().manual_seed(seed))
+    replay = torch.Generator().manual_seed(seed)
+    torch.randn(2, n, generator=replay)
+    u = torch.rand(n, generator=replay)
+    x_t, t, v = seen["x"], seen["t"], x1 - x0
+    zeros = torch.zeros(n)
+    v_cond = _linear_field(x_t, t, zeros, y, zeros)
+    v_null = _linear_field(x_t, t, zeros, torch.full_like(y, NULL), zeros)
+    guided = 0.5 * v + 0.25 * v_cond + 0.25 * v_null
+    y_inp, v_g = _official_cond_drop(y, v, guided, u, p, NUM_CLASSES)
+    assert int((u < p).sum()) <= n0
+    assert torch.equal(seen["y"], y_inp)
+    assert (seen["y"][n0:] == y[n0:]).all() and (seen["d"][:n0] == 0).all()
+    torch.testing.assert_close(seen["target"][:n0], v_g[:n0])
+
+
+def test_class_dropout_never_reaches_a_jump_row() -> None:
+    """Where the drawn count exceeds the d = 0 rows (p = 1), every d = 0 row is nulled and
+    every jump row keeps its label."""
+    x0, x1, y = _batch(8)
+    obj = ObjectiveCfg(mode="meanflow", class_dropout=1.0, bootstrap_fraction=0.25)
+    seen: dict[str, Tensor] = {}
+
+    def model(x, t, d, yy, w):
+        seen.update(d=d, y=yy)
+        return torch.zeros_like(x, requires_grad=True)
+
+    meanflow_loss(model, Recorder(_linear_field), x0, x1, y, obj, GuidanceCfg(), _mse,
+                  NUM_CLASSES, torch.Generator().manual_seed(0))
+    assert (seen["y"][:6] == NULL).all() and torch.equal(seen["y"][6:], y[6:])
+    assert (seen["d"][6:] > 0).all()
+
+
 def test_intrinsic_guidance_draws_w_and_builds_the_ism_target() -> None:
     x0, x1, y = _batch(16, 8)
     obj = ObjectiveCfg(mode="meanflow", meanflow_guidance="intrinsic", class_dropout=0.2,

@@ -15,6 +15,9 @@ One training batch, contiguous rows (the data is already paired and shuffled):
     [0:n0]   d = 0   target v~                       (flow matching, MeanFlow's 75%)
     [n0:]    d > 0   target v~ + d sg(JVP of F_tgt)   (the MeanFlow identity)
 
+Class dropout nulls the labels of the first rows only (``drop_leading_labels``), so only d = 0
+rows ever train unconditionally, as in the official code.
+
 v~ is the velocity with guidance baked in (``meanflow_guidance: baked``, MeanFlow's CFG):
 
     v~ = omega v + kappa F_tgt(x_t, t, 0, c) + (1 - omega - kappa) F_tgt(x_t, t, 0, null)
@@ -40,8 +43,8 @@ from ismctl.objectives.guidance import interval_weight, sample_guidance
 from ismctl.objectives.registry import LossFn, Network, ObjectiveSpec, register_objective
 from ismctl.objectives.shortcut import (
     _bcast,
-    _drop_labels,
     _gen_device,
+    _uniform,
     call_fused,
     guidance_inputs,
     split_sizes,
@@ -81,6 +84,19 @@ def total_derivative(net: Network, x: Tensor, t: Tensor, d: Tensor, y: Tensor, w
     with math_attention():
         return torch.func.jvp(f, (x, t, d), (v.to(x.dtype), torch.ones_like(t),
                                               -torch.ones_like(d)))
+
+
+def drop_leading_labels(y: Tensor, p: float, null_class: int, rows: int,
+                        generator: torch.Generator | None) -> Tensor:
+    """MeanFlow's class dropout (method §4.1): how many labels to drop is drawn as one Bernoulli(p)
+    per row of the batch, and the *first* that many rows lose theirs, as the official code does.
+    The first rows are the d = 0 rows (the batch is already shuffled), so a jump row never
+    trains with the null label; the count is capped at those ``rows`` (the official code would
+    null jump rows too: at p = 0.1 and batch 64, 48 of them at d = 0, the chance is 3e-36).
+    """
+    count = (_uniform(y.shape[0], generator, y.device) < p).sum().clamp(max=rows)
+    drop = torch.arange(y.shape[0], device=y.device) < count
+    return torch.where(drop, torch.full_like(y, null_class), y)
 
 
 @torch.no_grad()
@@ -134,7 +150,7 @@ def meanflow_loss(model: Network, target_model: Network, x0: Tensor, x1: Tensor,
 
     t, d = logit_normal_jumps(batch, objective.time_mean, objective.time_std, generator, device)
     d = torch.cat([torch.zeros(n0, device=device), d[jumps]])
-    labels = _drop_labels(y, objective.class_dropout, null, generator)
+    labels = drop_leading_labels(y, objective.class_dropout, null, n0, generator)
     if objective.meanflow_guidance == "intrinsic":
         w = sample_guidance(batch, guidance.w_max, guidance.w_step, generator, device)
         w = torch.where(labels == null, torch.zeros_like(w), w)

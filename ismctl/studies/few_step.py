@@ -14,8 +14,8 @@ own objective and components:
   kappa 0.5), MSE, independent pairing, targets from the online weights, sampled at w = 0;
   then the same with iSM's components added one at a time and together: within-class sOT
   (``coupling.pool_size=256``), the twin EMA (the 0.95 target EMA computes the JVP and the
-  guidance rows), both, both plus the wavelet loss, and both plus intrinsic guidance (w an
-  input, ``objective.meanflow_guidance=intrinsic``).
+  guidance rows), both; and, beyond the six methods run by default, both plus the wavelet
+  loss, and both plus intrinsic guidance (w an input, ``objective.meanflow_guidance=intrinsic``).
 
 Each method's guidance knob is tuned with one protocol. A knob baked into training (SM's CFG
 scale, MeanFlow's omega) is a grid of training runs; an intrinsic method's w is a grid at
@@ -26,11 +26,10 @@ the choice never sees the samples it is scored on. No choice may sit on an edge 
 A baked knob's grid grows by one value above its top, and MeanFlow's also below its bottom
 (below CFG scale 1 its target leans towards the unconditional velocity), by one step or, where
 that would reach scale 0 (the unconditional model), half-way to it; an sm recipe takes scales
-from 1 up. An intrinsic method's
-128-step w grid grows by 0.5, and when the best w is the largest w trained, a run with a larger
-``w_max`` joins the grid. Then the choice is made again (``MAX_ROUNDS`` times at most; what
-still sits on an edge is reported). An intrinsic method's w = 0 is the end of the range it was
-trained on, not of a grid.
+from 1 up. An intrinsic method's 128-step w grid grows by 0.5, and when the best w is the
+largest w trained, a run with a larger ``w_max`` joins the grid. Then the choice is made again
+(``MAX_ROUNDS`` times at most; what still sits on an edge is reported). An intrinsic method's
+w = 0 is the end of the range it was trained on, not of a grid.
 
 Equal wall-clock: each method's seconds per training step are measured in one sitting once
 everything else is done (``TIME_ROUNDS`` interleaved rounds of a ``TIME_STEPS``-step run per
@@ -39,20 +38,27 @@ machine), and each is evaluated at its last checkpoint (every ``CKPT_EVERY`` ste
 fastest method's full training time. The study's own training logs are not used for this: the
 runs share the cores two at a time, with each other and with whatever else the machine runs.
 
-    python -m ismctl.studies.few_step run runs/few-step --steps 3000 --seeds 0,1,2
-    python -m ismctl.studies.few_step report runs/few-step --steps 3000 \\
-        --json docs/few_step_digits/results.json --markdown docs/few_step_digits/tables.md \\
-        --plot docs/few_step_digits.png
+Results outlive the machine. Every evaluated point (method, knob value, training seed,
+checkpoint step, step count, sampling seed, sampler, w) is one small JSON file under the results
+folder (``docs/few_step_digits/results/`` in the repository, committed as it lands), with the
+grids, the timing and each run's training record beside them. The runner trains and evaluates
+only what has no result there, so a study interrupted anywhere, on any machine, resumes from the
+committed files and loses at most the cells in flight; the report reads nothing else.
 
-Training and evaluation run as ``ismctl`` subprocesses (``--jobs`` at a time, one thread each);
-a run whose final checkpoint exists and an evaluation whose results file exists are reused, so
-an interrupted study continues where it stopped. Once a run is trained its intermediate
-checkpoints keep only the inference weights, all an evaluation reads.
+    python -m ismctl.studies.few_step run runs/few-step --steps 3000 --seeds 0,1,2 \\
+        --data data/digits
+    python -m ismctl.studies.few_step report --steps 3000 \\
+        --markdown docs/few_step_digits/tables.md --plot docs/few_step_digits.png
+
+Training and evaluation run as ``ismctl`` subprocesses (``--jobs`` at a time, one thread each).
+Once a run is trained its intermediate checkpoints keep only the inference weights, all an
+evaluation reads; run folders (``runs/few-step``) stay out of the repository.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -63,9 +69,13 @@ import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from ismctl.config.recipe import Recipe, load_recipe
+from ismctl.sampling.protocol import Point, plan_points
+from ismctl.sampling.sampler import TWO_PASS
 from ismctl.utils.fileio import atomic_path, atomic_write_text, write_json
 
 STEPS = (1, 2, 4, 128)
@@ -81,11 +91,12 @@ TOP_128 = 1.0          # their first 128-step grid ends here (128-step points ar
 MAX_ROUNDS = 3
 # The timing runs: seconds per step = the median logged interval after the warm-up steps.
 TIME_STEPS, TIME_SKIP, TIME_LOG, TIME_ROUNDS = 300, 100, 25, 2
+# The picture: one 1-step grid per method from the same noise and labels.
+PICTURE_SEED, PICTURE_SAMPLES = 0, 100
+RESULTS = Path("docs/few_step_digits/results")
 MF = "meanflow_digits"
 SOT = ("coupling.pool_size=256",)
 TWIN = ("ema.target_enabled=true",)
-# Trained on every seed whatever the choice: the ablation study's baseline and full-iSM rows.
-FORCED = {"sm": 1.5, "ism": 1.5}
 
 
 @dataclass(frozen=True)
@@ -103,8 +114,11 @@ class Method:
     widen_down: float = 0.0        # and by this one below its bottom (halving near 0; baked)
     intrinsic: bool = False        # w is a network input: knob = guidance.w_max
 
+    def run_tag(self, value: float, seed: int) -> str:
+        return f"{self.short}{value:g}-seed{seed}"
+
     def run_name(self, value: float, seed: int) -> str:
-        return f"{self.name}_{self.short}{value:g}-seed{seed}"
+        return f"{self.name}_{self.run_tag(value, seed)}"
 
     def train_overrides(self, value: float, seed: int) -> list[str]:
         return [*self.overrides, f"{self.knob}={value:g}", f"train.seed={seed}"]
@@ -133,28 +147,96 @@ METHODS = {m.name: m for m in (
            MF, SOT + TWIN + ("objective.meanflow_guidance=intrinsic",), "guidance.w_max", "wmax",
            (1.5,), 1.5, intrinsic=True),
 )}
+# The study's methods unless --methods says otherwise; the others join when the budget allows.
+DEFAULT_METHODS = ("sm", "ism", "meanflow", "meanflow+sot", "meanflow+twin-ema",
+                   "meanflow+sot+twin-ema")
 
 
 def nfe(steps: int, sampler: str) -> int:
     """Network evaluations per sample: two-pass CFG costs 2 per step (method §2)."""
-    return steps * (2 if sampler == "flow-cfg" else 1)
+    return steps * (2 if sampler in TWO_PASS else 1)
+
+
+@cache
+def method_recipe(name: str, value: float) -> Recipe:
+    """The recipe a method's runs train at knob ``value`` (the seed changes nothing sampled)."""
+    m = METHODS[name]
+    return load_recipe(m.recipe, m.train_overrides(value, 0))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluation: a method's run (knob ``value``, training seed) at checkpoint ``step``,
+    sampled in ``steps`` steps from sampling seed ``sampling_seed``."""
+
+    method: str
+    value: float
+    train_seed: int
+    step: int
+    steps: int
+    sampling_seed: int
+
+    def points(self, grid: list[float]) -> list[Point]:
+        """The points an evaluation of ``grid`` yields, as the run's protocol plans them (sm's
+        128-step flow-CFG entry joins its w = 0)."""
+        return plan_points(method_recipe(self.method, self.value), [self.steps], grid)
+
+
+class Results:
+    """The committed results folder: one JSON file per evaluated point, the key in its path.
+
+    ``<method>/<knob><value>-seed<training seed>/step<checkpoint>-<N>steps-sseed<sampling seed>
+    -<sampler>-w<w>.json``; ``<method>/<run>/train.json`` records a finished training run;
+    ``grids.json`` the grids as widened and ``timing.json`` the timed seconds per step.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def run_folder(self, method: str, value: float, seed: int) -> Path:
+        return self.root / method / METHODS[method].run_tag(value, seed)
+
+    def point_file(self, cell: Cell, point: Point) -> Path:
+        name = (f"step{cell.step}-{cell.steps}steps-sseed{cell.sampling_seed}-"
+                f"{point.sampler}-w{point.guidance:g}.json")
+        return self.run_folder(cell.method, cell.value, cell.train_seed) / name
+
+    def train_file(self, method: str, value: float, seed: int) -> Path:
+        return self.run_folder(method, value, seed) / "train.json"
+
+    def get(self, cell: Cell, point: Point) -> dict[str, Any] | None:
+        path = self.point_file(cell, point)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def missing(self, cell: Cell, grid: list[float]) -> list[Point]:
+        return [p for p in cell.points(grid) if not self.point_file(cell, p).is_file()]
+
+    def metrics(self, cell: Cell, guidance: float, sampler: str) -> dict[str, float] | None:
+        found = self.get(cell, Point(cell.steps, guidance, sampler))
+        return None if found is None else found["metrics"]
+
+    def json(self, path: Path) -> dict[str, Any]:
+        """A results file's content ({} when it does not exist yet)."""
+        return json.loads(path.read_text()) if path.is_file() else {}
 
 
 class Grids:
-    """Each method's knob values and its 128-step w ceiling, as widened so far (``grids.json``:
-    an interrupted study resumes with the grids it had reached)."""
+    """Each method's knob values, its 128-step w ceiling and the widenings so far
+    (``grids.json`` in the results: an interrupted study resumes with the grids it reached)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        stored = json.loads(path.read_text()) if path.is_file() else {}
+    def __init__(self, results: Results) -> None:
+        self.path = results.root / "grids.json"
+        stored = results.json(self.path)
         self.values = {m.name: sorted(set(stored.get(m.name, {}).get("values", m.values)))
                        for m in METHODS.values()}
         self.top128 = {m.name: float(stored.get(m.name, {}).get("top128", TOP_128))
                        for m in METHODS.values()}
+        self.widened: list[list[str]] = stored.get("widened", [])
 
     def save(self) -> None:
-        write_json(self.path, {name: {"values": self.values[name], "top128": self.top128[name]}
-                               for name in self.values})
+        write_json(self.path, {"widened": self.widened, **{
+            name: {"values": self.values[name], "top128": self.top128[name]}
+            for name in self.values}})
 
     def w_grid(self, method: Method, value: float, steps: int) -> list[float]:
         """The sampling strengths of one run at ``steps``: w = 0 for baked methods (SM adds its
@@ -167,14 +249,16 @@ class Grids:
 
 
 class Study:
-    """The runs and evaluations of one study folder."""
+    """The runs (``out``, scratch) and results (``results``, kept) of one study."""
 
     def __init__(self, out: Path, train_steps: int, seeds: list[int], jobs: int,
-                 ismctl: list[str], data: str | None = None) -> None:
+                 ismctl: list[str], data: str | None = None, results: Path = RESULTS,
+                 methods: Iterable[str] = DEFAULT_METHODS) -> None:
         self.out, self.train_steps, self.seeds, self.jobs = out, train_steps, seeds, jobs
         self.ismctl, self.data = ismctl, data
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        self.grids = Grids(out / "grids.json")
+        self.results = Results(results)
+        self.methods = [METHODS[name] for name in methods]
+        self.grids = Grids(self.results)
 
     def run_dir(self, method: Method, value: float, seed: int) -> Path:
         return self.out / method.run_name(value, seed)
@@ -182,61 +266,93 @@ class Study:
     def checkpoint(self, run_dir: Path, step: int) -> Path:
         return run_dir / "checkpoints" / f"step-{step:07d}"
 
-    def trained(self, run_dir: Path) -> bool:
-        return self.checkpoint(run_dir, self.train_steps).is_dir()
-
     def _call(self, args: list[str], log: Path) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as fh:
             done = subprocess.run([*self.ismctl, *args, "--threads", "1"], stdout=fh,
                                   stderr=subprocess.STDOUT, env=env, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"`ismctl {' '.join(args)}` failed ({done.returncode}): see {log}")
 
-    def train(self, method: Method, value: float, seed: int) -> None:
+    def train_args(self, method: Method, value: float, seed: int, run_dir: Path,
+                   extra: Iterable[str]) -> list[str]:
+        sets = [*method.train_overrides(value, seed), *extra, f"run.root={run_dir.parent}",
+                f"run.name={run_dir.name}", *([f"data.path={self.data}"] if self.data else [])]
+        return ["train", method.recipe, *[a for s in sets for a in ("--set", s)], "--no-progress"]
+
+    def ensure_checkpoint(self, method: Method, value: float, seed: int, step: int) -> Path:
+        """The run's checkpoint at ``step``, training the run (or resuming it) when it is
+        missing; a finished run whose kept checkpoint is gone is trained again. A finished run
+        leaves its training record in the results."""
         run_dir = self.run_dir(method, value, seed)
-        if not self.trained(run_dir):
-            sets = [*method.train_overrides(value, seed), f"train.steps={self.train_steps}",
-                    f"run.ckpt_every={CKPT_EVERY}", f"run.keep_every={CKPT_EVERY}",
-                    f"run.root={self.out}", f"run.name={run_dir.name}",
-                    *([f"data.path={self.data}"] if self.data else [])]
-            args = ["train", method.recipe, *[a for s in sets for a in ("--set", s)],
-                    "--auto-resume", "--no-progress"]
-            self._call(args, self.out / "logs" / f"train-{run_dir.name}.log")
-        slim_checkpoints(run_dir, self.train_steps)
+        ckpt = self.checkpoint(run_dir, step)
+        extra = [f"train.steps={self.train_steps}", f"run.ckpt_every={CKPT_EVERY}",
+                 f"run.keep_every={CKPT_EVERY}"]
+        if not (ckpt / "inference_ema.safetensors").is_file():
+            if self.checkpoint(run_dir, self.train_steps).is_dir():
+                shutil.rmtree(run_dir)
+            self._call([*self.train_args(method, value, seed, run_dir, extra), "--auto-resume"],
+                       self.out / "logs" / f"train-{run_dir.name}.log")
+            slim_checkpoints(run_dir, self.train_steps)
+        record = self.results.train_file(method.name, value, seed)
+        if not record.is_file() and self.checkpoint(run_dir, self.train_steps).is_dir():
+            write_json(record, {"method": method.name, "recipe": method.recipe,
+                                "overrides": [*method.train_overrides(value, seed), *extra],
+                                "train_steps": self.train_steps,
+                                "logged_train_s": train_seconds(run_dir), "finished": _now()})
+        return ckpt
 
-    def eval_file(self, run_dir: Path, step: int, steps: int, seed: int) -> Path:
-        return run_dir / "few-step" / f"step{step}-{steps}steps-seed{seed}.json"
-
-    def evaluate(self, run_dir: Path, step: int, steps: int, grid: list[float],
-                 seed: int) -> dict[str, Any]:
-        """The evaluation of ``grid`` at one checkpoint, step count and sampling seed; a file
-        that lacks a requested w (the grid has grown since) is extended, not redone."""
-        out = self.eval_file(run_dir, step, steps, seed)
-        have = json.loads(out.read_text()) if out.is_file() else None
-        done = {p["guidance"] for p in have["points"]} if have else set()
-        missing = [w for w in grid if w not in done]
+    def evaluate(self, cell: Cell, grid: list[float]) -> None:
+        """Evaluate the points of ``grid`` that have no result yet, and keep each result."""
+        missing = self.results.missing(cell, grid)
         if not missing:
-            return have
-        part = out.with_name(out.stem + f"-part{len(done)}.json")
-        args = ["eval", str(self.checkpoint(run_dir, step)), "--steps", str(steps),
-                "--guidance", ",".join(f"{w:g}" for w in missing), "--seed", str(seed),
+            return
+        method = METHODS[cell.method]
+        ckpt = self.ensure_checkpoint(method, cell.value, cell.train_seed, cell.step)
+        ask = [w for w in grid if set(cell.points([w])) & set(missing)]
+        out = ckpt.parent.parent / "few-step" / (
+            f"step{cell.step}-{cell.steps}steps-sseed{cell.sampling_seed}.json")
+        args = ["eval", str(ckpt), "--steps", str(cell.steps),
+                "--guidance", ",".join(f"{w:g}" for w in ask), "--seed", str(cell.sampling_seed),
                 "--num-samples", str(NUM_SAMPLES), "--metrics", ",".join(METRICS),
-                "--select-by", SELECT_BY, "--no-remember", "--out", str(part)]
-        self._call(args, self.out / "logs" / f"eval-{run_dir.name}-{part.stem}.log")
-        new = json.loads(part.read_text())
-        if have:
-            # Points with a sampler of their own (SM's flow CFG) are evaluated once.
-            seen = {(p["guidance"], p["sampler"]) for p in have["points"]}
-            new["points"] = have["points"] + [p for p in new["points"]
-                                              if (p["guidance"], p["sampler"]) not in seen]
-        write_json(out, new)
-        part.unlink()
-        return new
+                "--select-by", SELECT_BY, "--no-remember", "--out", str(out)]
+        out.unlink(missing_ok=True)   # scratch of an earlier, interrupted evaluation
+        self._call(args, self.out / "logs" / f"eval-{ckpt.parent.parent.name}-{out.stem}.log")
+        evaluated = json.loads(out.read_text())
+        for p in evaluated["points"]:
+            point = Point(p["steps"], p["guidance"], p["sampler"])
+            if point in missing:
+                write_json(self.results.point_file(cell, point), {
+                    "method": method.name, "recipe": method.recipe,
+                    "overrides": method.train_overrides(cell.value, cell.train_seed),
+                    "knob": method.knob, "value": cell.value, "train_seed": cell.train_seed,
+                    "checkpoint_step": cell.step,
+                    "checkpoint_sha256": evaluated["checkpoint"]["sha256"],
+                    "steps": cell.steps, "guidance": point.guidance, "sampler": point.sampler,
+                    "nfe": nfe(cell.steps, point.sampler), "sampling_seed": cell.sampling_seed,
+                    "num_samples": p["num_samples"], "metrics": p["metrics"],
+                    "ismctl": evaluated["ismctl_version"], "torch": evaluated["torch"],
+                    "created": evaluated["created"], "command": "ismctl " + " ".join(args)})
+
+    def run_cells(self, cells: Iterable[tuple[Cell, list[float]]]) -> None:
+        """Evaluate every cell that lacks a result: one task per training run (its cells in
+        turn, so no run is trained twice at once), ``jobs`` tasks at a time."""
+        per_run: dict[tuple[str, float, int], list[tuple[Cell, list[float]]]] = {}
+        for cell, grid in cells:
+            if self.results.missing(cell, grid):
+                per_run.setdefault((cell.method, cell.value, cell.train_seed), []).append(
+                    (cell, grid))
+        self.parallel(lambda todo=todo: [self.evaluate(c, g) for c, g in todo]
+                      for todo in per_run.values())
 
     def parallel(self, tasks: Iterable[Callable[[], Any]]) -> list[Any]:
         with ThreadPoolExecutor(self.jobs) as pool:
             return [f.result() for f in [pool.submit(t) for t in tasks]]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def slim_checkpoints(run_dir: Path, final: int) -> None:
@@ -249,39 +365,41 @@ def slim_checkpoints(run_dir: Path, final: int) -> None:
             (ckpt / name).unlink(missing_ok=True)
 
 
-def points(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [p for p in results["points"] if SELECT_BY in p["metrics"]]
+Chosen = dict[str, dict[int, dict[str, Any]]]
 
 
-def choose(study: Study) -> dict[str, dict[int, dict[str, Any]]]:
+def selection_cells(study: Study, method: Method, n: int) -> list[tuple[Cell, list[float]]]:
+    """The tuning evaluations of one method at ``n`` steps: every knob value of its grid on the
+    first training seed, sampling seed ``SELECT_SEED``."""
+    return [(Cell(method.name, value, study.seeds[0], study.train_steps, n, SELECT_SEED),
+             study.grids.w_grid(method, value, n)) for value in study.grids.values[method.name]]
+
+
+def choose(study: Study) -> Chosen:
     """Per method and step count, the knob value, w and sampler with the lowest selection
-    metric on training seed ``seeds[0]`` and sampling seed ``SELECT_SEED``, among the points of
-    the current grids."""
-    seed = study.seeds[0]
-    chosen: dict[str, dict[int, dict[str, Any]]] = {}
-    for method in METHODS.values():
+    metric among the selection evaluations of the current grids (all of them must exist)."""
+    chosen: Chosen = {}
+    for method in study.methods:
         chosen[method.name] = {}
         for n in STEPS:
             candidates = []
-            for value in study.grids.values[method.name]:
-                run_dir = study.run_dir(method, value, seed)
-                res = json.loads(study.eval_file(run_dir, study.train_steps, n,
-                                                 SELECT_SEED).read_text())
-                grid = set(study.grids.w_grid(method, value, n))
-                candidates += [{"value": value, "guidance": p["guidance"],
-                                "sampler": p["sampler"], SELECT_BY: p["metrics"][SELECT_BY]}
-                               for p in points(res)
-                               if p["guidance"] in grid or p["sampler"] == "flow-cfg"]
+            for cell, grid in selection_cells(study, method, n):
+                for point in cell.points(grid):
+                    found = study.results.metrics(cell, point.guidance, point.sampler)
+                    if found is None:
+                        raise RuntimeError(f"no result for {cell} at {point}: run the study")
+                    candidates.append({"value": cell.value, "guidance": point.guidance,
+                                       "sampler": point.sampler, SELECT_BY: found[SELECT_BY]})
             best = min(candidates, key=lambda c: c[SELECT_BY])
             chosen[method.name][n] = {**best, "candidates": len(candidates)}
     return chosen
 
 
-def edges(study: Study, chosen: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+def edges(study: Study, chosen: Chosen) -> list[str]:
     """Grow every grid whose chosen point sits on its edge; returns what was grown."""
     grown: list[str] = []
     g = study.grids
-    for method in METHODS.values():
+    for method in study.methods:
         values = g.values[method.name]
         for n, c in chosen[method.name].items():
             if not method.intrinsic:
@@ -308,58 +426,50 @@ def edges(study: Study, chosen: dict[str, dict[int, dict[str, Any]]]) -> list[st
                     values.append(new)
                     grown.append(f"{method.name}: {method.knob} {new:g} ({n} steps chose the "
                                  "edge)")
-    g.save()
     return grown
 
 
-def tune(study: Study) -> dict[str, Any]:
-    """Train and evaluate the first seed over the grids, choose, grow the grids whose choice
-    sits on an edge, and choose again (``MAX_ROUNDS`` at most)."""
-    first = study.seeds[0]
-    history: list[list[str]] = []
-    for _ in range(MAX_ROUNDS + 1):
-        g = study.grids
-        runs = [(m, v) for m in METHODS.values() for v in g.values[m.name]]
-        study.parallel(lambda r=r: study.train(r[0], r[1], first) for r in runs)
-        study.parallel(lambda m=m, v=v, n=n, w=g.w_grid(m, v, n): study.evaluate(
-            study.run_dir(m, v, first), study.train_steps, n, w, SELECT_SEED)
-            for m, v in runs for n in STEPS)
+def tune(study: Study) -> Chosen:
+    """Evaluate the first seed over the grids, choose, grow the grids whose choice sits on an
+    edge, and choose again (``MAX_ROUNDS`` widenings at most, counted across resumptions)."""
+    g = study.grids
+    while True:
+        study.run_cells(c for m in study.methods for n in STEPS
+                        for c in selection_cells(study, m, n))
         chosen = choose(study)
-        if len(history) == MAX_ROUNDS:
-            break
+        if len(g.widened) >= MAX_ROUNDS:
+            return chosen
         grown = edges(study, chosen)
         if not grown:
-            break
-        history.append(grown)
-    return {"chosen": chosen, "widened": history, "grids": {
-        name: {"values": study.grids.values[name], "top128": study.grids.top128[name]}
-        for name in study.grids.values}}
+            return chosen
+        g.widened.append(grown)
+        g.save()
+
+
+def report_cells(study: Study, chosen: Chosen, steps: Iterable[int],
+                 step_of: Callable[[Method, int], int]) -> list[tuple[Cell, list[float]]]:
+    """The reported evaluations: the chosen setting of each method and step count, every
+    training seed, at checkpoint ``step_of(method, seed)``, sampling seed ``REPORT_SEED``. A
+    baked knob samples at w = 0 (sm adds its flow-CFG entry at 128 steps by itself)."""
+    cells = []
+    for method in study.methods:
+        for n in steps:
+            c = chosen[method.name][n]
+            grid = [c["guidance"] if method.intrinsic else 0.0]
+            cells += [(Cell(method.name, c["value"], s, step_of(method, s), n, REPORT_SEED), grid)
+                      for s in study.seeds]
+    return cells
 
 
 def run_study(study: Study) -> None:
-    tuned = tune(study)
-    chosen = tuned["chosen"]
-    write_json(study.out / "chosen.json", tuned)
-    rest = study.seeds[1:]
-    needed = sorted({(name, c["value"], s) for name, per in chosen.items()
-                     for c in per.values() for s in rest}
-                    | {(name, value, s) for name, value in FORCED.items() for s in rest})
-    study.parallel(lambda r=r: study.train(METHODS[r[0]], r[1], r[2]) for r in needed)
-    study.parallel(lambda m=m, n=n, s=s: report_eval(study, chosen, m, n, s, study.train_steps)
-                   for m in METHODS.values() for n in STEPS for s in study.seeds)
+    chosen = tune(study)
+    study.run_cells(report_cells(study, chosen, STEPS, lambda m, s: study.train_steps))
     budget = wall_budget(study, chosen)
-    study.parallel(lambda m=m, n=n, s=s: report_eval(study, chosen, m, n, s,
-                                                     budget["step"][m.name][str(s)])
-                   for m in METHODS.values() for n in WALL_STEPS for s in study.seeds)
-
-
-def report_eval(study: Study, chosen: dict[str, dict[int, dict[str, Any]]], method: Method,
-                n: int, seed: int, step: int) -> dict[str, Any]:
-    c = chosen[method.name][n]
-    run_dir = study.run_dir(method, c["value"], seed)
-    # A baked knob samples at w = 0 (sm adds its flow-CFG entry at 128 steps by itself).
-    return study.evaluate(run_dir, step, n, [c["guidance"] if method.intrinsic else 0.0],
-                          REPORT_SEED)
+    if budget is None:
+        raise RuntimeError("the timing is incomplete after measuring it")
+    study.run_cells(report_cells(study, chosen, WALL_STEPS,
+                                 lambda m, s: budget["step"][m.name][str(s)]))
+    draw_samples(study, chosen)
 
 
 def _logged_rates(run_dir: Path) -> list[tuple[int, float]]:
@@ -386,19 +496,18 @@ def timed_seconds(run_dir: Path) -> float:
     return statistics.median(per_step)
 
 
-def time_methods(study: Study, chosen: dict[str, dict[int, dict[str, Any]]],
-                 measure: bool = True) -> dict[str, float] | None:
+def time_methods(study: Study, chosen: Chosen, measure: bool = True) -> dict[str, float] | None:
     """Seconds per training step of every method, measured in one sitting: a ``TIME_STEPS``-step
     run of its chosen setting (at 1 step; the knob's value does not change the cost), one
     process at a time, methods interleaved over ``TIME_ROUNDS`` rounds so that a slow spell of
     the machine falls on all of them; the median over the rounds. Each measurement is kept in
-    ``timing.json`` as it is made (the timing run itself is deleted), so this resumes too.
-    ``measure=False`` (the report) only reads: None while a measurement is missing."""
-    path = study.out / "timing.json"
-    have: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+    the results' ``timing.json`` as it is made, so this resumes too. ``measure=False`` (the
+    report) only reads: None while a measurement is missing."""
+    path = study.results.root / "timing.json"
+    have: dict[str, float] = study.results.json(path)
     root = study.out / "timing"
     for r in range(TIME_ROUNDS):
-        for method in METHODS.values():
+        for method in study.methods:
             key = f"{method.name}/round{r}"
             if key in have:
                 continue
@@ -406,22 +515,19 @@ def time_methods(study: Study, chosen: dict[str, dict[int, dict[str, Any]]],
                 return None
             run_dir = root / f"{method.name}-round{r}"
             shutil.rmtree(run_dir, ignore_errors=True)
-            sets = [*method.train_overrides(chosen[method.name][1]["value"], study.seeds[0]),
-                    f"train.steps={TIME_STEPS}", f"run.log_every={TIME_LOG}",
-                    f"run.ckpt_every={TIME_STEPS}", f"run.sample_every={TIME_STEPS}",
-                    f"run.root={root}", f"run.name={run_dir.name}",
-                    *([f"data.path={study.data}"] if study.data else [])]
-            study._call(["train", method.recipe, *[a for s in sets for a in ("--set", s)],
-                         "--no-progress"], study.out / "logs" / f"time-{run_dir.name}.log")
+            extra = [f"train.steps={TIME_STEPS}", f"run.log_every={TIME_LOG}",
+                     f"run.ckpt_every={TIME_STEPS}", f"run.sample_every={TIME_STEPS}"]
+            study._call(study.train_args(method, chosen[method.name][1]["value"],
+                                         study.seeds[0], run_dir, extra),
+                        study.out / "logs" / f"time-{run_dir.name}.log")
             have[key] = timed_seconds(run_dir)
             write_json(path, have)
             shutil.rmtree(run_dir)
-    return {name: statistics.median(have[f"{name}/round{r}"] for r in range(TIME_ROUNDS))
-            for name in METHODS}
+    return {m.name: statistics.median(have[f"{m.name}/round{r}"] for r in range(TIME_ROUNDS))
+            for m in study.methods}
 
 
-def wall_budget(study: Study, chosen: dict[str, dict[int, dict[str, Any]]],
-                measure: bool = True) -> dict[str, Any] | None:
+def wall_budget(study: Study, chosen: Chosen, measure: bool = True) -> dict[str, Any] | None:
     """Seconds per step of each method (``time_methods``), the budget (the fastest method's
     full run) and, per method and seed, the last kept checkpoint within it; beside them each
     method's logged training time (median over its reported runs, other jobs included). None
@@ -429,12 +535,13 @@ def wall_budget(study: Study, chosen: dict[str, dict[int, dict[str, Any]]],
     per_step = time_methods(study, chosen, measure)
     if per_step is None:
         return None
-    logged: dict[str, float] = {}
-    for method in METHODS.values():
-        runs = [study.run_dir(method, value, seed)
-                for value in {c["value"] for c in chosen[method.name].values()}
-                for seed in study.seeds]
-        logged[method.name] = statistics.median(train_seconds(r) for r in runs)
+    logged: dict[str, float | None] = {}
+    for method in study.methods:
+        records = [study.results.json(study.results.train_file(method.name, value, seed))
+                   for value in {c["value"] for c in chosen[method.name].values()}
+                   for seed in study.seeds]
+        seconds = [r["logged_train_s"] for r in records if r]
+        logged[method.name] = statistics.median(seconds) if seconds else None
     budget = min(per_step.values()) * study.train_steps
     reached = {name: CKPT_EVERY * math.floor(budget / sec / CKPT_EVERY + 1e-9)
                for name, sec in per_step.items()}
@@ -444,42 +551,54 @@ def wall_budget(study: Study, chosen: dict[str, dict[int, dict[str, Any]]],
             "step": step}
 
 
+def picture_dir(study: Study) -> Path:
+    return study.results.root.parent / "samples"
+
+
+def draw_samples(study: Study, chosen: Chosen) -> None:
+    """One 1-step grid per method (its chosen setting, training seed ``seeds[0]``), all from
+    the same noise and labels (sampling seed ``PICTURE_SEED``); a grid already drawn is kept."""
+    for method in study.methods:
+        out = picture_dir(study) / f"{method.name}.png"
+        if out.is_file():
+            continue
+        c = chosen[method.name][1]
+        ckpt = study.ensure_checkpoint(method, c["value"], study.seeds[0], study.train_steps)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        study._call(["sample", str(ckpt), "--steps", "1", "--guidance", f"{c['guidance']:g}",
+                     "--seed", str(PICTURE_SEED), "--num-samples", str(PICTURE_SAMPLES),
+                     "--out", str(out)], study.out / "logs" / f"sample-{method.name}.log")
+
+
 def _mean_sd(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values),
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
 def summarise(study: Study) -> dict[str, Any]:
-    tuned = json.loads((study.out / "chosen.json").read_text())
-    chosen = {m: {int(n): c for n, c in per.items()} for m, per in tuned["chosen"].items()}
+    """The tables, from the results folder alone (a row still missing a seed is left out)."""
+    chosen = choose(study)
     budget = wall_budget(study, chosen, measure=False)
     tables: dict[str, Any] = {"equal_steps": {}, "equal_wall_clock": {}}
     for table, step_counts in (("equal_steps", STEPS), ("equal_wall_clock", WALL_STEPS)):
         if table == "equal_wall_clock" and budget is None:
             continue   # not timed yet: no wall-clock table
-        for method in METHODS.values():
+        for method in study.methods:
             rows = {}
             for n in step_counts:
                 c = chosen[method.name][n]
-                values: dict[str, list[float]] = {k: [] for k in METRICS}
                 steps_used = [study.train_steps if table == "equal_steps"
                               else budget["step"][method.name][str(seed)]
                               for seed in study.seeds]
-                files = [study.eval_file(study.run_dir(method, c["value"], seed), step, n,
-                                         REPORT_SEED)
+                found = [study.results.metrics(Cell(method.name, c["value"], seed, step, n,
+                                                    REPORT_SEED), c["guidance"], c["sampler"])
                          for seed, step in zip(study.seeds, steps_used, strict=True)]
-                if not all(f.is_file() for f in files):
+                if any(f is None for f in found):
                     continue   # not evaluated (yet): the row is left out, not guessed
-                for file in files:
-                    res = json.loads(file.read_text())
-                    point = next(p for p in res["points"] if p["sampler"] == c["sampler"]
-                                 and p["guidance"] == c["guidance"])
-                    for k in METRICS:
-                        values[k].append(point["metrics"][k])
                 rows[str(n)] = {"knob": c["value"], "guidance": c["guidance"],
                                 "sampler": c["sampler"], "nfe": nfe(n, c["sampler"]),
                                 "train_steps": steps_used, "candidates": c["candidates"],
-                                **{k: _mean_sd(v) for k, v in values.items()}}
+                                **{k: _mean_sd([f[k] for f in found]) for k in METRICS}}
             tables[table][method.name] = rows
     return {"train_steps": study.train_steps, "seeds": study.seeds, "steps": list(STEPS),
             "select": {"by": SELECT_BY, "training_seed": study.seeds[0],
@@ -488,8 +607,10 @@ def summarise(study: Study) -> dict[str, Any]:
             "methods": {m.name: {"label": m.label, "recipe": m.recipe,
                                  "overrides": list(m.overrides), "knob": m.knob,
                                  "intrinsic": m.intrinsic}
-                        for m in METHODS.values()},
-            "grids": tuned["grids"], "widened": tuned["widened"],
+                        for m in study.methods},
+            "grids": {m.name: {"values": study.grids.values[m.name],
+                               "top128": study.grids.top128[m.name]} for m in study.methods},
+            "widened": study.grids.widened,
             "wall_clock": budget, "chosen": {m: {str(n): c for n, c in per.items()}
                                              for m, per in chosen.items()},
             **tables}
@@ -544,8 +665,10 @@ def markdown(summary: dict[str, Any]) -> str:
               "|---|---|---|---|"]
     for name, sec in wall["seconds_per_step"].items():
         steps_used = sorted(set(wall["step"][name].values()))
+        logged = wall["logged_train_s"][name]
         lines.append(f"| {summary['methods'][name]['label']} | {sec:.3f} | "
-                     f"{'/'.join(map(str, steps_used))} | {wall['logged_train_s'][name]:.0f} |")
+                     f"{'/'.join(map(str, steps_used))} | "
+                     f"{'-' if logged is None else f'{logged:.0f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -581,27 +704,64 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def picture(study: Study, summary: dict[str, Any], path: Path) -> bool:
+    """The methods' 1-step grids side by side (False while one is missing)."""
+    grids = [(m, picture_dir(study) / f"{m.name}.png") for m in study.methods]
+    if not all(p.is_file() for _, p in grids):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 3.1))
+    for ax, (method, png) in zip(axes, grids, strict=True):
+        c = summary["chosen"][method.name]["1"]
+        knob = KNOB_NAMES.get(method.knob, method.knob)
+        setting = f"w = {c['guidance']:g}" if method.intrinsic else f"{knob} = {c['value']:g}"
+        ax.imshow(plt.imread(png), cmap="gray")
+        ax.set_title(f"{method.label}\n{setting}", fontsize=7)
+        ax.axis("off")
+    fig.suptitle("1 step, training seed 0, the same noise and labels for every method",
+                 fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ismctl.studies.few_step",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train and evaluate every method (resumable)")
-    rep = sub.add_parser("report", help="tables of a finished study")
+    run = sub.add_parser("run", help="train and evaluate what has no result yet (resumable)")
+    rep = sub.add_parser("report", help="the tables, from the results folder alone")
     for p in (run, rep):
-        p.add_argument("out", nargs="?", type=Path, default=Path("runs/few-step"))
         p.add_argument("--steps", type=int, default=3000, help="training steps per run")
         p.add_argument("--seeds", default="0,1,2", help="training seeds; the first tunes")
+        p.add_argument("--results", type=Path, default=RESULTS,
+                       help="the results folder (kept in the repository)")
+        p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                       help=f"comma-separated, of: {', '.join(METHODS)}")
+    run.add_argument("out", nargs="?", type=Path, default=Path("runs/few-step"),
+                     help="run folders (scratch: checkpoints, logs)")
     run.add_argument("--jobs", type=int, default=2, help="subprocesses at a time")
     run.add_argument("--data", help="prepared digits (default: the recipes' data/digits, "
                      "relative to the working folder)")
     rep.add_argument("--json", type=Path, help="write the summary here")
     rep.add_argument("--markdown", type=Path, help="write the tables here")
     rep.add_argument("--plot", type=Path, help="write the cfd-digits plot here (PNG)")
+    rep.add_argument("--picture", type=Path, help="write the 1-step grids side by side (PNG)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := [m for m in methods if m not in METHODS]:
+        parser.error(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
     ismctl = [sys.executable, "-m", "ismctl"]
-    study = Study(args.out, args.steps, seeds, getattr(args, "jobs", 1), ismctl,
-                  getattr(args, "data", None))
+    study = Study(getattr(args, "out", Path("runs/few-step")), args.steps, seeds,
+                  getattr(args, "jobs", 1), ismctl, getattr(args, "data", None), args.results,
+                  methods)
     if args.command == "run":
         run_study(study)
     summary = summarise(study)
@@ -613,6 +773,8 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_text(args.markdown, text)
         if args.plot:
             plot(summary, args.plot)
+        if args.picture and not picture(study, summary, args.picture):
+            print(f"--picture: not every method's grid is in {picture_dir(study)} yet")
     print(text)
 
 

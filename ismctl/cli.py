@@ -264,8 +264,8 @@ def eval_cmd(
     _at_least(num_samples, 2, "--num-samples")
     _at_least(batch_size, 1, "--batch-size")
     set_threads(threads)
-    with _on_ctrl_c("stopped by Ctrl-C; the finished points are kept (a .partial file beside "
-                    "the results) and the same command continues with the rest"):
+    with _on_ctrl_c("stopped by Ctrl-C; every point finished so far is kept (a .partial file "
+                    "beside the results) and the same command continues with the rest"):
         evaluate(None if run is None else str(run),
                  None if steps is None else _int_list(steps, "--steps"),
                  None if guidance in (None, "best") else parse_guidance(guidance), num_samples,

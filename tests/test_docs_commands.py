@@ -19,12 +19,13 @@ The convention a page follows (any page under docs/, new ones included; nothing 
     1-4 steps): they run in every ``make test``. An ``eval`` of ``runs/quickstart`` needs its
     own ``--out`` unless it evaluates what the fixture did (one evaluation per results file).
   - ``ismctl train`` runs with ``--dry-run`` (and ``--overwrite`` unless it resumes, since the
-    scratch folder holds ``runs/quickstart``) when its recipe's data is in the scratch folder.
-  - every other ``ismctl`` command (ImageNet data, runs that do not exist here, ``ablate``,
-    ``bench``, and anything under ``torchrun``) is parsed, not run: its options must be valid,
-    and the recipe it names must load with its ``--set`` overrides (for ``ablate``, its
-    ``--disable`` components and ``--sweep`` values too). torchrun's own options go through
-    torchrun's parser.
+    scratch folder holds ``runs/quickstart``) when its recipe's data is in the scratch folder
+    and it launches nothing elsewhere (no ``--launch``).
+  - every other ``ismctl`` command (ImageNet data, runs that do not exist here, ``--launch``,
+    ``ablate``, ``bench``, and anything under ``torchrun``) is parsed, not run: its options
+    must be valid, and the recipe it names must load with its ``--set`` overrides (for
+    ``ablate``, its ``--disable`` components and ``--sweep`` values too). torchrun's own
+    options go through torchrun's parser.
   - ``make TARGET``: TARGET must be a target of the Makefile (``make -n``); ``python -m
     MODULE ...``: MODULE must run ``--help``.
 
@@ -216,7 +217,7 @@ def check_command(line: str, run: Callable[[list[str]], int]) -> str | None:
         if parse_only:
             return None
         if name == "train":
-            if not Path(recipe.data.path).exists():
+            if params.get("launch") or not Path(recipe.data.path).exists():
                 return None
             resumes = params["resume"] or params["auto_resume"] or params["overwrite"]
             args = [*args, *([] if params["dry_run"] else ["--dry-run"]),

@@ -132,7 +132,9 @@ def test_an_interrupted_evaluation_keeps_its_points_and_resumes(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import ismctl.sampling.generate as generate
 
-    real = generate.generate_images
+    # Every point's samples come from one iter_images call (per rank): Ctrl-C arrives as the
+    # second point starts.
+    real = generate.iter_images
     calls: list[int] = []
 
     def stopped_at_the_second_point(run: Any, num: int, steps: int, *args: Any,
@@ -143,7 +145,7 @@ def test_an_interrupted_evaluation_keeps_its_points_and_resumes(
         return real(run, num, steps, *args, **kwargs)
 
     out = tmp_path / "results.json"
-    monkeypatch.setattr(generate, "generate_images", stopped_at_the_second_point)
+    monkeypatch.setattr(generate, "iter_images", stopped_at_the_second_point)
     assert _eval(ismctl_main, digits_run, out, "--num-samples", "30") == 130
     assert "interrupted:" in capsys.readouterr().err
     assert not out.exists()
@@ -156,7 +158,7 @@ def test_an_interrupted_evaluation_keeps_its_points_and_resumes(
         return real(run, num, steps, *args, **kwargs)
 
     calls.clear()
-    monkeypatch.setattr(generate, "generate_images", counted)
+    monkeypatch.setattr(generate, "iter_images", counted)
     assert _eval(ismctl_main, digits_run, out, "--num-samples", "30") == 0
     assert calls == [4]
     assert not (tmp_path / "results.json.partial").exists()

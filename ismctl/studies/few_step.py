@@ -50,7 +50,8 @@ committed files and loses at most the cells in flight; the report reads nothing 
     python -m ismctl.studies.few_step report --steps 3000 \\
         --markdown docs/few_step_digits/tables.md --plot docs/few_step_digits.png
 
-Training and evaluation run as ``ismctl`` subprocesses (``--jobs`` at a time, one thread each).
+Training and evaluation run as ``ismctl`` subprocesses (``--jobs`` at a time, one thread each),
+or with ``--launch slurm`` as one SLURM job each (``ismctl.system.slurm``), ``--jobs`` in flight.
 Once a run is trained its intermediate checkpoints keep only the inference weights, all an
 evaluation reads; run folders (``runs/few-step``) stay out of the repository.
 """
@@ -76,6 +77,7 @@ from typing import Any
 from ismctl.config.recipe import Recipe, load_recipe
 from ismctl.sampling.protocol import Point, plan_points
 from ismctl.sampling.sampler import TWO_PASS
+from ismctl.system.slurm import SlurmOptions, run_and_wait, slurm_options
 from ismctl.utils.fileio import atomic_path, atomic_write_text, write_json
 
 STEPS = (1, 2, 4, 128)
@@ -253,8 +255,10 @@ class Study:
 
     def __init__(self, out: Path, train_steps: int, seeds: list[int], jobs: int,
                  ismctl: list[str], data: str | None = None, results: Path = RESULTS,
-                 methods: Iterable[str] = DEFAULT_METHODS) -> None:
+                 methods: Iterable[str] = DEFAULT_METHODS,
+                 launch: SlurmOptions | None = None) -> None:
         self.out, self.train_steps, self.seeds, self.jobs = out, train_steps, seeds, jobs
+        self.launch = launch
         self.ismctl, self.data = ismctl, data
         self.results = Results(results)
         self.methods = [METHODS[name] for name in methods]
@@ -267,6 +271,11 @@ class Study:
         return run_dir / "checkpoints" / f"step-{step:07d}"
 
     def _call(self, args: list[str], log: Path) -> None:
+        if self.launch is not None:
+            # One SLURM job per command (``--jobs`` of them in flight), waited for here.
+            run_and_wait(self.out / "slurm", self.launch, log.stem,
+                         [*args, "--threads", "1"], self.out)
+            return
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as fh:
@@ -746,7 +755,13 @@ def main(argv: list[str] | None = None) -> None:
                        help=f"comma-separated, of: {', '.join(METHODS)}")
     run.add_argument("out", nargs="?", type=Path, default=Path("runs/few-step"),
                      help="run folders (scratch: checkpoints, logs)")
-    run.add_argument("--jobs", type=int, default=2, help="subprocesses at a time")
+    run.add_argument("--jobs", type=int, default=2,
+                     help="subprocesses (with --launch slurm: SLURM jobs) at a time")
+    run.add_argument("--launch", choices=["slurm"],
+                     help="run each training and evaluation as a SLURM job")
+    run.add_argument("--launch-config", type=Path,
+                     help="--launch slurm: a YAML file with a 'launch:' block (partition, "
+                     "time, gpus_per_node, sbatch lines, ...)")
     run.add_argument("--data", help="prepared digits (default: the recipes' data/digits, "
                      "relative to the working folder)")
     rep.add_argument("--json", type=Path, help="write the summary here")
@@ -759,9 +774,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := [m for m in methods if m not in METHODS]:
         parser.error(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
     ismctl = [sys.executable, "-m", "ismctl"]
+    launch = (slurm_options(args.launch_config) if getattr(args, "launch", None) == "slurm"
+              else None)
     study = Study(getattr(args, "out", Path("runs/few-step")), args.steps, seeds,
                   getattr(args, "jobs", 1), ismctl, getattr(args, "data", None), args.results,
-                  methods)
+                  methods, launch)
     if args.command == "run":
         run_study(study)
     summary = summarise(study)

@@ -83,10 +83,11 @@ test-fast: install
 
 demo: install
 	$(ISMCTL) prepare-latents digits --out $(DEMO_DIR)/data/digits
-	$(ISMCTL) train recipes/quickstart.yaml --set data.path=$(DEMO_DIR)/data/digits --set run.root=$(DEMO_DIR)/runs --set run.name=quickstart --overwrite
+	$(ISMCTL) train quickstart --set data.path=$(DEMO_DIR)/data/digits --set run.root=$(DEMO_DIR)/runs --set run.name=quickstart --overwrite
 	# The recipe's guidance grid at 1, 4 and 128 steps (acc, fd-digits, cfd-digits); the best w
-	# per step count is remembered in the run, and `sample` below uses it.
-	$(ISMCTL) eval $(DEMO_DIR)/runs/quickstart --out $(DEMO_DIR)/results.json
+	# per step count is remembered in the run, and `sample` below uses it. --overwrite: a second
+	# `make demo` trains a new run, whose evaluation replaces the first one's.
+	$(ISMCTL) eval $(DEMO_DIR)/runs/quickstart --out $(DEMO_DIR)/results.json --overwrite
 	$(ISMCTL) sample $(DEMO_DIR)/runs/quickstart --steps 1 --num-samples 100 --out $(DEMO_DIR)/samples_1step.png
 	$(ISMCTL) sample $(DEMO_DIR)/runs/quickstart --steps 4 --num-samples 100 --out $(DEMO_DIR)/samples_4step.png
 	$(ISMCTL) sample $(DEMO_DIR)/runs/quickstart --steps 128 --num-samples 100 --out $(DEMO_DIR)/samples_128step.png

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from ismctl.system.preemption import (
@@ -26,19 +25,24 @@ from ismctl.system.preemption import (
     Interrupted,
     Preempted,
 )
+from ismctl.utils.console import make_console
 from ismctl.utils.errors import UserError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-    help="Improved shortcut models (iSM): prepare latents, train, sample, evaluate, ablate.",
+    help="Improved shortcut models (iSM): prepare latents, train, sample, evaluate, ablate. "
+         "The manual: `ismctl docs`.",
 )
 recipe_app = typer.Typer(no_args_is_help=True,
                          help="Inspect recipes: the shipped ones, the resolved values and the settable keys.")
 app.add_typer(recipe_app, name="recipe")
 data_app = typer.Typer(no_args_is_help=True, help="Check prepared data sets.")
 app.add_typer(data_app, name="data")
-console = Console()
+console = make_console()
 DEBUG = {"on": False}
+# Old option names used in this command: said once it ends (in the error line if it fails, so
+# that bad input stays one line).
+RENAMED: list[str] = []
 
 GUIDANCE_HELP = "Guidance strength w (delta convention: classic CFG scale s = 1 + w; w=0 is unguided)."
 Threads = Annotated[int | None, typer.Option(help="torch intra-op threads (default: OMP_NUM_THREADS, else every usable core, shared by this node's torchrun processes; fewer are faster where other jobs hold cores).")]
@@ -72,13 +76,26 @@ def _root(
 
 
 def _renamed(new: int | None, old: int | None, new_name: str, old_name: str) -> int | None:
-    """The value of an option that has an old, hidden spelling (kept for one release)."""
+    """The value of an option that has an old, hidden spelling (kept for one release); the
+    old spelling says the new one."""
     if old is None:
         return new
     if new is not None and new != old:
         raise UserError(f"{old_name} {old} and {new_name} {new}: the same option under its old "
                         f"and new name; give only {new_name}")
+    RENAMED.append(f"{old_name} is now called {new_name}; the old name will go in a later "
+                   "release")
     return old
+
+
+def _guidance_value(text: str | None) -> float | str | None:
+    """``--guidance`` of `sample`: a strength w, or 'best' (the one `ismctl eval` remembered)."""
+    if text is None or text.strip().lower() == "best":
+        return None if text is None else "best"
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--guidance {text!r}: a strength w >= 0 (e.g. 0.5) or 'best'") from None
 
 
 def _at_least(value: int | None, minimum: int, name: str) -> None:
@@ -216,8 +233,8 @@ def train(
 @app.command()
 def sample(
     run: Annotated[Path, typer.Argument(help="Run directory or checkpoint folder.")],
-    steps: Annotated[int, typer.Option(help="Sampling steps N (a power of two, 1..128).")] = 4,
-    guidance: Annotated[float | None, typer.Option(help=GUIDANCE_HELP + " Default: the best w that `ismctl eval` found for N steps, else the recipe's eval.default_guidance.")] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps N: a power of two up to objective.base_steps (128) for sm and iSM runs, any N >= 1 for MeanFlow runs.")] = 4,
+    guidance: Annotated[str | None, typer.Option(help=GUIDANCE_HELP + " 'best': the w that `ismctl eval` remembered for N steps (refused when there is none). Default: that w if there is one, else the recipe's eval.default_guidance.")] = None,
     double_guidance: Annotated[bool, typer.Option(help="Runs with guidance baked into training (sm, meanflow with omega): apply CFG on top of it (guides twice; not the authors' protocol).")] = False,
     num_samples: Annotated[int | None, typer.Option(help="Number of images (default 64).")] = None,
     num: Annotated[int | None, typer.Option(hidden=True, help="Old name of --num-samples.")] = None,
@@ -235,7 +252,7 @@ def sample(
     made: an interrupted job keeps them, and the same command continues it."""
     from ismctl.runs.checkpoint import load_for_sampling
     from ismctl.sampling.pngdir import is_png_folder
-    from ismctl.sampling.protocol import choose_point
+    from ismctl.sampling.protocol import choose_point, extrapolation_note
     from ismctl.sampling.streamout import write_samples
     from ismctl.system.runtime import set_threads
 
@@ -256,7 +273,10 @@ def sample(
     ev = loaded.recipe.eval
     if class_ is not None and not 0 <= class_ < loaded.manifest.num_classes:
         raise UserError(f"--class {class_}: out of range 0..{loaded.manifest.num_classes - 1}")
-    point, source = choose_point(loaded.recipe, loaded.run_dir, steps, guidance, double_guidance)
+    point, source = choose_point(loaded.recipe, loaded.run_dir, steps, _guidance_value(guidance),
+                                 double_guidance)
+    if note := extrapolation_note(loaded.recipe, [point]):
+        _say("[bold yellow]warning:[/]", note)
     with _on_ctrl_c(f"stopped by Ctrl-C; {out} not written"):
         write_samples(loaded, out, num_samples, steps, point,
                       ev.seed if seed is None else seed,
@@ -277,7 +297,8 @@ def eval_cmd(
     num_samples: Annotated[int | None, typer.Option(help="Samples per point (default: the recipe's eval.num_samples).")] = None,
     ref: Annotated[str | None, typer.Option(help="Reference: ADM .npz, image folder, or (default: the recipe's eval.ref, else) the training shards.")] = None,
     metrics: Annotated[str | None, typer.Option(help="fid,isc,prc,fd-dinov2 (digits adds acc,fd-digits,cfd-digits; default: the recipe's eval.metrics).")] = None,
-    out: Annotated[Path | None, typer.Option(help="results.json path (default: in the run directory).")] = None,
+    out: Annotated[Path | None, typer.Option(help="results.json path (default: RUN/eval/step-N/results.json). One evaluation per file: a file of another evaluation (other weights, samples, seed, reference or metrics) is refused; the points of the same evaluation found there are not computed again.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace what --out holds (another evaluation, or finished points of this one) instead of refusing or reusing it.")] = False,
     inception_weights: Annotated[str | None, typer.Option(help="Local Inception-v3 weights file (offline FID).")] = None,
     save_npz: Annotated[bool, typer.Option(help="Also write each sample set as an ADM .npz.")] = False,
     save_png: Annotated[bool, typer.Option(help="Also write each sample set as a folder of PNGs (one per sample, class in the name).")] = False,
@@ -296,14 +317,16 @@ def eval_cmd(
     _at_least(num_samples, 2, "--num-samples")
     _at_least(batch_size, 1, "--batch-size")
     set_threads(threads)
-    with _on_ctrl_c("stopped by Ctrl-C; no results.json written"):
+    with _on_ctrl_c("stopped by Ctrl-C; every point finished so far is kept (a .partial file "
+                    "beside the results) and the same command continues with the rest"):
         evaluate(None if run is None else str(run),
                  None if steps is None else _int_list(steps, "--steps"),
                  None if guidance in (None, "best") else parse_guidance(guidance), num_samples,
                  ref, None if metrics is None else [m.strip() for m in metrics.split(",")],
                  out, inception_weights, save_npz, batch_size, seed, device=device,
                  double_guidance=double_guidance, select_by=select_by, remember=remember,
-                 at_best=guidance == "best", compile=compile_, which=which, save_png=save_png)
+                 at_best=guidance == "best", compile=compile_, which=which, save_png=save_png,
+                 overwrite=overwrite)
 
 
 @app.command()
@@ -375,21 +398,24 @@ def bench(
 ) -> None:
     """Step-time split, component overheads, loader and sampling throughput, MFU on GPU."""
     from ismctl.tools.bench import run_bench
+    from ismctl.utils.fileio import check_writable
 
     names = None if presets is None else [p.strip() for p in presets.split(",")]
+    out = out or Path("gpu-check.json" if full else "bench.json")
+    check_writable(out, "--out")
     if full:
         from ismctl.system.runtime import set_threads
         from ismctl.tools.gpu_check import PRESETS, CheckFailed, run_gpu_check
 
         set_threads(threads)
         try:
-            run_gpu_check(out or Path("gpu-check.json"), names or PRESETS, device=device)
+            run_gpu_check(out, names or PRESETS, device=device)
         except CheckFailed as exc:
-            Console(stderr=True).print(f"[bold red]gpu-check failed:[/] {escape(str(exc))}", soft_wrap=True,
+            make_console(stderr=True).print(f"[bold red]gpu-check failed:[/] {escape(str(exc))}", soft_wrap=True,
                                        highlight=False)
             raise typer.Exit(1) from exc
         return
-    run_bench(out or Path("bench.json"), names, quick=quick, device=device, threads=threads)
+    run_bench(out, names, quick=quick, device=device, threads=threads)
 
 
 @app.command("export")
@@ -407,6 +433,24 @@ def export_cmd(
     console.print(f"[green]exported[/] {escape(str(run))} to {escape(str(folder))}")
 
 
+@app.command("docs")
+def docs_cmd(
+    name: Annotated[str | None, typer.Argument(help="A document, e.g. method (docs/method.md, which the help text and recipes cite as 'method §N'); without it, the list.")] = None,
+    path: Annotated[bool, typer.Option("--path", help="Print where the file is instead of its text.")] = False,
+) -> None:
+    """The manual shipped with ismctl (docs/*.md), e.g. `ismctl docs method`."""
+    from ismctl.tools.docs import find_doc, shipped_docs, title
+
+    if name is None:
+        docs = shipped_docs()
+        width = max((len(n) for n in docs), default=0)
+        for doc, file in docs.items():
+            print(f"{doc:<{width}}  {title(file)}")
+        return
+    file = find_doc(name)
+    print(file if path else file.read_text(encoding="utf-8"), end="\n" if path else "")
+
+
 @data_app.command("check")
 def data_check(
     folder: Annotated[Path, typer.Argument(help="A folder written by `ismctl prepare-latents`.")],
@@ -421,7 +465,7 @@ def data_check(
     with progress_bar(f"checking {folder}", total=shards, unit="shard") as bar:
         report = check_dataset(folder, on_shard=bar.advance)
     for problem in report.problems:
-        Console(stderr=True).print(problem, soft_wrap=True, highlight=False, markup=False)
+        make_console(stderr=True).print(problem, soft_wrap=True, highlight=False, markup=False)
     if report.bad:
         raise UserError(f"{folder}: {len(report.bad)} of {report.shards} shards are damaged; "
                         f"{REPAIR.replace('it (', 'them (')}")
@@ -463,13 +507,18 @@ def main() -> None:
     if "--debug" in sys.argv[1:]:
         sys.argv = [sys.argv[0], "--debug", *[a for a in sys.argv[1:] if a != "--debug"]]
     DEBUG["on"] = False
+    RENAMED.clear()
     try:
         app()
     except UserError as exc:
         if DEBUG["on"]:
             raise
-        _say("[bold red]error:[/]", str(exc))
+        _say("[bold red]error:[/]", str(exc) + "".join(f" (note: {n})" for n in RENAMED))
         sys.exit(2)
+    except SystemExit as stop:
+        for note in RENAMED if not stop.code else []:
+            _say("[yellow]note:[/]", note)
+        raise
     except Preempted as exc:
         if exc.signal_name == INTERRUPT.name:
             _say("[bold yellow]interrupted:[/]", str(exc))
@@ -488,4 +537,4 @@ def main() -> None:
 def _say(label: str, text: str) -> None:
     """One line on stderr: a styled label, then ``text`` as it is (markup escaped, so
     ``'ismctl[fid]'`` or ``--set a=[bold]`` print as written)."""
-    Console(stderr=True).print(f"{label} {escape(text)}", soft_wrap=True, highlight=False)
+    make_console(stderr=True).print(f"{label} {escape(text)}", soft_wrap=True, highlight=False)

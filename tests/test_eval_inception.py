@@ -171,9 +171,9 @@ def test_plan_without_inception(empty_hub, monkeypatch):
     assert p.metrics == ["acc", "fd-digits", "cfd-digits", "spread-digits"]
     assert len(p.notes) == 1 and "fid, isc, prc skipped" in p.notes[0]
     assert set(p.groups) == {"digits"}
-    only_fid = plan_metrics(["fid"], [], digits=True)
-    assert only_fid.metrics == ["acc", "fd-digits", "cfd-digits", "spread-digits"]
-    assert len(only_fid.notes) == 2
+    # Asked for on the command line: refused, not replaced by other metrics.
+    with pytest.raises(UserError, match="--metrics fid: Inception-v3 weights not found"):
+        plan_metrics(["fid"], [], digits=True)
 
 
 @needs_ts

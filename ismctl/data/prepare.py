@@ -45,7 +45,7 @@ from ismctl.system.distributed import (
     shutdown,
 )
 from ismctl.utils.errors import UserError
-from ismctl.utils.fileio import atomic_write_text
+from ismctl.utils.fileio import atomic_write_text, check_writable
 from ismctl.utils.progress import progress_bar
 
 DATA_ROOT = Path("data")
@@ -258,6 +258,7 @@ def prepare_latents(src: str, out: str | Path | None = None, resolution: int = 2
     _check_args(resolution, batch_size, shard_size, num_workers)
     source = open_source(src, resolution)
     out_dir = Path(out) if out is not None else DATA_ROOT / source.default_name
+    check_writable(out_dir, "--out", folder=True)
     owns_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(device)
     try:

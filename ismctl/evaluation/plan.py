@@ -2,8 +2,11 @@
 
 Metrics: ``fid``, ``isc`` and ``prc`` (Inception-v3), ``fd-dinov2`` (DINOv2 ViT-L/14), and
 for the built-in digits dataset ``acc`` and ``fd-digits`` (the digits classifier, added
-automatically there). Inception metrics need weights: without them a digits evaluation drops
-them with a note, any other evaluation stops with a UserError naming the file to get.
+automatically there). Inception metrics need weights: a metric asked for on the command line
+(``--metrics fid``) that cannot be computed stops the evaluation with a UserError naming what
+to get, as FID without weights does on any data set but the digits; from a recipe's default
+list, the Inception Score without torch-fidelity's weights (and on the digits every Inception
+metric without any weights) is dropped with a note.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ismctl.evaluation.digits_classifier import (
 from ismctl.evaluation.dinov2 import DINOV2_NAME
 from ismctl.evaluation.features import ExtractorSpec
 from ismctl.evaluation.inception import (
+    URL_INCEPTION_V3,
     InceptionChoice,
     find_inception,
     has_logits,
@@ -97,7 +101,8 @@ def plan_metrics(
     plan = MetricPlan(metrics=[])
     wanted = set(names)
     if wanted & set(INCEPTION_METRICS):
-        wanted = _plan_inception(plan, wanted, names, digits, inception_weights)
+        wanted = _plan_inception(plan, wanted, names, digits, inception_weights,
+                                 requested is not None)
     if digits and not wanted:
         plan.notes.append("no requested metric can be computed: acc and fd-digits instead")
         names += [m for m in DIGITS_METRICS if m not in names]
@@ -135,17 +140,27 @@ def selection_metric(values: list[str], requested: str | None = None,
 
 
 def _plan_inception(plan: MetricPlan, wanted: set[str], names: list[str], digits: bool,
-                    inception_weights: str | None) -> set[str]:
-    """Add the Inception group to ``plan``; returns the metrics still wanted."""
+                    inception_weights: str | None, asked: bool = False) -> set[str]:
+    """Add the Inception group to ``plan``; returns the metrics still wanted. ``asked``: the
+    metrics come from the command line, so what cannot be computed stops the evaluation; from
+    the recipe's defaults, the Inception Score without its weights (and, on the digits, every
+    Inception metric) is dropped with a note."""
+    where = "--metrics" if asked else "eval.metrics"
     choice = find_inception(inception_weights)
     if choice is None:
-        if not digits:
-            raise UserError(missing_weights_message())
+        if asked or not digits:
+            listed = ",".join(m for m in names if m in INCEPTION_METRICS)
+            raise UserError(f"{where} {listed}: {missing_weights_message()}")
         dropped = [m for m in names if m in INCEPTION_METRICS]
         plan.notes.append(f"{', '.join(dropped)} skipped: {missing_weights_message()}")
         return wanted - set(INCEPTION_METRICS)
     plan.inception = choice
     if "isc" in wanted and not has_logits(choice.name):
+        if asked:
+            raise UserError(
+                f"{where} isc: {choice.name} ({choice.source}) has no classifier head, so no "
+                "Inception Score; pass torch-fidelity's weights with --inception-weights "
+                f"(download {URL_INCEPTION_V3}), or leave isc out")
         plan.notes.append(
             f"isc skipped: {choice.name} ({choice.source}) has no classifier head; "
             "pass torch-fidelity's weights with --inception-weights for the Inception Score"

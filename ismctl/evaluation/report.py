@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ismctl.sampling.sampler import TWO_PASS
+from ismctl.utils.console import make_console
 from ismctl.utils.fileio import atomic_path, write_json
 
 # Values shown per metric, in order; "prc" gives two numbers.
@@ -73,7 +74,7 @@ def results_table(results: dict[str, Any]) -> Table:
 
 
 def print_results(results: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     console.print(results_table(results))
     for note in results.get("notes", []):
         console.print(f"[yellow]note:[/] {escape(note)}")

@@ -29,17 +29,17 @@ import math
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from rich.console import Console
 from rich.markup import escape
 
 import ismctl
+from ismctl.evaluation import store
 from ismctl.evaluation.chunks import (
     GRID_MAX,
     PointShare,
@@ -56,7 +56,7 @@ from ismctl.evaluation.digits_classifier import (
     class_spread,
 )
 from ismctl.evaluation.dinov2 import DINOV2_NAME, build_dinov2
-from ismctl.evaluation.gather import gather_objects
+from ismctl.evaluation.gather import broadcast_object, gather_objects
 from ismctl.evaluation.plan import (
     DINOV2_LAYER,
     HIGHER_IS_BETTER,
@@ -77,11 +77,13 @@ from ismctl.sampling.protocol import (
     Point,
     all_strengths,
     best_points,
+    extrapolation_note,
     plan_points,
     remember_best,
     remembered_points,
 )
 from ismctl.sampling.sampler import continuous_jumps
+from ismctl.utils.console import make_console
 from ismctl.utils.errors import UserError
 
 # Feature extraction runs at 299x299 (Inception) whatever the sample size: large batches
@@ -161,7 +163,7 @@ def warn_own_data_reference(data_path: str, loud: bool) -> str:
             "--ref VIRTUAL_imagenet256_labeled.npz (from openai/guided-diffusion's evaluations "
             "folder), or set eval.ref in the recipe")
     if loud:
-        Console(stderr=True).print(f"[bold red]WARNING:[/] {escape(text)}", soft_wrap=True,
+        make_console(stderr=True).print(f"[bold red]WARNING:[/] {escape(text)}", soft_wrap=True,
                                    highlight=False)
     return text
 
@@ -209,6 +211,9 @@ class Settings:
     remember: bool
     which: str = "inference"
     save_png: bool = False
+    # What is evaluated and the points of it already stored at ``out`` (ismctl.evaluation.store).
+    identity: dict[str, Any] = field(default_factory=dict)
+    finished: list[dict[str, Any]] = field(default_factory=list)
 
 
 def evaluate(
@@ -232,6 +237,7 @@ def evaluate(
     compile: bool = False,
     which: str = "inference",
     save_png: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run or checkpoint; returns the results dict (empty on ranks other than 0).
 
@@ -248,7 +254,8 @@ def evaluate(
     ``compile``: sample with the torch.compile'd network (same images, up to float rounding).
     ``which``: the weights sampled, the inference EMA (default, method §3.4), the target EMA or
     the online network; only the inference EMA's picks are remembered. ``save_png``: also a
-    folder of PNGs per sample set.
+    folder of PNGs per sample set. ``out`` holding another evaluation is refused unless
+    ``overwrite``; the points of the same evaluation found there are not computed again.
     """
     from ismctl.runs.checkpoint import load_for_sampling, run_recipe
     from ismctl.sampling.fits import check_eval_request
@@ -316,14 +323,12 @@ def evaluate(
                 plan.notes.append(
                     f"best w not remembered: {cfg.num_samples} samples per point, fewer than "
                     f"the recipe's eval.num_samples ({ev.num_samples}); --remember stores it")
-        w_max = run.recipe.guidance.w_max
-        far = [w for w in all_strengths(cfg.guidance) if w > w_max]
-        if run.mode == "intrinsic" and far:
-            plan.notes.append(f"guidance {', '.join(f'{w:g}' for w in far)} above the trained "
-                              f"w_max {w_max:g}: extrapolated")
+        if far := extrapolation_note(run.recipe, cfg.points):
+            plan.notes.append(far)
         check_eval_request(cfg.num_samples, info.world_size, decoded_shape(run.manifest),
                            len(plan.groups), cfg.save_npz, info.is_main, cfg.batch_size,
                            cfg.out)
+        _check_out(run, plan, cfg, info.is_main, overwrite)
         return _evaluate(run, plan, cfg, info, t_start)
     except BaseException as exc:
         if owns_group:
@@ -334,13 +339,35 @@ def evaluate(
             shutdown()
 
 
+def _check_out(run: Any, plan: MetricPlan, cfg: Settings, is_main: bool,
+               overwrite: bool) -> None:
+    """Rank 0 checks ``--out`` (writable; not another evaluation's) and finds the points
+    already done; every rank learns the verdict, so all skip the same points or all stop."""
+    from ismctl.utils.fileio import check_writable
+
+    cfg.identity = store.identity(run.sha256, cfg.which, cfg.num_samples, cfg.seed, cfg.ref,
+                                  plan.metrics,
+                                  {k: g.spec.identity() for k, g in plan.groups.items()})
+    verdict: tuple[str, Any] | None = None
+    if is_main:
+        try:
+            check_writable(cfg.out, "--out")
+            verdict = ("ok", store.finished_points(cfg.out, cfg.identity, overwrite))
+        except UserError as exc:
+            verdict = ("error", str(exc))
+    kind, value = broadcast_object(verdict)
+    if kind == "error":
+        raise UserError(value)
+    cfg.finished = [p for p in value if store.reusable(p, cfg.save_npz, cfg.save_png)]
+
+
 def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
               t_start: float) -> dict[str, Any]:
     from ismctl.system.distributed import barrier
 
     rank, world, device = info.rank, info.world_size, info.device
     fbatch = feature_batch_size(cfg.batch_size, device)
-    console = Console()
+    console = make_console()
     # Extractors first: a network that cannot be loaded stops the run before any work.
     extractors = _build_extractors(plan, device)
     t_ref = time.perf_counter()
@@ -361,7 +388,16 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
     points: list[dict[str, Any]] = []
     requests: dict[str, dict[str, Any]] = {}
     chunks_root = _chunks_root(cfg)
+    finished = {store.point_key(p): p for p in cfg.finished}
+    asked = {(pt.steps, float(pt.guidance), pt.sampler) for pt in cfg.points}
+    if info.is_main and (found := len(asked & set(finished))):
+        console.print(f"{found} of {len(asked)} point(s) already evaluated in {cfg.out} or its "
+                      ".partial: not computed again (--overwrite computes every point)",
+                      markup=False, highlight=False)
     for pt in cfg.points:
+        if (done := finished.get((pt.steps, float(pt.guidance), pt.sampler))) is not None:
+            points.append(done)
+            continue
         folder = chunks_root / pt.tag()
         request = _chunk_request(run, plan, cfg, pt)
         fresh = open_chunks(folder, request, info.is_main)
@@ -397,6 +433,8 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
                             "metrics_s": time.perf_counter() - t2,
                             "images_per_s": made / world / max(share.generate_s, 1e-9)}
         points.append(point)
+        # Kept if the evaluation is interrupted: the same command continues from here.
+        store.save_partial(cfg.out, cfg.identity, points)
         if cfg.progress:
             console.print(f"{pt.label()}: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in point["metrics"].items()))
@@ -404,6 +442,8 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
     if not info.is_main:
         barrier()
         return {}
+    # Points of the same evaluation stored earlier and not asked for this time stay.
+    points += [p for k, p in finished.items() if k not in asked]
     results = _results(run, plan, points, refs, cfg, world, str(device))
     results["timings"] = {"reference_s": reference_s, "total_s": time.perf_counter() - t_start}
     if cfg.remember and _is_latest(run):
@@ -417,6 +457,7 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
     for npz, request in requests.items():
         _finish_npz(Path(npz), request, cfg.num_samples)
     write_results_json(cfg.out, results)
+    store.finish(cfg.out)
     # The results hold what the chunks were kept for.
     shutil.rmtree(chunks_root, ignore_errors=True)
     if cfg.progress:

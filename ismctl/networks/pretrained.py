@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from ismctl.networks.unwrap import unwrap_model
 from ismctl.system.runtime import needs_torch
+from ismctl.utils.console import make_console
 from ismctl.utils.errors import UserError
 
 # Our name -> the published name, where they differ; every other tensor keeps its name.
@@ -234,8 +235,8 @@ def print_report(report: ImportReport, console: Console | None = None) -> None:
         table.add_row(key, "initialised", how)
     for key in report.ignored:
         table.add_row("", "ignored", key)
-    (console or Console()).print(table)
-    (console or Console()).print(
+    (console or make_console()).print(table)
+    (console or make_console()).print(
         f"{len(report.mapped)} mapped, {len(report.initialised)} initialised, "
         f"{len(report.ignored)} ignored; F(x, t, 0, c, 0) = source(x, "
         f"{report.time_scale:g} t, c) ({_embedding_note(report.time_scale)}): see "

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from ismctl.utils.errors import UserError
+from ismctl.utils.fileio import check_writable
 
 # A grid beyond this many pixels is not something to look at (and image viewers and PIL's
 # decompression-bomb check refuse ~90-180 MP): 8192 x 8192.
@@ -110,6 +111,7 @@ def check_sample_request(out: Path, kind: str, num: int, image: tuple[int, int, 
                          scale: int) -> None:
     """``ismctl sample``: ``kind`` is ``png`` (a grid), ``npz`` or ``folder``; ``image`` the
     decoded (H, W, C), ``latent`` what the network samples (C, h, w)."""
+    check_writable(out, "--out", folder=kind == "folder")
     per_image = math.prod(image)
     # One batch in flight: noise, state and network output in float32, and its images.
     batch = batch_size * (4 * 4 * math.prod(latent) + per_image)

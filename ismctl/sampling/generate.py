@@ -91,12 +91,16 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> n
 def arrange_by_class(images: torch.Tensor, labels: torch.Tensor,
                      num_classes: int) -> tuple[torch.Tensor, int | None]:
     """Order a class-balanced set so each grid column holds one class (<= 16 classes);
-    otherwise sort by label. Returns the images and the grid's row length."""
+    otherwise sort by label. Returns the images and the grid's row length. Every image is
+    shown: where a class has fewer images than the others (19 images of 10 classes), its
+    column ends in white cells, the colour of the grid's border."""
     if num_classes > 16 or len(labels.unique()) < num_classes:
         return images[torch.argsort(labels, stable=True)], None
     per_class = [images[labels == c] for c in range(num_classes)]
-    rows = min(len(p) for p in per_class)
-    grid = torch.stack([p[:rows] for p in per_class], dim=1)
+    rows = max(len(p) for p in per_class)
+    grid = torch.full((rows, num_classes, *images.shape[1:]), 255, dtype=images.dtype)
+    for c, column in enumerate(per_class):
+        grid[: len(column), c] = column
     return grid.reshape(-1, *images.shape[1:]), num_classes
 
 

@@ -32,6 +32,8 @@ from ismctl.utils.errors import UserError
 from ismctl.utils.fileio import atomic_write_text
 
 BEST_FILE = "guidance.json"
+# The guidance value that asks for the remembered best point (`--guidance best`).
+BEST = "best"
 # A guidance grid: one list for every step count, or one list per step count (a 128-step
 # point costs 128 times a 1-step one, so a coarser grid there saves most of the time).
 Grid = list[float] | dict[int, list[float]]
@@ -168,18 +170,42 @@ def remembered_points(run_dir: Path, steps: list[int]) -> list[Point]:
     return [Point(s, float(best[s]["guidance"]), best[s]["sampler"]) for s in steps]
 
 
-def choose_point(recipe: Recipe, run_dir: Path, steps: int, guidance: float | None = None,
+def choose_point(recipe: Recipe, run_dir: Path, steps: int,
+                 guidance: float | str | None = None,
                  double_guidance: bool = False) -> tuple[Point, str]:
     """The point ``ismctl sample`` uses and where it came from: the given w, else the run's
-    remembered best for ``steps``, else the recipe default (w = 0 for sm runs)."""
+    remembered best for ``steps``, else the recipe default (w = 0 for sm runs). ``"best"``
+    asks for the remembered best and is refused when there is none."""
     sampler = run_sampler(recipe, double_guidance)
+    if guidance == BEST:
+        if double_guidance:
+            raise UserError("--guidance best with --double-guidance: the remembered best is "
+                            "a point of the run's own protocol; give a w with --double-guidance")
+        best = read_best(run_dir).get(steps)
+        point = remembered_points(run_dir, [steps])[0]
+        return point, f"{BEST_FILE} (best {best['metric']} at step {best['checkpoint_step']})"
+    if isinstance(guidance, str):
+        raise UserError(f"--guidance {guidance!r}: a strength w >= 0 or 'best'")
     if guidance is not None:
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise UserError(f"--guidance {guidance:g}: w must be >= 0 (CFG scale s = 1 + w)")
         return plan_points(recipe, [steps], [guidance], double_guidance)[0], "command line"
     if not double_guidance and (best := read_best(run_dir).get(steps)) is not None:
         return Point(steps, float(best["guidance"]), best["sampler"]), (
             f"{BEST_FILE} (best {best['metric']} at step {best['checkpoint_step']})")
     w = 0.0 if sampler == "conditional" else default_guidance(recipe, steps)
     return Point(steps, w, sampler), "recipe eval.default_guidance"
+
+
+def extrapolation_note(recipe: Recipe, points: list[Point]) -> str | None:
+    """Intrinsic guidance beyond the range the network was trained on (``guidance.w_max``):
+    allowed, but the network was never shown such a w, so it is said."""
+    w_max = recipe.guidance.w_max
+    far = sorted({p.guidance for p in points if p.sampler == "intrinsic" and p.guidance > w_max})
+    if not far:
+        return None
+    return (f"guidance {', '.join(f'{w:g}' for w in far)} above the trained w_max {w_max:g}: "
+            "extrapolated")
 
 
 def best_points(points: list[dict[str, Any]], metric: str, lower_is_better: bool,

@@ -63,8 +63,9 @@ from ismctl.system.slurm import Cell, Launcher, SlurmOptions, print_states
 from ismctl.tools.ablate_report import aggregate, main_values, markdown, results_table, summarise
 from ismctl.tools.ablate_report import write_chart as write_chart
 from ismctl.training.resume import check_resumable
+from ismctl.utils.console import make_console
 from ismctl.utils.errors import UserError
-from ismctl.utils.fileio import atomic_write_text, write_json
+from ismctl.utils.fileio import atomic_write_text, check_writable, write_json
 
 DEFAULT_RECIPE = "ism_xl"  # a shipped recipe
 FULL, BASELINE = "full", "baseline"
@@ -346,6 +347,12 @@ def _train_variant(recipe: Recipe, yaml_path: Path, torchrun: Torchrun | None, p
     train(recipe, str(yaml_path), resume="auto", overwrite=False, progress=progress)
 
 
+def _replaces(out: Path) -> bool:
+    """Results stored at ``out`` under other settings are this ablation's own earlier ones
+    (its settings key did not match): the new evaluation replaces them."""
+    return out.is_file()
+
+
 def _eval_args(run_dir: Path, out: Path, cfg: EvalSettings, guidance: Grid,
                threads: int | None) -> list[str]:
     """The ``ismctl eval`` arguments of a variant's run (torchrun and SLURM jobs)."""
@@ -355,7 +362,7 @@ def _eval_args(run_dir: Path, out: Path, cfg: EvalSettings, guidance: Grid,
     cmd = ["eval", str(run_dir), "--steps", ",".join(map(str, cfg.steps)),
            *grid, "--num-samples", str(cfg.num_samples), "--metrics", ",".join(cfg.metrics),
            "--out", str(out), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed),
-           "--device", cfg.device]
+           "--device", cfg.device, *(["--overwrite"] if _replaces(out) else [])]
     if cfg.ref:
         cmd += ["--ref", cfg.ref]
     if cfg.inception_weights:
@@ -376,7 +383,7 @@ def _eval_variant(run_dir: Path, out: Path, cfg: EvalSettings, guidance: Grid,
 
     return evaluate(str(run_dir), cfg.steps, guidance, cfg.num_samples, cfg.ref,
                     cfg.metrics, out, cfg.inception_weights, False, cfg.batch_size, cfg.seed,
-                    device=cfg.device, progress=progress)
+                    device=cfg.device, progress=progress, overwrite=_replaces(out))
 
 
 def plan_sweep(recipe: Recipe, sweep: str) -> list[tuple[str, Recipe]]:
@@ -498,10 +505,11 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
     if baseline_path is not None:
         variants[0] = baseline_variant(baseline_path, overrides)
     folder = Path(out) if out is not None else Path(base.run.root) / f"ablate-{Path(path).stem}"
+    check_writable(folder, "--out", folder=True)
     cfg = eval_settings(base, eval_num_samples, inception_weights)
     paper = is_paper_setting(base) and sweep is None
     train_seeds = seeds if seeds is not None else [base.train.seed]
-    console = Console()
+    console = make_console()
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     total = len(variants) * len(train_seeds)
@@ -521,7 +529,7 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
             yaml_path, run_dir = folder / f"{rname}.yaml", folder / rname
             _check_stored_recipe(run, run_dir)
             save_recipe(run, yaml_path)
-            head = (f"[bold]ablate[/] {v_index * len(train_seeds) + s_index + 1}/{total} "
+            head = (f"ablate {v_index * len(train_seeds) + s_index + 1}/{total} "
                     f"{rname} ({label})")
             if launch == "slurm" or report_mode != "all":
                 done = _run_done(run, run_dir, cfg)

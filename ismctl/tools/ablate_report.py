@@ -156,7 +156,10 @@ def results_table(report: dict[str, Any]) -> Table:
     table = Table(title=f"ismctl ablate: {escape(str(report['recipe']))} ({report['mode']}), "
                         f"{seeds} seed(s), {report['eval']['num_samples']} samples per point; "
                         f"each variant at its best w by {report['select_by']}")
-    table.add_column("variant", style="bold")
+    # Variants differ only in their names' ends (objective.mode=sm / ism / meanflow): the
+    # column is never cut, the numbers give way in a narrow terminal.
+    table.add_column("variant", style="bold", overflow="fold",
+                     min_width=max((len(v["label"]) for v in report["variants"]), default=7))
     for s in report["steps"]:
         table.add_column(f"{s} step{'s' if s != 1 else ''}\nbest w", justify="right")
         for metric in report["main_metrics"]:

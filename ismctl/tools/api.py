@@ -17,6 +17,7 @@ guidance the run remembers for that step count (``guidance.json``, written by
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,8 @@ from ismctl.runs.checkpoint import (
     read_metadata,
 )
 from ismctl.runs.integrity import ALTERED, DamagedFile
-from ismctl.sampling.protocol import choose_point, run_sampler
-from ismctl.sampling.sampler import check_steps
+from ismctl.sampling.protocol import choose_point, extrapolation_note, run_sampler
+from ismctl.sampling.sampler import check_steps, continuous_jumps
 from ismctl.system.distributed import resolve_device
 from ismctl.utils.errors import UserError
 
@@ -90,12 +91,12 @@ class Model:
 
     def guidance_for(self, steps: int) -> tuple[float, str]:
         """The guidance w used at ``steps`` when none is given, and where it comes from."""
-        check_steps(steps, self.run.recipe.objective.base_steps)
+        check_steps(steps, self.run.recipe.objective.base_steps, continuous_jumps(self.network))
         point, source = choose_point(self.run.recipe, self.guidance_dir, steps)
         return point.guidance, source
 
     def sample(self, num: int = 16, steps: int = 4, class_labels: int | Sequence[int] |
-               torch.Tensor | None = None, guidance: float | None = None, seed: int = 0,
+               torch.Tensor | None = None, guidance: float | str | None = None, seed: int = 0,
                batch_size: int | None = None, device: str | torch.device | None = None,
                return_labels: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``num`` decoded images as a uint8 tensor (num, H, W, C) on the CPU.
@@ -103,7 +104,9 @@ class Model:
         ``class_labels``: None draws class-balanced labels (shuffled by ``seed``), an int gives
         every image that class, a sequence gives one label per image; ``num_classes`` is the
         null (unconditional) label. ``guidance``: w in the delta convention (CFG scale 1 + w);
-        None takes :meth:`guidance_for`. ``device`` moves the model first. With
+        None takes :meth:`guidance_for`, ``"best"`` the w ``ismctl eval`` remembered (an error
+        when there is none); a w above the trained ``guidance.w_max`` warns (UserWarning), as
+        ``ismctl sample`` and ``ismctl eval`` do. ``device`` moves the model first. With
         ``return_labels`` the labels come back too: ``(images, labels)``.
         """
         from ismctl.sampling.generate import generate_images
@@ -116,9 +119,11 @@ class Model:
             raise UserError(f"batch_size: must be >= 1, got {batch_size}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise UserError(f"seed: must be an integer >= 0, got {seed!r}")
-        check_steps(steps, self.run.recipe.objective.base_steps)
+        check_steps(steps, self.run.recipe.objective.base_steps, continuous_jumps(self.network))
         labels = self._labels(class_labels, num)
         point, _ = choose_point(self.run.recipe, self.guidance_dir, steps, guidance)
+        if note := extrapolation_note(self.run.recipe, [point]):
+            warnings.warn(note, UserWarning, stacklevel=2)
         images, labels = generate_images(
             self.run, num, steps, point.guidance, seed,
             batch_size or min(num, self.run.recipe.eval.batch_size), labels=labels,

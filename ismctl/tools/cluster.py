@@ -18,6 +18,7 @@ from ismctl.config.recipe import Recipe, save_recipe
 from ismctl.runs.checkpoint import list_checkpoints
 from ismctl.system.slurm import Cell, CellState, Launcher, SlurmOptions, print_states
 from ismctl.training.preflight import check_start, run_directory
+from ismctl.utils.console import make_console
 
 
 def slurm_folder(run_dir: Path) -> Path:
@@ -29,7 +30,7 @@ def train_on_slurm(recipe: Recipe, recipe_path: str, options: SlurmOptions,
                    threads: int | None = None, submit: bool = True,
                    console: Console | None = None) -> CellState:
     """Submit the training run unless it is finished or queued; returns its state."""
-    console = console or Console()
+    console = console or make_console()
     run_dir = run_directory(recipe, recipe_path)
     # The job reads the recipe as resolved now, its run named, so that the file it was given
     # may change or go while it waits in the queue.

@@ -52,6 +52,7 @@ from ismctl.runs.checkpoint import (
 from ismctl.sampling.protocol import BEST_FILE, default_guidance, read_best, run_sampler
 from ismctl.tools.api import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS
 from ismctl.utils.errors import UserError
+from ismctl.utils.fileio import check_writable
 
 
 def _step_of(checkpoint: Path) -> int:
@@ -129,11 +130,15 @@ def model_card(name: str, config: dict[str, Any], recipe: Recipe,
              f"{s['input_size']}, scale factor {data['scale_factor']:g})"
              if data["encoder"] != IDENTITY else
              f"pixels ({s['in_channels']}x{s['input_size']}x{s['input_size']})")
+    # Dyadic jump tables take N a power of two up to base_steps; continuous jumps (MeanFlow)
+    # any N.
+    steps_range = ("any number of steps N >= 1" if config["conventions"]["sampler"]["steps"]
+                   == "any N >= 1" else f"1 to {obj.base_steps} steps (powers of two)")
     lines = [
         f"# {name}", "",
         f"{kind}, backbone {m['preset']} ({num_params / 1e6:.1f} M parameters), "
         f"class-conditional over {data['num_classes']} classes, sampling {space} "
-        f"in 1 to {obj.base_steps} steps (powers of two). Exported by ismctl "
+        f"in {steps_range}. Exported by ismctl "
         f"{config['ismctl_version']}.", "",
         "## Use", "",
         "```python",
@@ -250,6 +255,7 @@ def export_run(run: str | Path, out: str | Path, which: str = "inference",
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"--out {out}: already exists; pass --overwrite to replace it")
+    check_writable(out, "--out", folder=True)
     run_dir, ckpt = resolve_checkpoint(run)
     recipe = load_recipe(run_dir / "recipe.yaml")
     manifest = read_manifest(run_dir / "manifest.json")

@@ -54,6 +54,7 @@ from ismctl.tools.bench import (
 )
 from ismctl.training.ema import TwinEMA
 from ismctl.training.monitor import PEAK_BF16_FLOPS
+from ismctl.utils.console import make_console
 from ismctl.utils.errors import UserError
 from ismctl.utils.fileio import json_safe, write_json
 
@@ -292,7 +293,7 @@ def run_gpu_check(out: str | Path = "gpu-check.json", presets: Iterable[str] = P
     presets, modes = list(presets), list(modes)
     for preset in presets:
         parse_preset(preset)
-    console = console or Console()
+    console = console or make_console()
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

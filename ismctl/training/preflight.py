@@ -4,8 +4,9 @@ calls too: a recipe the run would refuse is refused by the dry run with the same
 In order: the data (manifest, shards present, and for a data set small enough to read in a
 moment every shard's sha256), the batch split (ranks x accumulation slots, the sOT pool
 tiling the micro-batch, one batch per rank from the data), the network and the loss (built on
-the meta device: no memory), the run folder (a run there needs ``--resume`` or
-``--overwrite``; a folder another trainer holds is refused), the checkpoint a resume starts
+the meta device: no memory), the tracker's package (``run.tracker``), the run folder (it can
+be written; a run there needs ``--resume`` or ``--overwrite``; a folder another trainer holds
+is refused), the checkpoint a resume starts
 from (the newest whose files pass their digests; damaged newer ones are reported), and a
 ``model.init_from`` file (read and mapped onto the network's shapes).
 """
@@ -23,6 +24,7 @@ from ismctl.data.plan import batches_per_pool, batches_per_rank
 from ismctl.data.verify import check_shards_exist, verify_shard
 from ismctl.runs.integrity import DamagedFile
 from ismctl.utils.errors import UserError
+from ismctl.utils.fileio import check_writable
 
 # Shards totalling less than this are checked against their digests before the run starts
 # (the built-in digits: 0.3 MB, a few ms); larger data sets are checked shard by shard as the
@@ -78,6 +80,7 @@ def check_start(recipe: Recipe, recipe_path: str | None, resume: bool | str, ove
     from ismctl.runs.checkpoint import checkpoint_files, model_from_recipe, newest_intact
     from ismctl.training.resume import check_run_start, holds_run
     from ismctl.training.runlock import check_unlocked
+    from ismctl.training.tracking import check_tracker
 
     cfg, data = recipe.train, recipe.data
     manifest = check_data(recipe)
@@ -93,11 +96,13 @@ def check_start(recipe: Recipe, recipe_path: str | None, resume: bool | str, ove
                      "train.grad_accum)")
     batches_per_rank(manifest.count, slots, micro)
     run_dir = run_directory(recipe, recipe_path)
+    check_writable(run_dir, "run folder (run.root/run.name)", folder=True)
     # The network and the loss are built before the run folder is written, so a recipe they
     # refuse (a patch that does not tile the input, wrong detail weights) leaves nothing.
     with torch.device("meta"):
         network = model_from_recipe(recipe, manifest)
     build_loss(recipe.loss, network.input_size)
+    check_tracker(recipe.run.tracker)
     check_unlocked(run_dir)
     ckpts = check_run_start(run_dir, recipe, resume, overwrite)
     resume_from, damaged = None, []

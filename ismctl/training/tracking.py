@@ -33,6 +33,10 @@ from ismctl.utils.fileio import atomic_write_text
 from ismctl.utils.progress import format_duration
 
 TRACKERS = ("tensorboard", "wandb", "none")
+TENSORBOARD_MISSING = ("run.tracker tensorboard: the tensorboard package is not installed "
+                       "(pip install tensorboard), or set run.tracker=none")
+WANDB_MISSING = ("run.tracker wandb: the wandb package is not installed (pip install wandb), "
+                 "or use run.tracker=tensorboard")
 PERF_KEYS = ("it_s", "img_s", "mfu")
 NOT_SCALARS = ("step",)
 
@@ -65,8 +69,7 @@ class TensorBoardTracker:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            raise UserError("run.tracker tensorboard: the tensorboard package is not installed "
-                            "(pip install tensorboard), or set run.tracker=none") from exc
+            raise UserError(TENSORBOARD_MISSING) from exc
         # A resumed run repeats the steps after its checkpoint (a run restarted before its
         # first checkpoint: every step): hide their old events.
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1)
@@ -89,8 +92,7 @@ class WandbTracker:
         try:
             import wandb
         except ImportError as exc:
-            raise UserError("run.tracker wandb: the wandb package is not installed "
-                            "(pip install wandb), or use run.tracker=tensorboard") from exc
+            raise UserError(WANDB_MISSING) from exc
         self.wandb = wandb
         id_file = run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
@@ -107,6 +109,21 @@ class WandbTracker:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def check_tracker(kind: str) -> None:
+    """The tracker's package imports: checked before the run (and by ``train --dry-run``),
+    with the line the tracker itself would raise."""
+    if kind == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as exc:
+            raise UserError(TENSORBOARD_MISSING) from exc
+    elif kind == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError as exc:
+            raise UserError(WANDB_MISSING) from exc
 
 
 def open_tracker(kind: str, run_dir: Path, recipe: Recipe, start_step: int) -> Tracker:

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ismctl.utils.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -84,3 +86,32 @@ def json_safe(obj: Any) -> Any:
 def write_json(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented, strictly valid JSON."""
     atomic_write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def check_writable(path: str | Path, what: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: ``path`` (a file, or with
+    ``folder`` a folder) may not exist yet, but the nearest folder above it that exists must
+    accept a new file (tried with a temporary one: permissions, read-only mounts and /proc
+    answer alike), nothing on the way may be a file, and ``path`` itself must be of its kind."""
+    path = Path(path).expanduser()
+    if path.is_dir() and not folder:
+        raise UserError(f"{what} {path}: is a folder; give a file name")
+    if path.exists() and folder and not path.is_dir():
+        raise UserError(f"{what} {path}: is a file; give a folder")
+    probe = path if folder and path.is_dir() else path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"{what} {path}: {probe} is a file, not a folder")
+    try:
+        before = probe.stat()
+        fd, tmp = tempfile.mkstemp(prefix=".ismctl-write-check.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot create files in {probe} "
+                        f"({exc.strerror or exc})") from None
+    # The folder looks untouched afterwards (a refused command leaves everything as it was);
+    # only its owner may set its times, which others need not.
+    with contextlib.suppress(OSError):
+        os.utime(probe, ns=(before.st_atime_ns, before.st_mtime_ns))

@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 
 import ismctl
 from ismctl.networks.model import parse_preset
@@ -91,6 +90,7 @@ from ismctl.tools.bench.step import (
     meanflow_step_ratio,
 )
 from ismctl.tools.bench.threads import thread_scaling
+from ismctl.utils.console import make_console
 from ismctl.utils.errors import UserError
 from ismctl.utils.fileio import json_safe, write_json
 from ismctl.utils.progress import progress_bar
@@ -205,6 +205,6 @@ def run_bench(out: str | Path = "bench.json", presets: list[str] | None = None,
         *((1, 2) if quick else ITERS[kind][mf_name]))
     report = json_safe(report)
     write_json(out, report)
-    print_report(report, Console())
-    Console().print(f"[green]wrote[/] {out}")
+    print_report(report, make_console())
+    make_console().print(f"[green]wrote[/] {out}")
     return report

@@ -80,10 +80,11 @@ def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, guidance
     """Integrate ``noise`` (B, C, H, W) to samples in ``steps`` shortcut jumps.
 
     ``guidance`` is w in the delta convention (CFG scale 1 + w); ``mode`` is one of the samplers
-    in the module docstring, ``jumps`` the jump-size rule ("step" or "to_end"). The two-pass modes take the null label ``num_classes``, read from
-    ``model.num_classes`` when not given. ``autocast_dtype`` (e.g. bfloat16) is the network's
-    autocast precision on any device; the state is integrated in the dtype of ``noise``. The
-    model runs in eval mode and gets its previous mode back afterwards.
+    in the module docstring, ``jumps`` the jump-size rule ("step" or "to_end"). The two-pass
+    modes take the null label ``num_classes``, read from ``model.num_classes`` when not given.
+    ``autocast_dtype`` (e.g. bfloat16) is the network's autocast precision on any device; the
+    state is integrated in the dtype of ``noise``. The model runs in eval mode and gets its
+    previous mode back afterwards.
 
     ``steps`` is validated here, once, so the loop reads nothing back from the device: under
     inference mode each step only queues work (``model`` may be a compiled network).

@@ -36,6 +36,7 @@ from ismctl.data.manifest import Manifest, read_manifest
 from ismctl.evaluation.report import value_names
 from ismctl.networks.model import FREQ_DIM, num_levels
 from ismctl.networks.unwrap import unwrap_model
+from ismctl.objectives import get_objective, sampling
 from ismctl.runs.checkpoint import (
     WEIGHT_FILES,
     data_summary,
@@ -49,7 +50,6 @@ from ismctl.runs.checkpoint import (
     verified_weights,
     weights_metadata,
 )
-from ismctl.objectives import get_objective, sampling
 from ismctl.sampling.protocol import BEST_FILE, default_guidance, read_best, run_sampler
 from ismctl.tools.api import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS
 from ismctl.utils.errors import UserError

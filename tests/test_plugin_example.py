@@ -130,6 +130,26 @@ def test_ct_draws_depend_on_the_generator_alone(ct) -> None:
     assert runs[0] == runs[1] == runs[2]
 
 
+def test_a_ct_step_reads_nothing_back_from_the_device(ct, host_reads) -> None:
+    """docs/extending.md's rule of no data-dependent work: draws, the target pass, the online
+    pass, the loss and its backward only queue work."""
+    from ismctl.networks.model import build_model
+
+    obj = load_recipe(RECIPE).objective
+    net = build_model("tiny/2", 8, 1, 10, jump_embedding="continuous")
+    gen = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(2, 16, 1, 8, 8, generator=gen)
+    y = torch.randint(0, 10, (16,), generator=gen)
+
+    def mse(a, b):
+        return ((a - b) ** 2).flatten(1).mean(1)
+
+    with host_reads() as reads:
+        out = ct.ct_loss(net, net, x0, x1, y, obj, GuidanceCfg(), mse, 10, gen)
+        out["loss"].backward()
+    assert reads.ops == []
+
+
 def test_nothing_under_ismctl_names_the_example() -> None:
     named = [p for p in (REPO / "ismctl").rglob("*") if p.is_file() and p.suffix != ".pyc"
              and any(word in p.read_bytes() for word in (b"ismctl_ct", b"ismctl-ct"))]

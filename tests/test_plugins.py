@@ -297,3 +297,28 @@ def test_an_objective_without_a_target_network_trains_without_a_target_copy(
     calls = sys.modules["ismctl_plugin_toy_flow"].CALLS
     assert calls and all(c["target_is_model"] for c in calls)
 
+
+
+def test_the_python_api_samples_the_step_counts_the_network_takes(tmp_path: Path) -> None:
+    """A network with continuous jumps takes any N through ismctl.load_model as on the command
+    line; a table network only the powers of two it was trained on."""
+    from test_api import make_run
+
+    from ismctl import load_model
+    from ismctl.config.recipe import save_recipe
+    from ismctl.data.manifest import read_manifest
+    from ismctl.runs.checkpoint import WEIGHT_FILES, model_from_recipe, save_checkpoint
+
+    ism = make_run(tmp_path, "ism")
+    with pytest.raises(UserError, match="power of two"):
+        load_model(ism, device="cpu").sample(num=2, steps=3)
+    meanflow = tmp_path / "meanflow"
+    meanflow.mkdir()
+    recipe = load_recipe(ism / "recipe.yaml", ["objective.mode=meanflow"])
+    save_recipe(recipe, meanflow / "recipe.yaml")
+    (meanflow / "manifest.json").write_bytes((ism / "manifest.json").read_bytes())
+    net = model_from_recipe(recipe, read_manifest(meanflow / "manifest.json"))
+    save_checkpoint(meanflow, 4, dict.fromkeys(WEIGHT_FILES, net),
+                    {"step": 4, "recipe": recipe.model_dump(mode="json")})
+    images = load_model(meanflow, device="cpu").sample(num=2, steps=3)
+    assert images.shape == (2, 8, 8, 1)

@@ -37,7 +37,7 @@ from ismctl.runs.checkpoint import (
 )
 from ismctl.runs.integrity import ALTERED, DamagedFile
 from ismctl.sampling.protocol import choose_point, run_sampler
-from ismctl.sampling.sampler import check_steps
+from ismctl.sampling.sampler import check_steps, continuous_jumps
 from ismctl.system.distributed import resolve_device
 from ismctl.utils.errors import UserError
 
@@ -90,7 +90,8 @@ class Model:
 
     def guidance_for(self, steps: int) -> tuple[float, str]:
         """The guidance w used at ``steps`` when none is given, and where it comes from."""
-        check_steps(steps, self.run.recipe.objective.base_steps)
+        check_steps(steps, self.run.recipe.objective.base_steps,
+                    continuous_jumps(self.run.model))
         point, source = choose_point(self.run.recipe, self.guidance_dir, steps)
         return point.guidance, source
 
@@ -116,7 +117,8 @@ class Model:
             raise UserError(f"batch_size: must be >= 1, got {batch_size}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise UserError(f"seed: must be an integer >= 0, got {seed!r}")
-        check_steps(steps, self.run.recipe.objective.base_steps)
+        check_steps(steps, self.run.recipe.objective.base_steps,
+                    continuous_jumps(self.run.model))
         labels = self._labels(class_labels, num)
         point, _ = choose_point(self.run.recipe, self.guidance_dir, steps, guidance)
         images, labels = generate_images(

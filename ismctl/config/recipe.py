@@ -374,7 +374,7 @@ class Recipe(Section):
     @classmethod
     def _objective_settings(cls, value: Any) -> Any:
         # The section is validated by the settings model of its mode (ObjectiveSpec.settings);
-        # an unknown mode is left to ObjectiveBase, whose error names the registered ones.
+        # an unknown mode to a model whose one error names the registered ones.
         if isinstance(value, ObjectiveBase):
             value = value.model_dump()
         if not isinstance(value, dict):

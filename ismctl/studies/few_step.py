@@ -169,7 +169,7 @@ METHODS = {m.name: m for m in (
 # The study's methods unless --methods says otherwise; the others join when the budget allows.
 DEFAULT_METHODS = ("sm", "ism", "meanflow", "meanflow+sot", "meanflow+twin-ema",
                    "meanflow+sot+twin-ema")
-# Methods given on the command line (--method), besides the shipped ones above.
+# The name of a method given on the command line (--method): it names run and result folders.
 _METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")
 
 

@@ -67,6 +67,8 @@ elif args[0] == "sample":
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
         + chunk(b"IDAT", zlib.compress(b"\x00\x80")) + chunk(b"IEND", b""))
 '''
+# Objectives registered here do not outlive the test (the registry is per process).
+pytestmark = pytest.mark.usefixtures("plugin_registry")
 
 
 @pytest.fixture

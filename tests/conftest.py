@@ -5,8 +5,11 @@ threads mostly spin against each other; subprocesses inherit OMP_NUM_THREADS.
 """
 
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +82,41 @@ def plugin_registry():
     for name in set(sys.modules) - modules:
         if name.startswith(("ismctl_ct", "ismctl_plugin_")):
             del sys.modules[name]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Scheduler tests are also slow tests: `-m "not slow"` leaves them out."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Path:
+    """The SLURM cluster named by SLURM_CONF (``.ci/slurm-up`` starts one), answering, with
+    submitit installed. Without one the scheduler tests skip, saying why; with
+    ISMCTL_REQUIRE_SLURM=1 (CI) they fail instead."""
+    conf = os.environ.get("SLURM_CONF")
+    why = None
+    if not conf or not Path(conf).is_file():
+        why = "no SLURM cluster: SLURM_CONF is not set (.ci/slurm-up DIR starts a one-node one)"
+    elif shutil.which("sinfo") is None:
+        why = "no SLURM client commands (sinfo) on this machine"
+    else:
+        try:
+            out = subprocess.run(["sinfo", "--noheader", "--format=%T"], capture_output=True,
+                                 text=True, timeout=20, check=False)
+            if out.returncode != 0 or not out.stdout.strip():
+                why = f"the SLURM cluster of {conf} does not answer: {out.stderr.strip()}"
+        except subprocess.TimeoutExpired:
+            why = f"the SLURM cluster of {conf} does not answer in 20 s"
+    if why is None:
+        try:
+            import submitit  # noqa: F401
+        except ImportError:
+            why = "submitit is not installed (pip install 'ismctl[slurm]')"
+    if why is not None:
+        if os.environ.get("ISMCTL_REQUIRE_SLURM") == "1":
+            pytest.fail(f"ISMCTL_REQUIRE_SLURM=1 but {why}")
+        pytest.skip(why)
+    return Path(conf)

@@ -37,7 +37,13 @@ from ismctl.data.encoders import IDENTITY, Encoder, IdentityEncoder, load_encode
 from ismctl.data.images import ImageFileDataset, image_root, list_image_folder
 from ismctl.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
 from ismctl.data.shards import encode_sample, sample_key, sha256_file, write_shard
-from ismctl.system.distributed import DistInfo, barrier, init_distributed, shutdown
+from ismctl.system.distributed import (
+    DistInfo,
+    barrier,
+    init_distributed,
+    rank_failed,
+    shutdown,
+)
 from ismctl.utils.errors import UserError
 from ismctl.utils.fileio import atomic_write_text
 from ismctl.utils.progress import progress_bar
@@ -257,6 +263,10 @@ def prepare_latents(src: str, out: str | Path | None = None, resolution: int = 2
     try:
         return _prepare(source, out_dir, vae, batch_size, shard_size, flip, num_workers,
                         progress, info)
+    except BaseException as exc:
+        if owns_group:
+            rank_failed(exc)
+        raise
     finally:
         if owns_group:
             shutdown()

@@ -4,9 +4,12 @@ The points to sample come from the run's protocol (``ismctl/sampling/protocol.py
 (steps, w) of the grid for an iSM run; for an sm run its authors' protocol, the conditional
 output at every step count plus two-pass CFG at the training scale on the flow velocity at 128
 steps.
-For every point: generate ``num_samples`` class-balanced samples (under ``torchrun`` each rank
-its strided share), run every feature extractor the metrics need on them, gather the
-features on rank 0 and score them against reference statistics computed once (and cached).
+For every point: generate ``num_samples`` class-balanced samples batch by batch (under
+``torchrun`` each rank its share of the chunks), feed every batch to the feature extractors
+the metrics need and keep only the features (``ismctl/evaluation/chunks.py``: memory does not
+grow with the number of samples, and an interrupted evaluation resumes from its finished
+chunks), gather the features on rank 0 and score them against reference statistics computed
+once (and cached).
 Guidance is in the delta convention: CFG scale ``s = 1 + w`` (method §1).
 
 Per step count the best point by the selection metric (FID, else the class-conditional
@@ -14,9 +17,9 @@ digits distance, ...) is reported and, for the run's latest checkpoint, remember
 run directory for ``ismctl sample``.
 
 Outputs next to ``results.json``: a metric-vs-guidance plot (one curve per step count), one
-sample grid per point, with ``save_npz`` the ADM ``.npz`` of every sample set (gathered on
-rank 0 only) and with ``save_png`` a folder of PNGs per sample set (each rank writes its own
-samples).
+sample grid per point, with ``save_npz`` the ADM ``.npz`` of every sample set (every rank
+writes its chunks' images as they are made; rank 0 assembles the file from them) and with
+``save_png`` a folder of PNGs per sample set (each rank writes its own samples).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import datetime
 import math
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,14 @@ from rich.console import Console
 from rich.markup import escape
 
 import ismctl
+from ismctl.evaluation.chunks import (
+    GRID_MAX,
+    PointShare,
+    chunk_size,
+    merge_shares,
+    open_chunks,
+    run_point,
+)
 from ismctl.evaluation.digits_classifier import (
     FEATURES,
     LOGITS,
@@ -44,9 +56,7 @@ from ismctl.evaluation.digits_classifier import (
     class_spread,
 )
 from ismctl.evaluation.dinov2 import DINOV2_NAME, build_dinov2
-from ismctl.evaluation.features import extract_features, iter_batches
-from ismctl.evaluation.gather import gather_objects, interleave
-from ismctl.evaluation.npz import write_samples_npz
+from ismctl.evaluation.gather import gather_objects
 from ismctl.evaluation.plan import (
     DINOV2_LAYER,
     HIGHER_IS_BETTER,
@@ -74,7 +84,6 @@ from ismctl.sampling.protocol import (
 from ismctl.sampling.sampler import continuous_jumps
 from ismctl.utils.errors import UserError
 
-GRID_MAX = 100
 # Feature extraction runs at 299x299 (Inception) whatever the sample size: large batches
 # only add memory traffic on a CPU, while a GPU wants them large.
 FEATURE_BATCH = {"cuda": 250, "cpu": 32}
@@ -244,7 +253,7 @@ def evaluate(
     from ismctl.runs.checkpoint import load_for_sampling, run_recipe
     from ismctl.sampling.fits import check_eval_request
     from ismctl.sampling.streamout import decoded_shape
-    from ismctl.system.distributed import init_distributed, shutdown
+    from ismctl.system.distributed import init_distributed, rank_failed, shutdown
 
     if device is None:
         device = run_recipe(path).train.device
@@ -313,8 +322,13 @@ def evaluate(
             plan.notes.append(f"guidance {', '.join(f'{w:g}' for w in far)} above the trained "
                               f"w_max {w_max:g}: extrapolated")
         check_eval_request(cfg.num_samples, info.world_size, decoded_shape(run.manifest),
-                           len(plan.groups), cfg.save_npz, info.is_main)
+                           len(plan.groups), cfg.save_npz, info.is_main, cfg.batch_size,
+                           cfg.out)
         return _evaluate(run, plan, cfg, info, t_start)
+    except BaseException as exc:
+        if owns_group:
+            rank_failed(exc)
+        raise
     finally:
         if owns_group:
             shutdown()
@@ -322,7 +336,6 @@ def evaluate(
 
 def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
               t_start: float) -> dict[str, Any]:
-    from ismctl.sampling.generate import generate_images
     from ismctl.system.distributed import barrier
 
     rank, world, device = info.rank, info.world_size, info.device
@@ -346,25 +359,43 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
     reference_s = time.perf_counter() - t_ref
 
     points: list[dict[str, Any]] = []
+    requests: dict[str, dict[str, Any]] = {}
+    chunks_root = _chunks_root(cfg)
     for pt in cfg.points:
-        t0 = time.perf_counter()
-        images, labels = generate_images(run, cfg.num_samples, pt.steps, pt.guidance, cfg.seed,
-                                         cfg.batch_size, progress=cfg.progress, rank=rank,
-                                         world_size=world, sampler=pt.sampler)
-        t1 = time.perf_counter()
-        local = {key: extract_features(ext, iter_batches(images, fbatch), device)
-                 for key, ext in extractors.items()}
+        folder = chunks_root / pt.tag()
+        request = _chunk_request(run, plan, cfg, pt)
+        fresh = open_chunks(folder, request, info.is_main)
+        if fresh and cfg.save_png and info.is_main:
+            from ismctl.sampling.pngdir import clear_png_folder
+
+            clear_png_folder(_png_folder(cfg, pt))
+        npz = _npz_path(cfg, pt)
+        sinks = []
+        if cfg.save_npz and info.is_main:
+            sinks.append(_npz_sink(npz, request, cfg.num_samples).write)
+        barrier()
+        if cfg.save_npz and not info.is_main:
+            sinks.append(_npz_sink(npz, request, cfg.num_samples).write)
         if cfg.save_png:
-            _write_png_share(cfg, pt, images, labels, rank, world)
-        t2 = time.perf_counter()
-        shared = gather_objects((local, labels.numpy(),
-                                 images.numpy() if cfg.save_npz else None))
+            sinks.append(lambda idx, imgs, labs, pt=pt: _write_pngs(cfg, pt, idx, imgs, labs))
+        share = run_point(run, pt, cfg.num_samples, cfg.seed, cfg.batch_size, extractors, fbatch,
+                          device, folder, rank, world, cfg.progress, sinks)
+        shared: list[PointShare] = gather_objects(share)
         if not info.is_main:
             continue
-        point = _score_point(run, plan, cfg, refs, pt, shared, images, labels)
-        point["timings"] = {"generate_s": t1 - t0, "features_s": t2 - t1,
+        t2 = time.perf_counter()
+        if share.resumed and cfg.progress:
+            console.print(f"{pt.label()}: {share.resumed:,} samples from finished chunks in "
+                          f"{folder}", markup=False, highlight=False)
+        feats, all_labels = merge_shares(shared)
+        point = _score_point(run, plan, cfg, refs, pt, feats, all_labels, share.grid)
+        if cfg.save_npz:
+            point["npz"] = str(npz)
+            requests[str(npz)] = request
+        made = max(cfg.num_samples - sum(s.resumed for s in shared), 0)
+        point["timings"] = {"generate_s": share.generate_s, "features_s": share.features_s,
                             "metrics_s": time.perf_counter() - t2,
-                            "images_per_s": cfg.num_samples / max(t1 - t0, 1e-9)}
+                            "images_per_s": made / world / max(share.generate_s, 1e-9)}
         points.append(point)
         if cfg.progress:
             console.print(f"{pt.label()}: " + ", ".join(
@@ -381,7 +412,13 @@ def _evaluate(run: Any, plan: MetricPlan, cfg: Settings, info: Any,
             results["remembered"] = str(remember_best(run.run_dir, chosen))
     plot = write_plot(cfg.out.parent / f"{cfg.out.stem}-plot.png", results)
     results["plot"] = str(plot) if plot is not None else None
+    # Every point's .npz is assembled from its chunks last, so that an evaluation stopped before
+    # its results finds every chunk again.
+    for npz, request in requests.items():
+        _finish_npz(Path(npz), request, cfg.num_samples)
     write_results_json(cfg.out, results)
+    # The results hold what the chunks were kept for.
+    shutil.rmtree(chunks_root, ignore_errors=True)
     if cfg.progress:
         print_results(results, console)
         console.print(f"[green]wrote[/] {escape(str(cfg.out))}")
@@ -401,33 +438,60 @@ def _png_folder(cfg: Settings, pt: Point) -> Path:
     return cfg.out.parent / f"{cfg.out.stem}-samples-{pt.tag()}"
 
 
-def _write_png_share(cfg: Settings, pt: Point, images: torch.Tensor, labels: torch.Tensor,
-                     rank: int, world: int) -> None:
-    """Every rank writes its own samples (global indices ``rank::world``) into the folder."""
-    from ismctl.sampling.pngdir import clear_png_folder, write_png_folder
-    from ismctl.system.distributed import barrier
+def _chunks_root(cfg: Settings) -> Path:
+    return cfg.out.parent / f"{cfg.out.stem}-chunks"
 
-    folder = _png_folder(cfg, pt)
-    if rank == 0:
-        clear_png_folder(folder)
-    barrier()
-    write_png_folder(folder, images.numpy(), labels.numpy(),
-                     np.arange(cfg.num_samples)[rank::world], clear=False)
+
+def _npz_path(cfg: Settings, pt: Point) -> Path:
+    return cfg.out.parent / f"{cfg.out.stem}-samples-{pt.tag()}.npz"
+
+
+def _npz_sink(path: Path, request: dict[str, Any], num: int) -> Any:
+    from ismctl.sampling.streamout import NpzSink
+
+    return NpzSink(path, request, num)
+
+
+def _finish_npz(path: Path, request: dict[str, Any], num: int) -> None:
+    from ismctl.sampling.streamout import PARTIAL_SUFFIX
+
+    if path.is_file() and not path.with_name(path.name + PARTIAL_SUFFIX).exists():
+        return  # assembled already, by this evaluation before it was stopped
+    _npz_sink(path, request, num).finish()
+
+
+def _chunk_request(run: Any, plan: MetricPlan, cfg: Settings, pt: Point) -> dict[str, Any]:
+    """What a point's finished chunks were made for: only chunks of the same request are
+    taken up again."""
+    return {"checkpoint": str(Path(run.checkpoint).resolve()), "weights_sha256": run.sha256,
+            "which": cfg.which, "steps": pt.steps, "guidance": pt.guidance,
+            "sampler": pt.sampler, "seed": cfg.seed, "num_samples": cfg.num_samples,
+            "chunk": chunk_size(cfg.batch_size), "save_npz": cfg.save_npz,
+            "save_png": cfg.save_png,
+            "extractors": {key: [g.spec.identity(), list(g.layers)]
+                           for key, g in plan.groups.items()}}
+
+
+def _write_pngs(cfg: Settings, pt: Point, indices: np.ndarray, images: np.ndarray,
+                labels: np.ndarray) -> None:
+    """Every rank writes its own samples into the folder, batch by batch."""
+    from ismctl.sampling.pngdir import write_png_folder
+
+    write_png_folder(_png_folder(cfg, pt), images, labels, indices, clear=False)
 
 
 def _score_point(run: Any, plan: MetricPlan, cfg: Settings, refs: dict[str, ReferenceStats],
-                 pt: Point, shared: list[Any], images: torch.Tensor,
-                 labels: torch.Tensor) -> dict[str, Any]:
-    """Rank 0: metrics of the gathered sample set, its grid and (optionally) its .npz."""
+                 pt: Point, feats: dict[str, dict[str, np.ndarray]], all_labels: np.ndarray,
+                 grid_images: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
+    """Rank 0: metrics of the gathered sample set and its grid."""
     from ismctl.sampling.generate import arrange_by_class, save_grid
 
-    feats = {key: {layer: interleave([p[0][key][layer] for p in shared]) for layer in layers}
-             for key, layers in shared[0][0].items()}
-    all_labels = interleave([p[1] for p in shared])
     tag = pt.tag()
     grid = cfg.out.parent / f"{cfg.out.stem}-grid-{tag}.png"
-    # The grid shows the first samples of rank 0's share, one class per column when few.
-    shown, nrow = arrange_by_class(images[:GRID_MAX], labels[:GRID_MAX],
+    # The grid shows the first samples of the set, one class per column when few.
+    assert grid_images is not None
+    shown, nrow = arrange_by_class(torch.from_numpy(grid_images[0][:GRID_MAX]),
+                                   torch.from_numpy(grid_images[1][:GRID_MAX]),
                                    run.manifest.num_classes)
     save_grid(shown, grid, nrow)
     point: dict[str, Any] = {
@@ -437,10 +501,6 @@ def _score_point(run: Any, plan: MetricPlan, cfg: Settings, refs: dict[str, Refe
     }
     if cfg.save_png:
         point["png_folder"] = str(_png_folder(cfg, pt))
-    if cfg.save_npz:
-        npz = cfg.out.parent / f"{cfg.out.stem}-samples-{tag}.npz"
-        write_samples_npz(npz, interleave([p[2] for p in shared]), all_labels)
-        point["npz"] = str(npz)
     return point
 
 

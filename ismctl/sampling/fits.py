@@ -131,13 +131,18 @@ def check_sample_request(out: Path, kind: str, num: int, image: tuple[int, int, 
 
 
 def check_eval_request(num: int, world_size: int, image: tuple[int, int, int],
-                       extractors: int, save_npz: bool, is_main: bool) -> None:
-    """``ismctl eval``: each rank holds its share of a point's images and their features;
-    rank 0 gathers every rank's features (and, with ``--save-npz``, the images)."""
+                       extractors: int, save_npz: bool, is_main: bool, batch_size: int = 1,
+                       out: Path | None = None) -> None:
+    """``ismctl eval``: each rank holds one batch of images at a time and the features of its
+    share of a point; rank 0 gathers every rank's features. With ``--save-npz`` the images go
+    to disk as they are made (twice, for a moment, while the file is assembled)."""
     per_image = math.prod(image)
     share = math.ceil(num / world_size)
-    need = share * (per_image + extractors * FEATURE_BYTES)
+    need = 2 * min(batch_size, share) * per_image + share * extractors * FEATURE_BYTES
     if is_main:
-        need += num * extractors * FEATURE_BYTES + (2 * num * per_image if save_npz else 0)
+        need += num * extractors * FEATURE_BYTES
     check_memory(f"evaluating {num:,} samples of {image[1]}x{image[0]}x{image[2]} per point",
-                 need, "lower --num-samples, or share them among more ranks (torchrun)")
+                 need, "lower --num-samples or --batch-size, or share them among more ranks "
+                 "(torchrun)")
+    if save_npz and out is not None and is_main:
+        check_disk(out, f"an .npz of {num:,} images per point", 2 * num * (per_image + 8))

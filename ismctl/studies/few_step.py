@@ -56,7 +56,8 @@ Any recipe enters the same protocol with ``--method NAME:RECIPE:KEY=V1,V2,...`` 
 its guidance is baked, ``guidance.w_max`` when it is intrinsic, widened the same way at both
 ends while the recipe accepts the value. Its results are kept like the others', under its name.
 
-Training and evaluation run as ``ismctl`` subprocesses (``--jobs`` at a time, one thread each).
+Training and evaluation run as ``ismctl`` subprocesses (``--jobs`` at a time, one thread each),
+or with ``--launch slurm`` as one SLURM job each (``ismctl.system.slurm``), ``--jobs`` in flight.
 Once a run is trained its intermediate checkpoints keep only the inference weights, all an
 evaluation reads; run folders (``runs/few-step``) stay out of the repository.
 """
@@ -83,6 +84,7 @@ from typing import Any
 from ismctl.config.recipe import Recipe, load_recipe
 from ismctl.sampling.protocol import Point, plan_points, run_sampler
 from ismctl.sampling.sampler import TWO_PASS
+from ismctl.system.slurm import SlurmOptions, run_and_wait, slurm_options
 from ismctl.utils.errors import UserError
 from ismctl.utils.fileio import atomic_path, atomic_write_text, write_json
 
@@ -312,8 +314,10 @@ class Study:
 
     def __init__(self, out: Path, train_steps: int, seeds: list[int], jobs: int,
                  ismctl: list[str], data: str | None = None, results: Path = RESULTS,
-                 methods: Iterable[str] = DEFAULT_METHODS) -> None:
+                 methods: Iterable[str] = DEFAULT_METHODS,
+                 launch: SlurmOptions | None = None) -> None:
         self.out, self.train_steps, self.seeds, self.jobs = out, train_steps, seeds, jobs
+        self.launch = launch
         self.ismctl, self.data = ismctl, data
         self.results = Results(results)
         self.methods = [METHODS[name] for name in methods]
@@ -326,6 +330,11 @@ class Study:
         return run_dir / "checkpoints" / f"step-{step:07d}"
 
     def _call(self, args: list[str], log: Path) -> None:
+        if self.launch is not None:
+            # One SLURM job per command (``--jobs`` of them in flight), waited for here.
+            run_and_wait(self.out / "slurm", self.launch, log.stem,
+                         [*args, "--threads", "1"], self.out)
+            return
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as fh:
@@ -808,7 +817,13 @@ def main(argv: list[str] | None = None) -> None:
                             "recipe and its knob grid, compared by the same protocol")
     run.add_argument("out", nargs="?", type=Path, default=Path("runs/few-step"),
                      help="run folders (scratch: checkpoints, logs)")
-    run.add_argument("--jobs", type=int, default=2, help="subprocesses at a time")
+    run.add_argument("--jobs", type=int, default=2,
+                     help="subprocesses (with --launch slurm: SLURM jobs) at a time")
+    run.add_argument("--launch", choices=["slurm"],
+                     help="run each training and evaluation as a SLURM job")
+    run.add_argument("--launch-config", type=Path,
+                     help="--launch slurm: a YAML file with a 'launch:' block (partition, "
+                     "time, gpus_per_node, sbatch lines, ...)")
     run.add_argument("--data", help="prepared digits (default: the recipes' data/digits, "
                      "relative to the working folder)")
     rep.add_argument("--json", type=Path, help="write the summary here")
@@ -828,9 +843,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := [m for m in methods if m not in METHODS]:
         parser.error(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
     ismctl = [sys.executable, "-m", "ismctl"]
+    launch = (slurm_options(args.launch_config) if getattr(args, "launch", None) == "slurm"
+              else None)
     study = Study(getattr(args, "out", Path("runs/few-step")), args.steps, seeds,
                   getattr(args, "jobs", 1), ismctl, getattr(args, "data", None), args.results,
-                  methods)
+                  methods, launch)
     if args.command == "run":
         run_study(study)
     summary = summarise(study)

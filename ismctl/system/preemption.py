@@ -43,6 +43,10 @@ INTERRUPT = signal.SIGINT
 class Preempted(Exception):
     """Training stopped on a signal after writing a checkpoint; resuming continues exactly."""
 
+    # Every rank raises it at the same step, after the same checkpoint: not one rank's failure
+    # (ismctl.system.distributed.rank_failed).
+    all_ranks = True
+
     def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
         super().__init__(f"stopped at step {step} by {signal_name}, checkpoint {checkpoint} "
                          "written; continue with --resume (or --auto-resume)")
@@ -52,6 +56,9 @@ class Preempted(Exception):
 class Interrupted(BaseException):  # noqa: N818 - what the user did, not an error
     """Ctrl-C stopped a command; the message says what was kept or lost. A BaseException,
     like KeyboardInterrupt, so that no ``except Exception`` swallows it on its way out."""
+
+    # Ctrl-C reaches every process of the terminal's group, every rank.
+    all_ranks = True
 
 
 class Aborted(Interrupted):

@@ -45,6 +45,7 @@ common.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -69,6 +70,7 @@ from ismctl.config.recipe import (
 from ismctl.objectives import sampling
 from ismctl.sampling.protocol import Grid, plan_points, run_sampler
 from ismctl.system.launch import Torchrun
+from ismctl.system.slurm import Cell, Launcher, SlurmOptions, print_states
 from ismctl.tools.ablate_report import aggregate, main_values, markdown, results_table, summarise
 from ismctl.tools.ablate_report import write_chart as write_chart
 from ismctl.training.resume import check_resumable
@@ -409,12 +411,17 @@ def _threads_args(threads: int | None) -> list[str]:
     return [] if threads is None else ["--threads", str(threads)]
 
 
+def _train_args(yaml_path: Path, progress: bool, threads: int | None) -> list[str]:
+    """The ``ismctl train`` arguments of a variant's run (torchrun and SLURM jobs)."""
+    flag = "--progress" if progress else "--no-progress"
+    return ["train", str(yaml_path), "--auto-resume", flag, *_threads_args(threads)]
+
+
 def _train_variant(recipe: Recipe, yaml_path: Path, torchrun: Torchrun | None, progress: bool,
                    threads: int | None = None) -> None:
     if torchrun is not None:
-        flag = "--progress" if progress else "--no-progress"
-        _run_subprocess([*torchrun.command(f"train-{recipe.run.name}"), "train", str(yaml_path),
-                         "--auto-resume", flag, *_threads_args(threads)],
+        _run_subprocess([*torchrun.command(f"train-{recipe.run.name}"),
+                         *_train_args(yaml_path, progress, threads)],
                         f"train {recipe.run.name}")
         return
     from ismctl.training.trainer import train
@@ -422,23 +429,30 @@ def _train_variant(recipe: Recipe, yaml_path: Path, torchrun: Torchrun | None, p
     train(recipe, str(yaml_path), resume="auto", overwrite=False, progress=progress)
 
 
+def _eval_args(run_dir: Path, out: Path, cfg: EvalSettings, guidance: Grid,
+               threads: int | None) -> list[str]:
+    """The ``ismctl eval`` arguments of a variant's run (torchrun and SLURM jobs)."""
+    # A per-step-count grid cannot be said on the command line: the run's recipe holds it.
+    grid = [] if isinstance(guidance, dict) else [
+        "--guidance", ",".join(f"{w:g}" for w in guidance)]
+    cmd = ["eval", str(run_dir), "--steps", ",".join(map(str, cfg.steps)),
+           *grid, "--num-samples", str(cfg.num_samples), "--metrics", ",".join(cfg.metrics),
+           "--out", str(out), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed),
+           "--device", cfg.device]
+    if cfg.ref:
+        cmd += ["--ref", cfg.ref]
+    if cfg.inception_weights:
+        cmd += ["--inception-weights", cfg.inception_weights]
+    return [*cmd, *_threads_args(threads)]
+
+
 def _eval_variant(run_dir: Path, out: Path, cfg: EvalSettings, guidance: Grid,
                   torchrun: Torchrun | None, progress: bool,
                   threads: int | None = None) -> dict[str, Any]:
     if torchrun is not None:
-        # A per-step-count grid cannot be said on the command line: the run's recipe holds it.
-        grid = [] if isinstance(guidance, dict) else [
-            "--guidance", ",".join(f"{w:g}" for w in guidance)]
-        cmd = [*torchrun.command(f"eval-{run_dir.name}"), "eval", str(run_dir),
-               "--steps", ",".join(map(str, cfg.steps)),
-               *grid, "--num-samples", str(cfg.num_samples), "--metrics", ",".join(cfg.metrics),
-               "--out", str(out), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed),
-               "--device", cfg.device]
-        if cfg.ref:
-            cmd += ["--ref", cfg.ref]
-        if cfg.inception_weights:
-            cmd += ["--inception-weights", cfg.inception_weights]
-        _run_subprocess([*cmd, *_threads_args(threads)], f"eval {run_dir.name}")
+        _run_subprocess([*torchrun.command(f"eval-{run_dir.name}"),
+                         *_eval_args(run_dir, out, cfg, guidance, threads)],
+                        f"eval {run_dir.name}")
         # Rank 0 of the job wrote the results; only the main node reads and reports them.
         return json.loads(out.read_text()) if torchrun.is_main_node else {}
     from ismctl.evaluation import evaluate
@@ -507,8 +521,10 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
                  inception_weights: str | None = None, seeds: list[int] | None = None,
                  sweep: str | None = None, nodes: Torchrun | None = None,
                  threads: int | None = None, report_name: str = "ablation",
-                 baseline: str | None = None, methods: list[str] | None = None,
-                 plugins: list[str] | None = None, dry_run: bool = False) -> dict[str, Any]:
+                 baseline: str | None = None, slurm: SlurmOptions | None = None,
+                 submit: bool = True, report_mode: str = "all",
+                 methods: list[str] | None = None, plugins: list[str] | None = None,
+                 dry_run: bool = False) -> dict[str, Any]:
     """Plan, train, evaluate and compare the ablation variants; returns the report dict
     (also written as ``<report_name>.json``, ``.md`` and ``.png`` in the folder, so several
     studies can share one folder and the runs they have in common).
@@ -521,9 +537,27 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
 
     ``nodes``: the multi-node part of the torchrun launch (nnodes, node rank, rendezvous); every
     node runs the same command, and only node 0 writes the report (empty dict elsewhere).
+
+    ``launch="slurm"``: every run (variant x seed) is one cell of :mod:`ismctl.system.slurm`, one
+    SLURM job (one job array for the cells submitted together) that trains and evaluates it on
+    the allocation ``slurm`` describes. The call returns at once with the cells' states
+    (``{"cells": [...]}``); the cells neither done nor queued are submitted (``submit``), and
+    the report is written by the last cell to finish (or by a call that finds every cell done).
+    ``submit=False`` only looks: it writes the report of the variants finished so far.
+    ``report_mode``: ``all`` trains and evaluates what is missing; ``finished`` reports the
+    variants whose every run is done and leaves the others out; ``complete`` writes the report
+    only when every run is done (else returns an empty dict), training nothing.
     """
-    if launch not in (None, "torchrun"):
-        raise UserError(f"--launch {launch}: expected 'torchrun' (or nothing: in this process)")
+    if launch not in (None, "torchrun", "slurm"):
+        raise UserError(f"--launch {launch}: expected 'torchrun' or 'slurm' (or nothing: in "
+                        "this process)")
+    report_args: dict[str, Any] = dict(
+        recipe_path=recipe_path, disable=disable, cumulative=cumulative, overrides=overrides,
+        out=out, eval_num_samples=eval_num_samples, progress=False,
+        inception_weights=inception_weights, seeds=seeds, sweep=sweep, threads=threads,
+        report_name=report_name, baseline=baseline, methods=methods, plugins=plugins)
+    if launch == "slurm":
+        slurm = slurm or SlurmOptions(nproc_per_node=nproc_per_node)
     if not report_name or "/" in report_name:
         raise UserError(f"--report {report_name!r}: a file name stem, e.g. ablation")
     if nproc_per_node < 1:
@@ -551,6 +585,7 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
         # The file itself (a shipped recipe's name resolved), so that sm_<size>.yaml beside it
         # is found.
         path = str(find_recipe(recipe_path or DEFAULT_RECIPE))
+        report_args["recipe_path"] = path
         base = load_recipe(path, overrides, plugins)
         if sweep is not None:
             if disable or cumulative:
@@ -581,6 +616,9 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
     notes: list[str] = []
     total = len(variants) * len(train_seeds)
     select = None
+    cells: list[Cell] = []
+    unfinished: list[str] = []
+    report_args["out"] = str(folder)
     for v_index, (name, recipe) in enumerate(variants):
         label = labels[name]
         runs, results_list = [], []
@@ -594,6 +632,24 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
             save_recipe(run, yaml_path)
             head = (f"[bold]ablate[/] {v_index * len(train_seeds) + s_index + 1}/{total} "
                     f"{rname} ({label})")
+            if launch == "slurm" or report_mode != "all":
+                done = _run_done(run, run_dir, cfg)
+                if launch == "slurm":
+                    results_path = run_dir / "eval" / "results.json"
+                    guidance = _point_guidance(run, cfg)
+                    after = functools.partial(
+                        _cell_finished, str(run_dir), cfg.key(run.train.steps, guidance),
+                        report_args)
+                    cells.append(Cell(rname, [
+                        _train_args(yaml_path, False, threads),
+                        _eval_args(run_dir, results_path, cfg, guidance, threads)],
+                        run_dir, done, after))
+                    continue
+                if not done:
+                    unfinished.append(rname)
+                    if report_mode == "complete":
+                        return {}
+                    continue
             if _final_step(run_dir) == run.train.steps:
                 console.print(f"{head}: trained, final checkpoint found", markup=False)
             else:
@@ -607,7 +663,7 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
             runs.append({"seed": seed, "run_dir": str(run_dir), "recipe": str(yaml_path),
                          "results": str(run_dir / "eval" / "results.json")})
             results_list.append(results)
-        if not main_node:
+        if not main_node or launch == "slurm" or not runs or len(runs) < len(train_seeds):
             continue
         rows.append({"name": name, "label": label,
                      "disabled": [] if mode in ("sweep", "compare") else _disabled_of(name),
@@ -615,6 +671,8 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
                      **aggregate(results_list, select)})
         if paper:
             rows[-1]["paper_fid"] = paper_fid(name)
+    if launch == "slurm":
+        return _on_slurm(cells, folder, slurm, submit, report_args, report_name, console)
     if not main_node:
         console.print(f"node {torchrun.node_rank}: every variant done; node 0 writes the report")
         return {}
@@ -627,6 +685,7 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
                  "metrics": cfg.metrics, "ref": cfg.ref, "seed": cfg.seed},
         "select_by": select, "reference_variant": reference, "notes": notes, "variants": rows,
         "baseline": _baseline_info(mode, baseline_path),
+        "unfinished": unfinished,
     }
     report.update(summarise(rows, reference))
     report["main_metrics"] = main_values(report["value_names"], select)
@@ -662,6 +721,47 @@ def print_ablation_plan(variants: list[tuple[str, Recipe]], labels: dict[str, st
                       f"{'; '.join(points)}", markup=False, highlight=False, soft_wrap=True)
     console.print("dry run: nothing trained or written", markup=False, highlight=False)
     return {"dry_run": True, "folder": str(folder), "variants": plan}
+
+
+def _run_done(recipe: Recipe, run_dir: Path, cfg: EvalSettings) -> bool:
+    """Trained to its last step and evaluated with these settings."""
+    key_path = run_dir / "eval" / "ablation-settings.json"
+    if _final_step(run_dir) != recipe.train.steps or not key_path.is_file():
+        return False
+    try:
+        stored = json.loads(key_path.read_text())
+    except ValueError:
+        return False
+    return ((run_dir / "eval" / "results.json").is_file()
+            and stored == cfg.key(recipe.train.steps, _point_guidance(recipe, cfg)))
+
+
+def _cell_finished(run_dir: str, key: dict[str, Any], report_args: dict[str, Any]) -> None:
+    """The end of a SLURM cell (its job's task 0): mark its evaluation as made with the
+    ablation's settings, and write the report if it was the last cell to finish."""
+    atomic_write_text(Path(run_dir) / "eval" / "ablation-settings.json",
+                      json.dumps(key, indent=2) + "\n")
+    run_ablation(**report_args, report_mode="complete")
+
+
+def _on_slurm(cells: list[Cell], folder: Path, options: SlurmOptions, submit: bool,
+              report_args: dict[str, Any], report_name: str,
+              console: Console) -> dict[str, Any]:
+    """Submit the cells neither done nor queued and show every cell's state; the report when
+    every cell is done (with ``submit=False``, of the variants finished so far)."""
+    launcher = Launcher(folder / "slurm", options, f"ismctl-ablate-{folder.name}")
+    states = launcher.sync(cells, submit=submit)
+    print_states(states, console, f"ismctl ablate --launch slurm: {folder}")
+    out: dict[str, Any] = {"cells": [vars(s) for s in states]}
+    if all(s.state == "done" for s in states):
+        return run_ablation(**report_args) | out
+    if not submit and any(s.state == "done" for s in states):
+        return run_ablation(**report_args, report_mode="finished") | out
+    waiting = sum(s.state in ("pending", "running", "submitted") for s in states)
+    console.print(f"{waiting} of {len(states)} cells queued; the last to finish writes "
+                  f"{folder}/{report_name}.{{json,md,png}} (--status shows the cells and "
+                  "reports the finished ones)", markup=False, highlight=False)
+    return out
 
 
 def _baseline_info(mode: str, path: str | None) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from ismctl.config.recipe import Recipe
 from ismctl.losses import build_loss
 from ismctl.losses.band_stats import band_stats_for_run
 from ismctl.runs.checkpoint import checkpoint_dir
-from ismctl.system.distributed import DistInfo, init_distributed, shutdown
+from ismctl.system.distributed import DistInfo, init_distributed, rank_failed, shutdown
 from ismctl.system.preemption import Preempted, StopSignals
 from ismctl.training.monitor import Monitor
 from ismctl.training.preflight import check_start
@@ -53,6 +53,9 @@ def train(recipe: Recipe, recipe_path: str | None = None, resume: bool | str = F
     try:
         with contextlib.ExitStack() as hold:
             return _train(recipe, recipe_path, resume, overwrite, progress, info, hold)
+    except BaseException as exc:
+        rank_failed(exc)
+        raise
     finally:
         shutdown()
 

@@ -127,8 +127,9 @@ def test_settings_models_stay_with_their_mode() -> None:
         ObjectiveCfg(mode="toy-flow", plugins=[TOY])
 
 
-def test_registering_another_objective_under_a_taken_name_is_refused() -> None:
+def test_registering_another_objective_under_a_taken_name_is_refused(plugin_registry) -> None:
     """Taken by an installed package (loaded or not yet) or by an earlier registration."""
+    plugin_registry._REGISTRY.pop("sm", None)   # not loaded yet: its entry point still holds it
     def other(name: str) -> ObjectiveSpec:
         return ObjectiveSpec(name=name, fn=lambda *a: {}, jump_embedding="table",
                              settings=ObjectiveCfg, sampling=builtin._sm_sampling,

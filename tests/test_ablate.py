@@ -465,3 +465,57 @@ def test_ablate_cli_baseline_option(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["ablate", quick, "--cumulative", "--baseline", "missing.yaml",
                                    "--out", str(tmp_path)])
     assert isinstance(res.exception, UserError) and "missing.yaml" in str(res.exception)
+
+
+def test_stored_results_are_reused_only_for_the_same_evaluation(
+        quickstart: Recipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variant's results are reused only when they come from the evaluation asked for now:
+    the same checkpoint, step counts, w grid, sample count, metrics, reference, seed and
+    Inception weights. Results of another evaluation (100 samples where 50,000 are asked, an
+    older checkpoint, a plain `ismctl eval` with no record of its settings) are evaluated anew."""
+    import dataclasses
+
+    import ismctl.evaluation as evaluation
+    from ismctl.tools.ablate import _evaluated, eval_settings
+
+    calls: list[tuple[Any, ...]] = []
+
+    def evaluate(run_dir: str, steps: list[int], guidance: Any, num_samples: int, *args: Any,
+                 **kwargs: Any) -> dict[str, Any]:
+        calls.append((steps, guidance, num_samples))
+        out = Path(args[2])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        results = {"num_samples": num_samples, "n": len(calls)}
+        out.write_text(json.dumps(results))
+        return results
+
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    run_dir = tmp_path / "variant"
+    run_dir.mkdir()
+    cfg = eval_settings(quickstart, 100, None)
+
+    def ask(recipe: Recipe = quickstart, **change: Any) -> dict[str, Any]:
+        from rich.console import Console
+
+        settings = dataclasses.replace(cfg, **change)
+        return _evaluated(recipe, run_dir, settings, None, False, Console(quiet=True), "v")
+
+    first = ask()
+    assert len(calls) == 1 and first["num_samples"] == 100
+    assert ask() == first and len(calls) == 1, "the same evaluation is reused"
+    changes_ = [{"num_samples": 50_000}, {"steps": [1]}, {"guidance": [0.0, 2.0]},
+                {"metrics": ["acc"]}, {"ref": "other.npz"}, {"seed": 7},
+                {"inception_weights": "w.pt"}]
+    for n, change in enumerate(changes_, start=2):
+        got = ask(**change)
+        assert len(calls) == n and got["n"] == n, change
+        assert ask(**change) == got and len(calls) == n, change
+    # Another checkpoint (the run trained further).
+    longer = quickstart.model_copy(update={"train": quickstart.train.model_copy(
+        update={"steps": quickstart.train.steps + 1})})
+    ask(longer)
+    assert len(calls) == len(changes_) + 2
+    # Results without the record of their settings.
+    (run_dir / "eval" / "ablation-settings.json").unlink()
+    ask()
+    assert len(calls) == len(changes_) + 3 and calls[-1][2] == 100

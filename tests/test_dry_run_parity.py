@@ -154,16 +154,39 @@ def test_train_and_dry_run_refuse_alike(
     assert snapshot(world["root"]) == before, "a refused start wrote something"
 
 
-def test_the_cases_cover_the_trainers_checks() -> None:
-    """A reminder to add a case here when the trainer gains a refusal: the checks live in
-    one function, and this list names what it refuses."""
-    import inspect
+CHECKS = [
+    ("ismctl.training.preflight", "check_data"),
+    ("ismctl.training.preflight", "batches_per_pool"),
+    ("ismctl.training.preflight", "batches_per_rank"),
+    ("ismctl.training.preflight", "run_directory"),
+    ("ismctl.runs.checkpoint", "model_from_recipe"),
+    ("ismctl.losses", "build_loss"),
+    ("ismctl.training.runlock", "check_unlocked"),
+    ("ismctl.training.resume", "check_run_start"),
+    ("ismctl.runs.checkpoint", "newest_intact"),
+    ("ismctl.networks.pretrained", "check_init_from"),
+]
 
-    import ismctl.training.preflight as preflight
 
-    source = inspect.getsource(preflight.check_start)
-    for call in ("check_data", "batches_per_pool", "batches_per_rank", "model_from_recipe",
-                 "build_loss", "check_unlocked", "check_run_start", "newest_intact",
-                 "check_init_from"):
-        assert call in source, call
-    assert len(CASES) >= 17
+@pytest.mark.parametrize(("module", "name"), CHECKS, ids=[c[1] for c in CHECKS])
+def test_train_and_dry_run_pass_through_every_check(
+        module: str, name: str, world: dict[str, Path], ismctl_main: Callable[..., int],
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each check the trainer makes before writing, made to refuse: `train` and
+    `train --dry-run` both stop on it with its line and write nothing (a resume, so that the
+    newest intact checkpoint is looked for too)."""
+    import importlib
+
+    from ismctl.utils.errors import UserError
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise UserError(f"refused by {name}")
+
+    monkeypatch.setattr(importlib.import_module(module), name, refuse)
+    before = snapshot(world["root"])
+    for extra in (["--dry-run"], []):
+        assert ismctl_main("train", QUICK, "--no-progress", *base(world, "done"), "--resume",
+                           *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert f"refused by {name}" in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(world["root"]) == before

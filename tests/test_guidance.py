@@ -69,3 +69,21 @@ def test_interval_weight_zeroes_high_noise_end() -> None:
     w = torch.tensor([2.0, 2.0, 2.0, 1.0, 3.0])
     torch.testing.assert_close(interval_weight(t, w, 0.3), torch.tensor([0.0, 0.0, 2.0, 1.0, 3.0]))
     torch.testing.assert_close(interval_weight(t, w, 0.0), w)
+
+
+def test_per_sample_strength_takes_the_velocity_dtype() -> None:
+    """A float64 strength does not promote float32 (or bf16) velocities."""
+    for dtype in (torch.float32, torch.bfloat16):
+        vc, vn = torch.randn(2, 3, 2, 2).to(dtype)
+        out = cfg_combine(vc, vn, torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64))
+        assert out.dtype == dtype
+
+
+def test_baked_scale_accepts_kappa_in_zero_to_one() -> None:
+    from ismctl.objectives.guidance import baked_scale
+
+    assert baked_scale(1.0, 0.0) == 1.0
+    assert baked_scale(0.5, 0.75) == pytest.approx(2.0)
+    for kappa in (1.0, 1.5, -0.1):
+        with pytest.raises(UserError, match="kappa"):
+            baked_scale(0.5, kappa)

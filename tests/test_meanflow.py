@@ -290,25 +290,38 @@ def test_batch_layout_targets_and_adaptive_weight() -> None:
 
 
 def test_baked_guidance_target_interval_and_dropout() -> None:
+    """The d = 0 targets are omega v + kappa F_c + (1 - omega - kappa) F_null on labelled rows
+    inside the interval (t >= 0.4) and v elsewhere; the linear field's F_c - F_null = 2 and
+    F_null = 0.5 x + 2 t - 1 at d = 0, w = 0."""
     x0, x1, y = _batch(16, 7)
     obj = ObjectiveCfg(mode="meanflow", class_dropout=0.3, adaptive_p=0.0, bootstrap_fraction=0.25)
     guid = GuidanceCfg(omega=0.5, kappa=0.25, interval_start=0.4)
     captured = {}
 
     def model(x, t, d, yy, w):
-        captured.update(t=t, d=d, y=yy)
+        captured.update(x=x, t=t, d=d, y=yy)
         return torch.zeros_like(x, requires_grad=True)
 
+    def loss(pred, target):
+        captured["target"] = target
+        return (pred - target).pow(2).sum((1, 2, 3))
+
     tgt = Recorder(_linear_field)
-    meanflow_loss(model, tgt, x0, x1, y, obj, guid, lambda p, q: (p - q).pow(2).sum((1, 2, 3)),
-                  NUM_CLASSES, torch.Generator().manual_seed(1))
-    t, labels = captured["t"], captured["y"]
+    meanflow_loss(model, tgt, x0, x1, y, obj, guid, loss, NUM_CLASSES,
+                  torch.Generator().manual_seed(1))
+    t, labels, x = captured["t"], captured["y"], captured["x"]
     # First call: cond and null rows of the whole batch at d = 0, w = 0.
     first = tgt.calls[0]
     assert torch.equal(first["y"], torch.cat([labels, torch.full_like(labels, NULL)]))
     assert (first["d"] == 0).all() and (first["w"] == 0).all()
     assert (labels == NULL).any() and (labels != NULL).any()
-    assert ((t < 0.4) & (labels != NULL)).any() and ((t >= 0.4) & (labels != NULL)).any()
+    apply = (t >= 0.4) & (labels != NULL)
+    assert apply[:12].any() and ((t < 0.4) & (labels != NULL))[:12].any()
+    v = x1 - x0
+    f_null = 0.5 * x + _col(2 * t - 1)
+    guided = 0.5 * v + 0.25 * (f_null + 2) + 0.25 * f_null
+    want = torch.where(_col(apply), guided, v)
+    torch.testing.assert_close(captured["target"][:12], want[:12])
 
 
 def _official_cond_drop(labels: Tensor, v_t: Tensor, v_g: Tensor, u: Tensor, p: float,
@@ -505,6 +518,11 @@ def test_flops_count_the_jvp_and_guidance_rows() -> None:
     mf = Recipe.model_validate({"objective": {"mode": "meanflow"},
                                 "guidance": {"omega": 1.0, "kappa": 0.5}})
     assert flops_per_sample(mf, model) / fwd == pytest.approx((3 + 2 + 0.5) / 3.5)
+    # No guidance in the target (omega 1, kappa 0): only the JVP of the d > 0 rows.
+    spec = get_objective("meanflow")
+    assert spec.target_passes(ObjectiveCfg(mode="meanflow"), GuidanceCfg()) == 0.5
+    assert spec.target_passes(ObjectiveCfg(mode="meanflow", meanflow_guidance="intrinsic"),
+                              GuidanceCfg(w_max=0.0)) == 0.5
     assert math.isfinite(flops_per_sample(mf, model))
 
 
@@ -625,19 +643,41 @@ def test_bench_reports_the_meanflow_step_against_flow_matching() -> None:
 
 def test_composes_with_the_wavelet_loss_and_intrinsic_interval_guidance() -> None:
     """iSM's per-sample wavelet loss under MeanFlow's adaptive weight, with intrinsic and
-    interval guidance and a separate target network (twin EMA)."""
+    interval guidance and a separate target network (twin EMA): the targets are the guidance
+    target and the MeanFlow identity of the target network, the loss the mean of
+    l / sg(l + c) with l the wavelet loss in MeanFlow's units (summed over the dimensions)."""
     from ismctl.config.recipe import LossCfg
     from ismctl.losses import build_loss
+    from ismctl.objectives.shortcut import guidance_target
 
     online, target = _tiny(torch.float32, 0).train(), _tiny(torch.float32, 1)
     x0, x1 = torch.randn(8, 2, 8, 8), torch.randn(8, 2, 8, 8)
     y = torch.randint(0, NUM_CLASSES, (8,))
-    obj = ObjectiveCfg(mode="meanflow", meanflow_guidance="intrinsic")
+    obj = ObjectiveCfg(mode="meanflow", meanflow_guidance="intrinsic", class_dropout=0.0)
     guid = GuidanceCfg(w_max=1.5, interval_start=0.3)
-    loss_fn = build_loss(LossCfg(name="wavelet", levels=2), 8)
-    out = meanflow_loss(online, target, x0, x1, y, obj, guid, loss_fn, NUM_CLASSES,
+    wavelet = build_loss(LossCfg(name="wavelet", levels=2, detail_weights=[2.0, 0.5]), 8)
+    seen = {}
+
+    def loss_fn(pred, tgt):
+        seen.update(pred=pred, target=tgt)
+        return wavelet(pred, tgt)
+
+    inputs = Recorder(online)
+    out = meanflow_loss(inputs, target, x0, x1, y, obj, guid, loss_fn, NUM_CLASSES,
                         torch.Generator().manual_seed(5))
-    assert torch.isfinite(out["loss"]) and 0 < out["loss"].item() < 1
+    (call,) = inputs.calls
+    t, d, lab, w = call["t"], call["d"], call["y"], call["w"]
+    x_t = (1 - _col(t)) * x0 + _col(t) * x1
+    assert (w > 0).any() and ((t < 0.3) & (w > 0)).any() and ((t >= 0.3) & (w > 0)).any()
+    v_tilde = guidance_target(target, x_t, t, lab, w, x1 - x0, NULL, 0.3)
+    jump = slice(6, 8)
+    want = v_tilde.clone()
+    want[jump] = meanflow_target(target, x_t[jump], t[jump], d[jump], lab[jump], w[jump],
+                                 v_tilde[jump])
+    torch.testing.assert_close(seen["target"], want, rtol=1e-4, atol=1e-5)
+    summed = wavelet(seen["pred"], want).detach() * (2 * 8 * 8)
+    assert out["loss"].item() == pytest.approx((summed / (summed + 0.01)).mean().item(),
+                                               rel=1e-4)
     out["loss"].backward()
     assert all(p.grad is None for p in target.parameters())
 

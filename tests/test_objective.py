@@ -436,3 +436,59 @@ def test_shortcut_loss_is_deterministic_given_generator() -> None:
     for key in a:
         torch.testing.assert_close(a[key], b[key])
     assert math.isfinite(a["loss"].item())
+
+
+def test_sm_levels_edges() -> None:
+    """M = 2: one bootstrap level (d = 1), whose half jumps are the flow; a slot index must lie
+    below the slot count."""
+    from ismctl.objectives.shortcut import official_levels, slot_levels
+
+    assert official_levels(3, 2).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(UserError, match="base_steps"):
+        official_levels(3, 1)
+    assert slot_levels(8, 0.5, 8, (1, 2)).tolist() == official_levels(8, 8)[1::2].tolist()
+    for bad in ((2, 2), (-1, 2)):
+        with pytest.raises(ValueError, match="slot"):
+            slot_levels(8, 0.5, 8, bad)
+
+
+def test_shortcut_loss_hands_the_slot_to_sm() -> None:
+    """The level histogram belongs to the global batch: slot 1 of 2 trains its share of the
+    6 bootstrap rows of 24 (M = 16: 1/8, 1/4, 1/2, 1, 1, 1), where a micro-batch of 12 alone
+    would have 3 rows, all at d = 1."""
+    from ismctl.objectives.shortcut import official_levels
+
+    obj = ObjectiveCfg(mode="sm", base_steps=16, bootstrap_fraction=0.25)
+    model = Recorder(ZeroNet())
+    x0, x1, y = _batch(12, seed=8)
+    shortcut_loss(model, _constant_field(), x0, x1, y, obj, GuidanceCfg(), _mse, NUM_CLASSES,
+                  torch.Generator().manual_seed(0), (1, 2))
+    assert official_levels(3, 16).tolist() == [1.0, 1.0, 1.0]
+    assert model.calls[0]["d"][:3].tolist() == official_levels(6, 16)[1::2].tolist()
+    assert model.calls[0]["d"][:3].tolist() == [0.25, 1.0, 1.0]
+
+
+def test_sm_without_cfg_asks_for_no_null_rows() -> None:
+    """Scale 1 (or none) is the conditional velocity itself: the half jumps take one row per
+    sample, no null rows."""
+    d = torch.tensor([2 / 8, 0.5, 2 / 8])
+    t = torch.tensor([0.25, 0.0, 0.5])
+    y = torch.tensor([2, 2, 0])
+    for scale in (1.0, None):
+        rec = Recorder(_constant_field(cond=3.0, null=1.0))
+        got = sm_bootstrap_target(rec, torch.zeros(3, 1, 2, 2), t, d, y, 8, NULL,
+                                  cfg_scale=scale)
+        assert rec.rows == [3, 3]
+        torch.testing.assert_close(got, torch.full_like(got, 3.0))
+    rec = Recorder(_constant_field(cond=3.0, null=1.0))
+    sm_bootstrap_target(rec, torch.zeros(3, 1, 2, 2), t, d, y, 8, NULL, cfg_scale=2.0)
+    assert rec.rows == [5, 5]
+
+
+def test_target_passes_per_sample() -> None:
+    """Target-network passes per training sample (method §5): two half jumps per consistency
+    row, and for ism the cond and null rows per guidance row."""
+    from ismctl.objectives.shortcut import target_passes
+
+    assert target_passes(ObjectiveCfg(mode="ism")) == pytest.approx(2 * 0.25 + 2 * 0.25)
+    assert target_passes(ObjectiveCfg(mode="sm", bootstrap_fraction=0.125)) == 0.25

@@ -104,3 +104,52 @@ def test_per_step_count_grids() -> None:
     assert plan_points(ism, [1, 128], ism.eval.guidance) == [
         Point(1, 0.0, "intrinsic"), Point(1, 0.5, "intrinsic"), Point(128, 1.0, "intrinsic")]
     assert describe_grid({"128": [1.0], "4": [0.0]}) == "4 steps: 0; 128 steps: 1"
+
+
+def test_parse_guidance_edges() -> None:
+    """Empty items are skipped (not the end of the list); a range may start anywhere and end
+    at its start; STOP < START names the rule."""
+    assert parse_guidance("0,,1") == [0.0, 1.0]
+    assert parse_guidance("1:2:0.5") == [1.0, 1.5, 2.0]
+    assert parse_guidance("1:1:0.5") == [1.0]
+    with pytest.raises(UserError, match="STOP >= START"):
+        parse_guidance("3:1:1")
+
+
+def test_best_point_ties_gaps_and_record() -> None:
+    """A point without a value is passed over, not the end of the search; on an exact tie (same
+    value, same w: sm's conditional entry and a flow-CFG entry at scale 1) the first point
+    stays; the record says what was chosen, by what and among how many."""
+    points = [
+        {"steps": 128, "guidance": 0.0, "sampler": "conditional", "metrics": {"fid": None}},
+        {"steps": 128, "guidance": 0.0, "sampler": "conditional", "metrics": {"fid": 4.0}},
+        {"steps": 128, "guidance": 0.0, "sampler": "flow-cfg", "metrics": {"fid": 4.0}},
+        {"steps": 1, "guidance": 2.0, "sampler": "conditional", "metrics": {}},
+        {"steps": 1, "guidance": 0.5, "sampler": "conditional", "metrics": {"fid": 9.0}},
+    ]
+    best = best_points(points, "fid", lower_is_better=True, checkpoint_step=11)
+    assert best[128] == {"guidance": 0.0, "sampler": "conditional", "metric": "fid",
+                         "value": 4.0, "candidates": 3, "checkpoint_step": 11}
+    assert best[1]["guidance"] == 0.5 and best[1]["candidates"] == 2
+
+
+def test_all_strengths_of_a_per_step_count_grid() -> None:
+    from ismctl.sampling.protocol import all_strengths
+
+    assert all_strengths({1: [0.0, 1.0], 128: [2.0, 1.0]}) == [0.0, 1.0, 2.0]
+    assert all_strengths([2.0, 0.5, 2.0]) == [0.5, 2.0]
+    sm = load_recipe(RECIPES / "sm_b.yaml")
+    with pytest.raises(UserError, match="double-guidance"):
+        plan_points(sm, [1], {1: [0.0, 1.0]})
+
+
+def test_remembered_points_are_the_stored_choices(tmp_path: Path) -> None:
+    from ismctl.sampling.protocol import remembered_points
+
+    record = {"metric": "fid", "value": 3.0, "candidates": 2, "checkpoint_step": 5}
+    remember_best(tmp_path, {1: {**record, "guidance": 1.5, "sampler": "intrinsic"},
+                             128: {**record, "guidance": 0.5, "sampler": "flow-cfg"}})
+    assert remembered_points(tmp_path, [128, 1]) == [Point(128, 0.5, "flow-cfg"),
+                                                     Point(1, 1.5, "intrinsic")]
+    with pytest.raises(UserError, match=r"no best w for 4, 8 step"):
+        remembered_points(tmp_path, [1, 4, 8])

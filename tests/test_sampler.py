@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -221,8 +223,9 @@ def test_conditional_sampler_is_one_unguided_pass_with_the_label() -> None:
 
 
 def test_flow_cfg_integrates_the_instantaneous_velocity_with_cfg() -> None:
-    """flow-cfg asks for d = 0 at every step (the d > 0 rows of this field are wrong on
-    purpose), combines label and null rows, and at 128 steps lands on the exact flow."""
+    """flow-cfg asks for the network's flow jump at every step, d = 0 for an ism network (the
+    d > 0 rows of this field are wrong on purpose), combines label and null rows, and at 128
+    steps lands on the exact flow."""
 
     def field(x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
         exact = exact_velocity(x, t.double())
@@ -242,6 +245,32 @@ def test_flow_cfg_integrates_the_instantaneous_velocity_with_cfg() -> None:
     constant = FieldNet(_constant_field)
     y = sample(constant, torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), 4, 0.5, mode="flow-cfg")
     torch.testing.assert_close(y, torch.full_like(y, 4.0))
+
+
+def test_flow_cfg_of_an_sm_network_asks_for_the_finest_jump() -> None:
+    """An sm network trains its flow at the finest jump's embedding, d = 1/M (method §2): its
+    flow-CFG entry asks for that d, not d = 0, whatever the number of steps; the recipe's
+    network carries that jump."""
+    from ismctl.config.recipe import Recipe
+    from ismctl.objectives import flow_jump
+    from ismctl.runs.checkpoint import model_from_recipe
+
+    def field(x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        base = torch.where(_col(d) == 1 / 8, 3.0, -50.0).to(x.dtype)
+        return (base + torch.where(_col(y) == NULL, -1.0, 0.0)).expand_as(x).clone()
+
+    net = FieldNet(field)
+    net.flow_jump = 1 / 8
+    x = sample(net, torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), 4, 0.5, mode="flow-cfg",
+               base_steps=8)
+    assert all(bool((c["d"] == 1 / 8).all()) for c in net.calls) and len(net.calls) == 4
+    # v_c + 0.5 (v_c - v_null) = 3 + 0.5 per unit time.
+    torch.testing.assert_close(x, torch.full_like(x, 3.5))
+    recipe = Recipe.model_validate({"objective": {"mode": "sm", "base_steps": 8},
+                                    "eval": {"steps": [1]}, "model": {"preset": "tiny/2"}})
+    assert flow_jump(recipe) == 1 / 8
+    manifest = SimpleNamespace(num_classes=NUM_CLASSES, channels=1, latent_size=8)
+    assert model_from_recipe(recipe, manifest).flow_jump == 1 / 8
 
 
 @pytest.mark.parametrize(("mode", "guidance"), [("intrinsic", 1.0), ("conditional", 0.0),
@@ -290,3 +319,41 @@ def test_bf16_autocast_integrates_the_state_in_float32() -> None:
     bf16_weight = net.weight.detach().bfloat16().float().item()
     # float32 rounding of 128 additions stays below 128 x 6e-8; a bf16 state is 1e-3 off.
     torch.testing.assert_close(x, torch.full_like(noise, 1 + bf16_weight), rtol=0, atol=1e-5)
+
+
+def test_generate_hands_every_setting_to_the_sampler(capsys: pytest.CaptureFixture[str]) -> None:
+    """generate() is sample() in batches: the same guidance, sampler, step range, autocast
+    precision and null label as one sample() call, a batch of one and a single sample allowed,
+    labels returned as int64 whatever they came as; its bar shows only when asked."""
+    dtypes: list[torch.dtype] = []
+
+    def field(x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        dtypes.append((x @ torch.ones(x.shape[-1], x.shape[-1], dtype=x.dtype)).dtype)
+        return _constant_field(x, t, d, y, w)
+
+    net = FieldNet(field, num_classes=None)
+    labels = np.array([0, NULL, 1], dtype=np.int32)
+    x, y = generate(net, 3, (1, 2, 2), NUM_CLASSES, 256, 0.5, "cfg", 0, 1, "cpu",
+                    labels=labels, base_steps=256, autocast_dtype=torch.bfloat16)
+    assert y.dtype == torch.long and y.tolist() == [0, NULL, 1]
+    noise = sample_noise(torch.arange(3), (1, 2, 2), 0)
+    want = sample(FieldNet(_constant_field), noise, y, 256, 0.5, mode="cfg", base_steps=256,
+                  num_classes=NUM_CLASSES)
+    torch.testing.assert_close(x, want)
+    assert len(net.calls) == 3 * 256 and set(dtypes) == {torch.bfloat16}
+    # w = 0.5 on the label rows: 3 + 0.5 (3 - 1) = 4 per unit time; null rows stay at 1.
+    torch.testing.assert_close(x[0], noise[0] + 4.0)
+    one, _ = generate(FieldNet(_constant_field), 1, (1, 2, 2), NUM_CLASSES, 1, 1.0,
+                      "intrinsic", 0, 1, "cpu")
+    assert one.shape == (1, 1, 2, 2)
+    capsys.readouterr()
+    generate(FieldNet(_constant_field), 2, (1, 2, 2), NUM_CLASSES, 1, 0.0, "intrinsic", 0, 2,
+             "cpu")
+    assert capsys.readouterr().out == ""
+    generate(FieldNet(_constant_field), 2, (1, 2, 2), NUM_CLASSES, 1, 0.0, "intrinsic", 0, 2,
+             "cpu", progress=True)
+    assert "sampling 1 step(s), w=0" in capsys.readouterr().out
+    for num, batch in ((0, 1), (1, 0)):
+        with pytest.raises(UserError, match="num and batch_size"):
+            generate(FieldNet(_constant_field), num, (1, 2, 2), NUM_CLASSES, 1, 0.0,
+                     "intrinsic", 0, batch, "cpu")

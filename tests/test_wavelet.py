@@ -95,6 +95,12 @@ def test_idwt2_inverts_dwt2(wavelet: str, levels: int) -> None:
     coeffs = pywt.wavedec2(x.numpy(), wavelet, mode="periodization", level=levels)
     ref = pywt.waverec2(coeffs, wavelet, mode="periodization")
     np.testing.assert_allclose(idwt2(approx, details, wavelet).numpy(), ref, atol=1e-10)
+    single = x.float()
+    back = idwt2(*dwt2(single, wavelet, levels), wavelet)
+    if wavelet == "haar":
+        torch.testing.assert_close(idwt2(*dwt2(single, levels=levels)), back)
+    assert back.dtype == torch.float32
+    np.testing.assert_allclose(back.numpy(), x.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("wavelet", ["haar", "db2"])

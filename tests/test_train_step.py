@@ -1,0 +1,131 @@
+"""The real training step (:class:`~ismctl.training.step.TrainStep`): the learning-rate warm-up
+and gradient clipping as the optimiser sees them, and a step that reads nothing back from the
+device. The step runs on the small network of tests/test_training_targets.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_training_targets import CPU, ISM, Harness, batches, make_recipe, mse
+
+from ismctl.config.recipe import LossCfg
+from ismctl.losses import build_loss
+from ismctl.networks.model import build_model
+from ismctl.training.ema import TwinEMA
+from ismctl.training.state import TrainState
+from ismctl.training.step import TrainStep
+
+
+def _norm(grads: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+
+
+@pytest.mark.parametrize("step", [0, 1, 2, 3, 4, 9])
+def test_warm_up_is_linear_over_the_first_steps(step: int) -> None:
+    """lr x min(1, (n + 1) / warmup_steps) at step n: the optimiser is given that rate, and the
+    first AdamW update moves every weight with a gradient by that much (m / sqrt(v) = +-1)."""
+    recipe = make_recipe(optim={"lr": 2e-3, "warmup_steps": 4}, **ISM)
+    run = Harness(recipe, mse)
+    before = [p.detach().clone() for p in run.state.model.parameters()]
+    out = run.run(step)
+    want = 2e-3 * min(1.0, (step + 1) / 4)
+    assert out["seen"]["lr"] == [pytest.approx(want, rel=1e-12)]
+    for p0, p1, g in zip(before, run.state.model.parameters(), out["seen"]["grads"],
+                         strict=True):
+        moved = (p1.detach() - p0).abs()
+        big = g.abs() > 1e-5
+        assert big.any()
+        torch.testing.assert_close(moved[big], torch.full_like(moved[big], want), rtol=1e-2,
+                                   atol=0)
+
+
+def test_no_warm_up_uses_the_rate_from_the_first_step() -> None:
+    out = Harness(make_recipe(optim={"lr": 2e-3, "warmup_steps": 0}, **ISM), mse).run(0)
+    assert out["seen"]["lr"] == [2e-3]
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3, 1e6])
+def test_clipping_rescales_the_gradient_the_optimiser_gets(clip: float | None) -> None:
+    """The step returns the norm before clipping; AdamW gets the gradient scaled to norm
+    ``clip`` when it was larger, unchanged otherwise (same step, same draws, clip off as the
+    reference)."""
+    free = Harness(make_recipe(optim={"grad_clip": None}, **ISM), mse).run(0)
+    out = Harness(make_recipe(optim={"grad_clip": clip}, **ISM), mse).run(0)
+    norm = _norm(free["seen"]["grads"])
+    assert float(out["grad_norm"]) == pytest.approx(norm, rel=1e-5)
+    assert float(free["grad_norm"]) == pytest.approx(norm, rel=1e-5)
+    scale = 1.0 if clip is None else min(1.0, clip / norm)
+    if clip == 1e-3:
+        assert norm > 10 * clip, "the clip must bite for this case to test anything"
+        assert _norm(out["seen"]["grads"]) == pytest.approx(clip, rel=1e-5)
+    for got, ref in zip(out["seen"]["grads"], free["seen"]["grads"], strict=True):
+        torch.testing.assert_close(got, ref * scale, rtol=1e-5, atol=1e-9)
+
+
+def test_losses_are_reported_and_a_non_finite_loss_is_flagged() -> None:
+    """The step's "bad" flag is the one thing the loop checks for divergence."""
+    run = Harness(make_recipe(**ISM), mse)
+    assert not bool(run.run(0)["bad"])
+    with torch.no_grad():
+        run.state.model.emb[0, 0] = float("nan")
+        run.state.model.emb[1:, 0] = float("nan")
+    assert bool(run.run(1)["bad"])
+
+
+def test_the_real_step_reads_nothing_back_from_the_device(host_reads) -> None:
+    """Objective draws, both target passes, the online forward, the loss, backward, clipping,
+    AdamW and the twin EMA, through TrainStep itself: an eager iSM step only queues work, so a
+    GPU never waits for the host. AdamW is the fused kernel, as the trainer's on a GPU (the
+    CPU's for-loop AdamW reads its step counter, a host tensor)."""
+    recipe = make_recipe(optim={"grad_clip": 1.0, "warmup_steps": 10}, **ISM)
+    torch.manual_seed(0)
+    model = build_model("tiny/2", 8, 2, 3, base_steps=8)
+    ema = TwinEMA(model, target_decay=0.5, inference_decay=0.9)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    state = TrainState(model, ema, opt)
+    wavelet = build_loss(LossCfg(levels=3), 8)
+    step = TrainStep(recipe, state, wavelet, [batches(48, 0)], 1, CPU)
+    step(0)
+    with host_reads() as reads:
+        step(1)
+    assert reads.ops == []
+
+
+def test_loader_workers_are_shared_among_the_accumulation_slots() -> None:
+    from ismctl.training.step import loader_workers
+
+    for workers, accum, want in ((0, 1, 0), (4, 2, 2), (1, 4, 1), (6, 1, 6)):
+        recipe = make_recipe(data={"num_workers": workers}, train={"grad_accum": accum})
+        got = loader_workers(recipe)
+        assert got == want and isinstance(got, int), (workers, accum)
+
+
+def test_each_accumulation_slot_reads_its_own_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank r's slot m is data stream r x grad_accum + m of ranks x grad_accum, positioned at
+    the step reached, with the recipe's pool, pairing, buffer, flip and workers per slot."""
+    import ismctl.training.step as step_module
+    from ismctl.system.distributed import DistInfo
+    from ismctl.training.step import make_loaders
+
+    made: list[dict] = []
+
+    class Loader:
+        def __init__(self, path: str, **kwargs: object) -> None:
+            made.append({"path": path, **kwargs})
+
+        def __iter__(self):
+            return iter(())
+
+    monkeypatch.setattr(step_module, "TrainLoader", Loader)
+    recipe = make_recipe(data={"path": "somewhere", "num_workers": 4, "shuffle_buffer": 77},
+                         train={"grad_accum": 2, "seed": 9},
+                         coupling={"pool_size": 32, "mode": "hybrid", "min_group": 3})
+    info = DistInfo(rank=1, world_size=3, local_rank=1, device=torch.device("cpu"))
+    make_loaders(recipe, 16, 6, True, info, 40)
+    assert [m["rank"] for m in made] == [2, 3]
+    for m in made:
+        assert m == {**m, "path": "somewhere", "batch_size": 16, "pool_size": 32, "seed": 9,
+                     "world_size": 6, "num_workers": 2, "shuffle_buffer": 77, "flip": True,
+                     "start_batch": 40, "mode": "hybrid", "min_group": 3}

@@ -67,7 +67,7 @@ wheel-check: install
 TEST_WORKERS ?= auto
 
 lint: install
-	$(PY) -m ruff check ismctl tests
+	$(PY) -m ruff check ismctl tests examples
 
 test: install lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS)

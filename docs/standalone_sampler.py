@@ -157,13 +157,17 @@ def load(folder: str | Path) -> tuple[Network, dict[str, Any]]:
 @torch.no_grad()
 def sample(net: Network, config: dict[str, Any], noise: Tensor, labels: Tensor, steps: int,
            w: float) -> Tensor:
-    """N Euler shortcut steps from ``noise`` (B, C, H, W): x <- x + d F(x, i d, d, y, w)."""
-    mode, null = config["conventions"]["sampler"]["mode"], config["model"]["num_classes"]
+    """N Euler shortcut steps from ``noise`` (B, C, H, W): x <- x + d F(x, i d, d_i, y, w), the
+    jump d_i = d = 1/N, or 1 - i d for a network that predicts the jump to the data end."""
+    sampler, null = config["conventions"]["sampler"], config["model"]["num_classes"]
+    mode, to_end = sampler["mode"], sampler.get("jumps", "step") == "to_end"
     x, d = noise.clone(), 1.0 / steps
     n = len(x)
     jump = torch.full((n,), d)
     for i in range(steps):
         t = torch.full((n,), i * d)
+        if to_end:
+            jump = 1.0 - t
         if mode == "cfg":
             both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([jump, jump]),
                        torch.cat([labels, torch.full_like(labels, null)]), torch.zeros(2 * n))

@@ -47,6 +47,7 @@ RENAMED: list[str] = []
 GUIDANCE_HELP = "Guidance strength w (delta convention: classic CFG scale s = 1 + w; w=0 is unguided)."
 Threads = Annotated[int | None, typer.Option(help="torch intra-op threads (default: OMP_NUM_THREADS, else every usable core, shared by this node's torchrun processes; fewer are faster where other jobs hold cores).")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the network first (pays off for many steps or samples).")]
+Plugins = Annotated[list[str] | None, typer.Option("--plugin", help="A module that registers objectives and is not installed as a package (a module name, found in the working folder too, or a .py file); added to the recipe's objective.plugins (repeatable). docs/extending.md.")]
 SLURM = "SLURM (--launch slurm)"
 Nodes = Annotated[int | None, typer.Option("--nodes", help="--launch slurm: nodes per job (default 1).", rich_help_panel=SLURM)]
 GpusPerNode = Annotated[int | None, typer.Option(help="--launch slurm: GPUs per node (default 0); one rank per GPU unless --nproc-per-node says otherwise.", rich_help_panel=SLURM)]
@@ -187,6 +188,7 @@ def train(
     qos: Qos = None,
     sbatch: Sbatch = None,
     launch_config: LaunchConfig = None,
+    plugin: Plugins = None,
 ) -> None:
     """Train a shortcut model (single process, DDP under torchrun, or a SLURM job)."""
     from ismctl.config.recipe import load_recipe
@@ -201,7 +203,7 @@ def train(
     if launch is None and nproc_per_node is not None:
         raise UserError("--nproc-per-node: only with --launch slurm")
     set_threads(threads)
-    resolved = load_recipe(recipe, set_)
+    resolved = load_recipe(recipe, set_, plugin)
     if slurm is not None and not dry_run:
         if overwrite:
             raise UserError("--overwrite with --launch slurm: a requeued job would overwrite its "
@@ -345,8 +347,11 @@ def ablate(
     rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT where the nodes meet (c10d rendezvous), usually node 0's.")] = None,
     rdzv_id: Annotated[str, typer.Option(help="Rendezvous id prefix shared by all nodes of this ablation.")] = "ismctl-ablate",
     rdzv_backend: Annotated[str, typer.Option(help="torchrun rendezvous backend.")] = "c10d",
+    method: Annotated[list[str] | None, typer.Option("--method", help="Compare methods instead of ablating one recipe: NAME:RECIPE[:KEY=V1,V2,...], a recipe (any objective) and its knob grid, one variant per value (repeatable; the first method's evaluation settings for all). E.g. --method sm:sm_quickstart:guidance.cfg_scale=1,1.5,2 --method ism:quickstart.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override applied to every variant (repeatable).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Ablation folder (default runs/ablate-<recipe>).")] = None,
+    plugin: Plugins = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the variants, their runs and the points each is evaluated at; train and write nothing.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Ablation folder (default runs/ablate-<recipe>, runs/compare-<methods> with --method).")] = None,
     eval_num_samples: Annotated[int | None, typer.Option(help="Samples per evaluation point (default: the recipe's).")] = None,
     inception_weights: Annotated[str | None, typer.Option(help="Local Inception-v3 weights file (offline FID).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -362,8 +367,9 @@ def ablate(
     sbatch: Sbatch = None,
     launch_config: LaunchConfig = None,
 ) -> None:
-    """Train and evaluate recipe variants (iSM components switched off, or a swept field),
-    each at its own best guidance per step count, over one or more seeds."""
+    """Train and evaluate recipe variants (iSM components switched off, a swept field, or
+    several methods' recipes and knob grids), each at its own best guidance per step count,
+    over one or more seeds."""
     from ismctl.system.launch import Torchrun
     from ismctl.system.runtime import set_threads
     from ismctl.tools.ablate import run_ablation
@@ -384,7 +390,8 @@ def ablate(
                  out=out, eval_num_samples=eval_num_samples, inception_weights=inception_weights,
                  progress=progress, seeds=None if seeds is None else _int_list(seeds, "--seeds"),
                  sweep=sweep, nodes=nodes, threads=threads, report_name=report,
-                 baseline=baseline, slurm=slurm, submit=not status)
+                 baseline=baseline, slurm=slurm, submit=not status,
+                 methods=method, plugins=plugin, dry_run=dry_run)
 
 
 @app.command()
@@ -478,11 +485,12 @@ def data_check(
 def recipe_show(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML or a shipped recipe's name (default: the built-in defaults).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set optim.lr=2e-4 (repeatable).")] = None,
+    plugin: Plugins = None,
 ) -> None:
     """Every field of the resolved recipe, its value and where it came from."""
     from ismctl.tools.recipe_info import print_resolved, resolve_with_sources
 
-    print_resolved(*resolve_with_sources(recipe, set_), console)
+    print_resolved(*resolve_with_sources(recipe, set_, plugin), console)
 
 
 @recipe_app.command("list")
@@ -495,11 +503,12 @@ def recipe_list() -> None:
 
 
 @recipe_app.command("keys")
-def recipe_keys() -> None:
-    """Every settable recipe key (for the YAML file or --set) with its default and meaning."""
+def recipe_keys(plugin: Plugins = None) -> None:
+    """Every settable recipe key (for the YAML file or --set) with its default and meaning, and
+    the own keys of every registered plugin objective."""
     from ismctl.tools.recipe_info import print_keys
 
-    print_keys(console)
+    print_keys(console, plugin)
 
 
 def main() -> None:

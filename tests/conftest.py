@@ -69,6 +69,21 @@ def ismctl_main(monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
     return run
 
 
+@pytest.fixture
+def plugin_registry():
+    """Objectives that a test registers (plugin modules it imports) are gone afterwards: the
+    registry and sys.modules as they were, so other tests in the process see ismctl's own."""
+    from ismctl.config import plugins
+
+    saved, modules = dict(plugins._REGISTRY), set(sys.modules)
+    yield plugins
+    plugins._REGISTRY.clear()
+    plugins._REGISTRY.update(saved)
+    for name in set(sys.modules) - modules:
+        if name.startswith(("ismctl_ct", "ismctl_plugin_")):
+            del sys.modules[name]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Scheduler tests are also slow tests: `-m "not slow"` leaves them out."""
     for item in items:

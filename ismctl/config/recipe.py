@@ -23,22 +23,20 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from ismctl.config.names import LOSS_NAMES, PRESETS
+from ismctl.config.plugins import Sampling, get_objective, load_plugins, unknown_objective
 from ismctl.utils.errors import UserError
 from ismctl.utils.fileio import atomic_write_text
 from ismctl.utils.yamlio import safe_load_unique
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-# Objective modes whose sampler takes jumps of size 1/N from the trained set {2^-k}: N must be
-# a power of two up to objective.base_steps. Other modes (one-step average velocity, any N)
-# are free.
-SHORTCUT_MODES = ("ism", "sm")
 
 
 def device_error(name: str) -> str | None:
@@ -63,15 +61,13 @@ def orthogonal_wavelets() -> str:
     return ", ".join(parts)
 
 
-def check_sampling_steps(steps: list[int], mode: str, base_steps: int) -> None:
-    """Shortcut samplers need N a power of two in [1, base_steps] (docs/method.md §2); others any N >= 1."""
+def check_sampling_steps(steps: list[int], sampling: Sampling, base_steps: int,
+                         mode: str | None = None) -> None:
+    """Every step count must be one the objective's sampling protocol allows (dyadic samplers:
+    N a power of two in [1, base_steps], docs/method.md §2; others any N >= 1)."""
     for n in steps:
-        if n < 1:
-            raise ValueError(f"step count {n}: must be >= 1")
-        if mode in SHORTCUT_MODES and (n & (n - 1) or n > base_steps):
-            raise ValueError(f"step count {n}: objective.mode {mode!r} samples with jumps of "
-                             f"1/N, so N must be a power of two between 1 and {base_steps} "
-                             "(objective.base_steps)")
+        if (why := sampling.step_error(n, base_steps, mode)) is not None:
+            raise ValueError(why)
 
 
 class Section(BaseModel):
@@ -107,9 +103,69 @@ class DataCfg(Section):
     flip: bool = Field(True, description="Use the stored horizontally flipped latent with probability 1/2.")
 
 
-class ObjectiveCfg(Section):
-    mode: Literal["ism", "sm", "meanflow"] = Field("ism", description="'ism': intrinsic guidance (docs/method.md §3.1); 'sm': the official shortcut-models algorithm, flow at d = 1/M and CFG in the d = 2/M targets (docs/method.md §2); 'meanflow': continuous jumps, MeanFlow identity target (docs/method.md §4.1, docs/meanflow.md).")
+class ObjectiveBase(Section):
+    """What every objective's settings hold: the mode, the finest step count M of the network's
+    jump table, and the modules that register objectives not installed as packages. An
+    objective's settings model (``ObjectiveSpec.settings``, ismctl.config.plugins) subclasses it
+    and adds its own fields; a recipe's ``objective`` section is validated by the model of its
+    mode."""
+
+    mode: str = Field("ism", description="The objective, a registered name: 'ism': intrinsic guidance (docs/method.md §3.1); 'sm': the official shortcut-models algorithm, flow at d = 1/M and CFG in the d = 2/M targets (docs/method.md §2); 'meanflow': continuous jumps, MeanFlow identity target (docs/method.md §4.1, docs/meanflow.md); or a plugin's (docs/extending.md; `ismctl recipe keys` lists them with their settings).")
     base_steps: int = Field(128, description="M, the finest number of steps; jump sizes d = 2^-k down to 1/M (sm/ism; meanflow samples any step count).")
+    plugins: list[str] = Field([], description="Modules that register objectives and are not installed as packages, imported before objective.mode is looked up: a module name (importable, or found in the working folder) or a .py file; installed plugins need none (entry points 'ismctl.objectives'). docs/extending.md.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_plugins(cls, data: Any) -> Any:
+        # Before the fields: the mode may be one that a listed module registers.
+        _import_plugins(data)
+        return data
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        try:
+            get_objective(value)
+        except UserError:
+            raise ValueError(unknown_objective(value)) from None
+        return value
+
+    @field_validator("base_steps")
+    @classmethod
+    def _base_steps(cls, value: int) -> int:
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"must be a power of two, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _own_settings(self) -> ObjectiveBase:
+        settings = get_objective(self.mode).settings
+        if not isinstance(self, settings):
+            raise ValueError(f"objective.mode {self.mode!r} takes its settings from "
+                             f"{settings.__module__}.{settings.__name__}, not "
+                             f"{type(self).__name__}")
+        return self
+
+
+class _UnknownObjective(ObjectiveBase):
+    """Validates the section of a mode nothing registers: its one error is the mode's."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+def _import_plugins(data: Any) -> None:
+    """Import the modules an ``objective`` section lists under ``plugins``."""
+    if isinstance(data, dict) and isinstance(data.get("plugins"), list):
+        try:
+            load_plugins([p for p in data["plugins"] if isinstance(p, str)])
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix("objective.")) from exc
+
+
+class ObjectiveCfg(ObjectiveBase):
+    """The settings of ismctl's own objectives, sm, ism and meanflow: one section for the three,
+    as recipes have always written it; each field says which of them reads it."""
+
     bootstrap_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of the batch used for self-consistency (bootstrap) targets (paper 1/4, official code 1/8; sm: floor(global batch x this) rows in the official level histogram); meanflow: the share with d > 0 (MeanFlow paper 25%).")
     guidance_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="Share of the batch for the guidance objective (ism only; ignored by sm).")
     class_dropout: float = Field(0.1, ge=0.0, le=1.0, description="Probability of replacing the label by the null class in the velocity/flow part (sm, ism: bootstrap rows keep their labels; meanflow: every row).")
@@ -127,8 +183,6 @@ class ObjectiveCfg(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ObjectiveCfg:
-        if self.base_steps < 1 or self.base_steps & (self.base_steps - 1):
-            raise ValueError(f"base_steps must be a power of two, got {self.base_steps}")
         if self.mode == "ism" and self.bootstrap_fraction + self.guidance_fraction >= 1.0:
             raise ValueError("bootstrap_fraction + guidance_fraction must be < 1 (the rest is the velocity part)")
         if self.mode == "meanflow" and self.t_grid:
@@ -269,7 +323,7 @@ class EvalCfg(Section):
 class Recipe(Section):
     model: ModelCfg = Field(default_factory=ModelCfg, description="Backbone.")
     data: DataCfg = Field(default_factory=DataCfg, description="Training data.")
-    objective: ObjectiveCfg = Field(default_factory=ObjectiveCfg, description="Shortcut objective.")
+    objective: SerializeAsAny[ObjectiveBase] = Field(default_factory=ObjectiveCfg, description="Training objective: objective.mode and that objective's own settings.")
     guidance: GuidanceCfg = Field(default_factory=GuidanceCfg, description="Guidance in training targets.")
     loss: LossCfg = Field(default_factory=LossCfg, description="Per-sample regression loss.")
     coupling: CouplingCfg = Field(default_factory=CouplingCfg, description="Noise-data pairing.")
@@ -316,14 +370,59 @@ class Recipe(Section):
             del coupling["within_class"]
         return {**data, "coupling": coupling}
 
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_settings(cls, value: Any) -> Any:
+        # The section is validated by the settings model of its mode (ObjectiveSpec.settings);
+        # an unknown mode to a model whose one error names the registered ones.
+        if isinstance(value, ObjectiveBase):
+            value = value.model_dump()
+        if not isinstance(value, dict):
+            return value
+        _import_plugins(value)
+        mode = value.get("mode", ObjectiveBase.model_fields["mode"].default)
+        return objective_model(mode).model_validate(value)
+
     @model_validator(mode="after")
-    def _eval_steps(self) -> Recipe:
-        # Here, not in EvalCfg: which step counts exist depends on the objective.
+    def _objective_needs(self) -> Recipe:
+        # Here, not in the sections: which steps and EMA settings are valid depends on the
+        # objective's sampling protocol and needs (ismctl.config.plugins).
+        spec = get_objective(self.objective.mode)
         try:
-            check_sampling_steps(self.eval.steps, self.objective.mode, self.objective.base_steps)
+            check_sampling_steps(self.eval.steps, spec.sampling(self), self.objective.base_steps,
+                                 spec.name)
         except ValueError as exc:
             raise ValueError(f"eval.steps: {exc}") from exc
+        needs = spec.needs
+        if not needs.target_network and self.ema.target_enabled:
+            raise ValueError(f"ema.target_enabled: objective {spec.name!r} builds no targets "
+                             "with a network, so there is no target EMA to keep; set it to false")
+        if needs.target_ema and not self.ema.target_enabled:
+            raise ValueError(f"ema.target_enabled: objective {spec.name!r} builds its targets "
+                             "with an EMA of the weights; set it to true")
         return self
+
+
+def objective_model(mode: Any) -> type[ObjectiveBase]:
+    """The settings model of a mode (for a mode nothing registers, a model whose only error is
+    that)."""
+    try:
+        return get_objective(mode).settings if isinstance(mode, str) else _UnknownObjective
+    except UserError:
+        return _UnknownObjective
+
+
+def section_model(section: str, recipe: Recipe | dict[str, Any] | None = None) -> type[BaseModel]:
+    """The model of a recipe section: ``objective`` is the settings model of the recipe's mode
+    (ObjectiveCfg, ismctl's own, when no recipe is given)."""
+    if section != "objective":
+        return Recipe.model_fields[section].annotation
+    if isinstance(recipe, Recipe):
+        return type(recipe.objective)
+    if isinstance(recipe, dict) and isinstance(recipe.get("objective"), dict):
+        mode = recipe["objective"].get("mode", ObjectiveBase.model_fields["mode"].default)
+        return objective_model(mode)
+    return ObjectiveCfg
 
 
 def _count(value: Any) -> bool:
@@ -487,11 +586,33 @@ def read_recipe_file(path: Path, sources: dict[str, str] | None = None,
     own = {f"{section}.{name}": str(path) for section, fields in data.items()
            if isinstance(fields, dict) for name in fields}
     if parent is not None:
-        data = _deep_merge(read_recipe_file(find_recipe(str(parent), extended_by=path),
-                                            sources, (*seen, path)), data)
+        base = read_recipe_file(find_recipe(str(parent), extended_by=path), sources,
+                                (*seen, path))
+        data = _deep_merge(_inherited(base, data.get("objective")), data)
     if sources is not None:
         sources.update(own)
     return data
+
+
+def _inherited(data: dict[str, Any], objective: Any) -> dict[str, Any]:
+    """``data`` as seen by a recipe (or ``--set``) that sets ``objective``: when that names a
+    mode whose settings model is another than the inherited mode's, the inherited objective keys
+    the new model does not have are dropped (another method's settings), the rest kept."""
+    old = data.get("objective")
+    if not (isinstance(old, dict) and isinstance(objective, dict) and "mode" in objective):
+        return data
+    default = ObjectiveBase.model_fields["mode"].default
+    listed = [p for section in (old, objective) if isinstance(section.get("plugins"), list)
+              for p in section["plugins"]]
+    try:
+        _import_plugins({"plugins": listed})
+    except ValueError:
+        return data   # validation names the module that does not import
+    new_model = objective_model(objective["mode"])
+    if new_model is _UnknownObjective or new_model is objective_model(old.get("mode", default)):
+        return data
+    kept = {k: v for k, v in old.items() if k in new_model.model_fields}
+    return {**data, "objective": kept}
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
@@ -504,6 +625,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise UserError(f"--set {assignment!r}: value is not valid YAML") from exc
     parts = canonical_key(key).split(".")
+    if parts == ["objective", "mode"]:
+        data = _inherited(data, {"mode": value})
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -524,23 +647,23 @@ def settable_names(section: type[BaseModel]) -> list[str]:
     return names
 
 
-def _closest(loc: tuple[Any, ...]) -> str:
+def _closest(loc: tuple[Any, ...], data: dict[str, Any] | None = None) -> str:
     """' (did you mean X?)' for an unknown section or field, or ''."""
     if len(loc) == 1:
         known, prefix = settable_names(Recipe), ""
-    elif len(loc) == 2 and (field := Recipe.model_fields.get(str(loc[0]))) is not None:
-        known, prefix = settable_names(field.annotation), f"{loc[0]}."
+    elif len(loc) == 2 and str(loc[0]) in Recipe.model_fields:
+        known, prefix = settable_names(section_model(str(loc[0]), data)), f"{loc[0]}."
     else:
         return ""
     close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
-def _message(exc: ValidationError, where: str) -> str:
+def _message(exc: ValidationError, where: str, data: dict[str, Any] | None = None) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        msg = "unknown key" + _closest(err["loc"])
+        msg = "unknown key" + _closest(err["loc"], data)
     else:
         msg = err["msg"].removeprefix("Value error, ")
     extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
@@ -551,18 +674,31 @@ def _validate(data: dict[str, Any], where: str) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_message(exc, where)) from exc
+        raise UserError(_message(exc, where, data)) from exc
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe (a file or a shipped recipe's name; the defaults when ``path`` is None)
-    and apply overrides.
+def with_plugins(data: dict[str, Any], plugins: list[str] | None) -> dict[str, Any]:
+    """``data`` with ``plugins`` (``--plugin``) appended to ``objective.plugins``, each once."""
+    if not plugins:
+        return data
+    section = data.get("objective")
+    if section is not None and not isinstance(section, dict):
+        return data
+    have = list((section or {}).get("plugins") or [])
+    added = [*have, *[p for p in plugins if p not in have]]
+    return {**data, "objective": {**(section or {}), "plugins": added}}
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
+                plugins: list[str] | None = None) -> Recipe:
+    """Read a recipe (a file or a shipped recipe's name; the defaults when ``path`` is None),
+    add ``plugins`` to its ``objective.plugins`` and apply overrides.
 
     An error names its cause: the file when the file alone is already invalid, else the first
     ``--set`` after which the recipe is.
     """
     where = str(path) if path is not None else "recipe"
-    data = read_recipe_file(Path(path)) if path is not None else {}
+    data = with_plugins(read_recipe_file(Path(path)) if path is not None else {}, plugins)
     merged = copy.deepcopy(data)
     for assignment in overrides or []:
         merged = apply_override(merged, assignment)
@@ -573,15 +709,15 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         Recipe.model_validate(data)
     except ValidationError:
-        raise UserError(_message(first, where)) from first
+        raise UserError(_message(first, where, merged)) from first
     partial = copy.deepcopy(data)
     for assignment in overrides or []:
         partial = apply_override(partial, assignment)
         try:
             Recipe.model_validate(partial)
         except ValidationError as exc:
-            raise UserError(_message(exc, f"--set {assignment}")) from exc
-    raise UserError(_message(first, where)) from first
+            raise UserError(_message(exc, f"--set {assignment}", partial)) from exc
+    raise UserError(_message(first, where, merged)) from first
 
 
 def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:

@@ -38,9 +38,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ismctl.config.recipe import GuidanceCfg, ObjectiveCfg, Recipe
+from ismctl.config.recipe import GuidanceCfg, ObjectiveCfg
 from ismctl.objectives.guidance import interval_weight, sample_guidance
-from ismctl.objectives.registry import LossFn, Network, ObjectiveSpec, register_objective
+from ismctl.objectives.registry import LossFn, Network
 from ismctl.objectives.shortcut import (
     _bcast,
     _gen_device,
@@ -198,10 +198,3 @@ def target_passes(objective: ObjectiveCfg, guidance: GuidanceCfg) -> float:
     return (2.0 * guidance_active(objective, guidance)
             + JVP_PASSES * objective.bootstrap_fraction)
 
-
-def _sampler(recipe: Recipe) -> str:
-    return "intrinsic" if recipe.objective.meanflow_guidance == "intrinsic" else "conditional"
-
-
-register_objective(ObjectiveSpec("meanflow", meanflow_loss, "continuous", _sampler,
-                                 target_passes))

@@ -45,7 +45,6 @@ from torch import Tensor
 
 from ismctl.config.recipe import GuidanceCfg, ObjectiveCfg
 from ismctl.objectives.guidance import interval_weight, sample_guidance
-from ismctl.objectives.registry import ObjectiveSpec, register_objective
 from ismctl.utils.errors import UserError
 
 Network = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -502,12 +501,3 @@ def target_passes(objective: ObjectiveCfg, guidance: GuidanceCfg | None = None) 
         extra += TARGET_PASSES["guidance"] * objective.guidance_fraction
     return extra
 
-
-def _flow_jump_sm(objective: ObjectiveCfg) -> float:
-    return 1.0 / objective.base_steps
-
-
-register_objective(ObjectiveSpec("sm", sm_loss, "table", lambda recipe: "conditional",
-                                 target_passes, _flow_jump_sm))
-register_objective(ObjectiveSpec("ism", ism_loss, "table", lambda recipe: "intrinsic",
-                                 target_passes))

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ismctl.data.encoders import load_encoder
+from ismctl.objectives import sampling
 from ismctl.runs.checkpoint import LoadedRun
 from ismctl.sampling.sampler import balanced_labels, sample, sample_noise
 from ismctl.utils.errors import UserError
@@ -55,13 +56,14 @@ def iter_images(run: LoadedRun, num: int, steps: int, guidance: float, seed: int
     encoder = load_encoder(man.encoder, run.device, scale_factor=man.scale_factor)
     shape = (man.channels, man.latent_size, man.latent_size)
     autocast = torch.bfloat16 if run.device.type == "cuda" else None
+    jumps = sampling(run.recipe).jumps
     with progress_bar(f"sampling {steps} step(s), w={guidance:g}",
                       total=sum(len(c) for c in chunks), enabled=progress, unit="img") as bar:
         for chunk in chunks:
             noise = sample_noise(chunk, shape, seed).to(run.device)
             x = sample(run.model, noise, labels[chunk].to(run.device), steps, guidance,
                        mode=sampler or run.mode, base_steps=run.recipe.objective.base_steps,
-                       autocast_dtype=autocast, num_classes=man.num_classes)
+                       autocast_dtype=autocast, num_classes=man.num_classes, jumps=jumps)
             yield chunk, encoder.decode(x.float()).cpu(), labels[chunk]
             bar.advance(len(chunk))
 

@@ -1,16 +1,17 @@
 """How a run is sampled: the sampler and the guidance strength for each step count.
 
-- iSM runs take w as a network input (method §3.1): any w >= 0, one pass per step, and the best
-  w differs per step count (a 1-step jump needs another strength than a 128-step path).
-- sm runs follow their authors' protocol (method §2): the shortcuts already carry the CFG of
-  their training targets, so every step count samples the conditional output alone (w = 0);
-  the 128-step entry is joined by a separate one with two-pass CFG at the training scale on
-  the flow velocity. CFG on top of the baked-in guidance (``double_guidance``) guides twice
-  and is only reachable on request.
-- meanflow runs follow MeanFlow's protocol (method §4.1): with ``meanflow_guidance: baked`` CFG is
-  in the training target, so every step count samples the conditional output (w = 0), one pass
-  per step and no separate CFG entry; with ``intrinsic`` w is an input as for iSM. Any step
-  count N >= 1 (continuous jump sizes).
+Each objective declares its sampling protocol (``Sampling``, ismctl.config.plugins); this module
+turns it into sampling points and names no method:
+
+- "intrinsic" runs take w as a network input (iSM, method §3.1; intrinsic meanflow): any
+  w >= 0, one pass per step, and the best w differs per step count (a 1-step jump needs another
+  strength than a 128-step path).
+- "baked" runs carry their guidance in their weights (sm's shortcuts carry the CFG of their
+  training targets, method §2; baked meanflow, method §4.1): every step count samples the
+  conditional output alone (w = 0), one pass per step. A protocol may add a separate entry at
+  the finest step count with two-pass CFG on the flow velocity (sm's authors' 128-step CFG
+  entry). CFG on top of the baked-in guidance (``double_guidance``) guides twice and is only
+  reachable on request.
 
 ``ismctl eval`` picks the best point per step count and remembers it in the run directory
 (``guidance.json``); ``ismctl sample`` without ``--guidance`` uses it, else the recipe's
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ismctl.config.recipe import Recipe
-from ismctl.objectives.guidance import baked_scale, scale_to_w
+from ismctl.objectives import get_objective, sampling
 from ismctl.sampling.sampler import TWO_PASS
 from ismctl.utils.errors import UserError
 from ismctl.utils.fileio import atomic_write_text
@@ -52,32 +53,29 @@ class Point:
         extra = f"-{self.sampler}" if self.sampler in TWO_PASS else ""
         return f"{self.steps}steps-w{self.guidance:g}{extra}"
 
+    def nfe(self) -> int:
+        """Network evaluations per sample: one per step, two for a two-pass CFG entry."""
+        return self.steps * (2 if self.sampler in TWO_PASS else 1)
+
     def label(self) -> str:
         return f"{self.steps} step{'s' if self.steps != 1 else ''}, w={self.guidance:g}" + (
             f" ({self.sampler})" if self.sampler in TWO_PASS else "")
 
 
 def run_sampler(recipe: Recipe, double_guidance: bool = False) -> str:
-    """The one-pass sampler of a run, from its objective: intrinsic guidance (ism, intrinsic
-    meanflow) or the conditional output (sm, baked meanflow); ``double_guidance`` turns the
-    latter into CFG on top of the baked-in guidance."""
-    from ismctl.objectives import one_pass_sampler
-
-    sampler = one_pass_sampler(recipe)
-    if sampler == "intrinsic":
+    """The one-pass sampler of a run, from its objective's protocol: intrinsic guidance, or the
+    conditional output of a baked-guidance run; ``double_guidance`` turns the latter into CFG
+    on top of the baked-in guidance."""
+    protocol = sampling(recipe)
+    if protocol.guidance == "intrinsic":
         if double_guidance:
             raise UserError("--double-guidance: only for runs with baked-in guidance (this run "
                             "takes w as a network input; there is nothing baked in to add to)")
         return "intrinsic"
+    if double_guidance and not get_objective(recipe.objective.mode).needs.null_label:
+        raise UserError(f"--double-guidance: objective {recipe.objective.mode!r} does not train "
+                        "the null label, so there is no unconditional velocity for CFG")
     return "cfg" if double_guidance else "conditional"
-
-
-def _baked_scale(recipe: Recipe) -> str:
-    """The CFG scale a run's training baked in, for messages."""
-    g = recipe.guidance
-    if recipe.objective.mode == "meanflow":
-        return f"{baked_scale(g.omega, g.kappa):g} (omega / (1 - kappa))"
-    return f"{g.cfg_scale:g}"
 
 
 def _nearest(keys: list[int], steps: int) -> int:
@@ -108,22 +106,22 @@ def plan_points(recipe: Recipe, steps: list[int], guidance: Grid,
                 double_guidance: bool = False) -> list[Point]:
     """Every (steps, w, sampler) an evaluation samples, in order.
 
-    sm and baked meanflow runs without ``double_guidance`` accept only w = 0; sm runs get the
-    flow-CFG entry at the training scale when the finest step count (``objective.base_steps``)
-    is requested.
+    Baked-guidance runs without ``double_guidance`` accept only w = 0, and get their protocol's
+    flow-CFG entry (``Sampling.flow_cfg``, sm's) when the finest step count
+    (``objective.base_steps``) is requested.
     """
     sampler = run_sampler(recipe, double_guidance)
     if sampler == "conditional":
+        protocol = sampling(recipe)
         if any(w != 0 for w in all_strengths(guidance)):
+            baked = protocol.baked or "its guidance, if any,"
             raise UserError(
                 f"--guidance {describe_grid(guidance)}: an {recipe.objective.mode} run is "
-                "sampled from its conditional output (w = 0; CFG at scale "
-                f"{_baked_scale(recipe)} is baked into its jumps); pass "
-                "--double-guidance to apply CFG on top")
+                f"sampled from its conditional output (w = 0; {baked} is baked into its "
+                "jumps); pass --double-guidance to apply CFG on top")
         points = [Point(s, 0.0, "conditional") for s in steps]
-        if recipe.objective.mode == "sm" and recipe.objective.base_steps in steps:
-            points.append(Point(recipe.objective.base_steps,
-                                scale_to_w(recipe.guidance.cfg_scale), "flow-cfg"))
+        if protocol.flow_cfg is not None and recipe.objective.base_steps in steps:
+            points.append(Point(recipe.objective.base_steps, protocol.flow_cfg, "flow-cfg"))
         return points
     return [Point(s, w, sampler) for s in steps for w in grid_for(guidance, s)]
 

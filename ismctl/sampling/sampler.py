@@ -1,9 +1,12 @@
-"""Euler shortcut sampling (method §1): N steps of size d = 1/N from noise (t = 0) to data (t = 1).
+"""Euler shortcut sampling (method §1): N steps of size 1/N from noise (t = 0) to data (t = 1).
 
-    x <- x + d F(x, t_i, d, c, w),  t_i = i / N
+    x <- x + (1/N) F(x, t_i, d_i, c, w),  t_i = i / N
 
-N is a power of two up to ``base_steps`` for networks trained on dyadic jumps (sm, ism); a
-network with continuous jump sizes (MeanFlow, method §4.1) takes any N >= 1.
+with the jump size d_i = 1/N (``jumps="step"``: each step is a shortcut of its own length) or
+d_i = 1 - t_i (``jumps="to_end"``: the network predicts the jump to the data end, as a
+consistency model does, and the step moves 1/N of the way along it; the last step lands on the
+prediction). N is a power of two up to ``base_steps`` for networks trained on dyadic jumps (sm,
+ism); a network with continuous jump sizes (MeanFlow, method §4.1) takes any N >= 1.
 
 Samplers (the ``mode`` argument):
 
@@ -38,6 +41,7 @@ from ismctl.utils.errors import UserError
 Mode = Literal["intrinsic", "conditional", "cfg", "flow-cfg"]
 MODES: tuple[str, ...] = get_args(Mode)
 TWO_PASS = ("cfg", "flow-cfg")
+JUMPS = ("step", "to_end")
 
 
 def check_steps(steps: int, base_steps: int, continuous: bool = False) -> None:
@@ -71,14 +75,16 @@ def _null_class(model: nn.Module, num_classes: int | None) -> int:
 @torch.inference_mode()
 def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, guidance: float = 0.0,
            mode: Mode = "intrinsic", base_steps: int = 128,
-           autocast_dtype: torch.dtype | None = None, num_classes: int | None = None) -> Tensor:
+           autocast_dtype: torch.dtype | None = None, num_classes: int | None = None,
+           jumps: str = "step") -> Tensor:
     """Integrate ``noise`` (B, C, H, W) to samples in ``steps`` shortcut jumps.
 
     ``guidance`` is w in the delta convention (CFG scale 1 + w); ``mode`` is one of the samplers
-    in the module docstring. The two-pass modes take the null label ``num_classes``, read from
-    ``model.num_classes`` when not given. ``autocast_dtype`` (e.g. bfloat16) is the network's
-    autocast precision on any device; the state is integrated in the dtype of ``noise``. The
-    model runs in eval mode and gets its previous mode back afterwards.
+    in the module docstring, ``jumps`` the jump-size rule ("step" or "to_end"). The two-pass
+    modes take the null label ``num_classes``, read from ``model.num_classes`` when not given.
+    ``autocast_dtype`` (e.g. bfloat16) is the network's autocast precision on any device; the
+    state is integrated in the dtype of ``noise``. The model runs in eval mode and gets its
+    previous mode back afterwards.
 
     ``steps`` is validated here, once, so the loop reads nothing back from the device: under
     inference mode each step only queues work (``model`` may be a compiled network).
@@ -86,12 +92,17 @@ def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, guidance
     check_steps(steps, base_steps, continuous_jumps(model))
     if mode not in MODES:
         raise UserError(f"sampling mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    if jumps not in JUMPS:
+        raise UserError(f"sampling jumps: expected one of {', '.join(JUMPS)}, got {jumps!r}")
+    to_end = jumps == "to_end" and mode != "flow-cfg"
+    if to_end and not continuous_jumps(model):
+        raise UserError("sampling jumps 'to_end' needs a network with continuous jump sizes "
+                        "(d = 1 - t is not a dyadic jump)")
     if guidance < 0:
         raise UserError(f"guidance: w must be >= 0 (CFG scale 1 + w), got {guidance}")
     if mode == "conditional" and guidance != 0:
-        raise UserError(f"guidance {guidance:g}: the conditional sampler takes w = 0 (an sm or "
-                        "baked-guidance meanflow network's guidance is baked into its jumps); "
-                        "use cfg to add more")
+        raise UserError(f"guidance {guidance:g}: the conditional sampler takes w = 0 (the "
+                        "network's guidance is baked into its jumps); use cfg to add more")
     batch = noise.shape[0]
     two_pass = mode in TWO_PASS
     null = _null_class(model, num_classes) if two_pass else 0
@@ -112,6 +123,9 @@ def sample(model: nn.Module, noise: Tensor, labels: Tensor, steps: int, guidance
         x = noise.clone()
         for i in range(steps):
             t = torch.full((batch,), i / steps, device=noise.device)
+            if to_end:
+                d = 1.0 - t
+                pair_d = torch.cat([d, d])
             with autocast:
                 if not two_pass:
                     v = model(x, t, d, labels, w)
@@ -150,7 +164,7 @@ def generate(model: nn.Module, num: int, shape: tuple[int, int, int], num_classe
              steps: int, guidance: float, mode: str, seed: int, batch_size: int,
              device: torch.device | str, labels: Tensor | None = None, base_steps: int = 128,
              autocast_dtype: torch.dtype | None = None,
-             progress: bool = False) -> tuple[Tensor, Tensor]:
+             progress: bool = False, jumps: str = "step") -> tuple[Tensor, Tensor]:
     """``num`` samples in batches; returns (x (num, *shape) float32 on CPU, labels (num,) long).
 
     Labels are class-balanced and shuffled by ``seed`` unless given (values 0..num_classes, the
@@ -177,7 +191,7 @@ def generate(model: nn.Module, num: int, shape: tuple[int, int, int], num_classe
             noise = sample_noise(chunk, shape, seed).to(device)
             x = sample(model, noise, labels[chunk].to(device), steps, guidance, mode=mode,
                        base_steps=base_steps, autocast_dtype=autocast_dtype,
-                       num_classes=num_classes)
+                       num_classes=num_classes, jumps=jumps)
             out.append(x.float().cpu())
             bar.advance(task, len(chunk))
     return torch.cat(out), labels

@@ -50,6 +50,12 @@ committed files and loses at most the cells in flight; the report reads nothing 
     python -m ismctl.studies.few_step report --steps 3000 \\
         --markdown docs/few_step_digits/tables.md --plot docs/few_step_digits.png
 
+Any recipe enters the same protocol with ``--method NAME:RECIPE:KEY=V1,V2,...`` (repeatable;
+:func:`method_from_spec`): a plugin's objective beside the shipped baselines (``--methods sm
+--method ct:ct_digits.yaml:objective.scales=8,16,32``), its knob a grid of training runs when
+its guidance is baked, ``guidance.w_max`` when it is intrinsic, widened the same way at both
+ends while the recipe accepts the value. Its results are kept like the others', under its name.
+
 Training and evaluation run as ``ismctl`` subprocesses (``--jobs`` at a time, one thread each),
 or with ``--launch slurm`` as one SLURM job each (``ismctl.system.slurm``), ``--jobs`` in flight.
 Once a run is trained its intermediate checkpoints keep only the inference weights, all an
@@ -63,6 +69,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -75,9 +82,10 @@ from pathlib import Path
 from typing import Any
 
 from ismctl.config.recipe import Recipe, load_recipe
-from ismctl.sampling.protocol import Point, plan_points
+from ismctl.sampling.protocol import Point, plan_points, run_sampler
 from ismctl.sampling.sampler import TWO_PASS
 from ismctl.system.slurm import SlurmOptions, run_and_wait, slurm_options
+from ismctl.utils.errors import UserError
 from ismctl.utils.fileio import atomic_path, atomic_write_text, write_json
 
 STEPS = (1, 2, 4, 128)
@@ -115,6 +123,17 @@ class Method:
     widen: float                   # a grid grows by this step above its top
     widen_down: float = 0.0        # and by this one below its bottom (halving near 0; baked)
     intrinsic: bool = False        # w is a network input: knob = guidance.w_max
+    checked: bool = False          # a grid value joins only where the recipe accepts it
+
+    def accepts(self, value: float) -> bool:
+        """Whether a training run at knob ``value`` is a valid recipe (always, unchecked)."""
+        if not self.checked:
+            return True
+        try:
+            load_recipe(self.recipe, self.train_overrides(value, 0))
+        except UserError:
+            return False
+        return True
 
     def run_tag(self, value: float, seed: int) -> str:
         return f"{self.short}{value:g}-seed{seed}"
@@ -152,6 +171,46 @@ METHODS = {m.name: m for m in (
 # The study's methods unless --methods says otherwise; the others join when the budget allows.
 DEFAULT_METHODS = ("sm", "ism", "meanflow", "meanflow+sot", "meanflow+twin-ema",
                    "meanflow+sot+twin-ema")
+# The name of a method given on the command line (--method): it names run and result folders.
+_METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")
+
+
+def method_from_spec(text: str) -> Method:
+    """A method from ``NAME:RECIPE:KEY=V1,V2,...``: any recipe (a file or a shipped recipe's
+    name, of any objective) and the grid of its knob, a numeric recipe field. Whether the knob
+    is baked (one training run per value, the grid widened at both ends while the recipe
+    accepts the value) or the intrinsic w (then the knob is ``guidance.w_max``) comes from the
+    recipe's sampling protocol. Every value is checked against the recipe here."""
+    name, _, rest = text.partition(":")
+    recipe, _, grid = rest.partition(":")
+    knob, _, raw = grid.partition("=")
+    try:
+        values = tuple(sorted({float(v) for v in raw.split(",") if v.strip()}))
+    except ValueError:
+        values = ()
+    if not (_METHOD_NAME.fullmatch(name) and recipe and knob and values):
+        raise UserError(f"--method {text!r}: expected NAME:RECIPE:KEY=V1,V2,... with numeric "
+                        "values, e.g. ct:ct_digits.yaml:objective.scales=8,16,32")
+    if name in METHODS:
+        raise UserError(f"--method {name}: the study already has a method of that name "
+                        f"({METHODS[name].label}); choose another")
+    recipes = [load_recipe(recipe, [f"{knob}={v:g}"]) for v in values]
+    intrinsic = run_sampler(recipes[0]) == "intrinsic"
+    if intrinsic and knob != "guidance.w_max":
+        raise UserError(f"--method {name}: {recipes[0].objective.mode} takes w as a network "
+                        "input, so its knob is the w_max it is trained with: guidance.w_max")
+    gaps = [b - a for a, b in zip(values, values[1:], strict=False)]
+    return Method(name, name, recipe, (), knob, knob.rsplit(".", 1)[-1], values,
+                  widen=gaps[-1] if gaps else values[0],
+                  widen_down=0.0 if intrinsic else (gaps[0] if gaps else values[0] / 2),
+                  intrinsic=intrinsic, checked=True)
+
+
+def add_method(method: Method) -> None:
+    """Make a method given on the command line known to the study (its cells and results)."""
+    if method.name in METHODS and METHODS[method.name] != method:
+        raise UserError(f"--method {method.name}: the study already has a method of that name")
+    METHODS[method.name] = method
 
 
 def nfe(steps: int, sampler: str) -> int:
@@ -416,7 +475,7 @@ def edges(study: Study, chosen: Chosen) -> list[str]:
                 # unconditional model).
                 low = min(values) - method.widen_down
                 low = round(low if low > 0 else min(values) / 2, 6)
-                if c["value"] == min(values) and method.widen_down:
+                if c["value"] == min(values) and method.widen_down and method.accepts(low):
                     values.insert(0, low)
                     grown.append(f"{method.name}: {method.knob} {low:g} ({n} steps chose the "
                                  "lower edge)")
@@ -431,7 +490,7 @@ def edges(study: Study, chosen: Chosen) -> list[str]:
                 edge = c["value"] == max(values)
             if edge:
                 new = round(max(values) + method.widen, 6)
-                if new not in values:
+                if new not in values and method.accepts(new):
                     values.append(new)
                     grown.append(f"{method.name}: {method.knob} {new:g} ({n} steps chose the "
                                  "edge)")
@@ -753,6 +812,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="the results folder (kept in the repository)")
         p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                        help=f"comma-separated, of: {', '.join(METHODS)}")
+        p.add_argument("--method", action="append", default=[],
+                       help="another method, NAME:RECIPE:KEY=V1,V2,... (repeatable): any "
+                            "recipe and its knob grid, compared by the same protocol")
     run.add_argument("out", nargs="?", type=Path, default=Path("runs/few-step"),
                      help="run folders (scratch: checkpoints, logs)")
     run.add_argument("--jobs", type=int, default=2,
@@ -771,6 +833,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m]
+    try:
+        extra = [method_from_spec(spec) for spec in args.method]
+    except UserError as exc:
+        parser.error(str(exc))
+    for method in extra:
+        add_method(method)
+    methods += [m.name for m in extra if m.name not in methods]
     if unknown := [m for m in methods if m not in METHODS]:
         parser.error(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
     ismctl = [sys.executable, "-m", "ismctl"]

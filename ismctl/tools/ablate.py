@@ -29,16 +29,25 @@ guidance grid included, so each variant is compared at its own best w per step c
 (``ismctl/tools/ablate_report.py``). The work is resumable: a run whose final checkpoint exists is
 not retrained, an evaluation whose results and settings are on disk is not rerun.
 
+``--method NAME:RECIPE[:KEY=V1,V2,...]`` (repeatable) compares methods instead: any recipes,
+a shipped baseline beside a plugin's, each with its own knob grid, one variant per knob value
+(``NAME_KEY=V``, or ``NAME`` without a grid), every variant trained and evaluated the same way.
+The evaluation settings are the first method's (its step counts must be ones every method can
+sample); an intrinsic-guidance method is evaluated over its own recipe's w grid, a baked one at
+w = 0 (each by its own protocol). ``--dry-run`` prints the variants and their runs and stops.
+
 A variant is named by what it switches off ("full", "no-wavelet+sot", ..., "baseline"), by
-its baseline recipe ("baseline-sm_xl") or by the swept value ("guidance.w_max=2"), and a
-run by its variant and seed ("full-seed1"), so ``--disable``, ``--cumulative`` and ``--seeds``
-runs in one folder share what they have in common.
+its baseline recipe ("baseline-sm_xl"), by the swept value ("guidance.w_max=2") or by its method
+and knob value ("sm_guidance.cfg_scale=1.5"), and a run by its variant and seed ("full-seed1"),
+so ``--disable``, ``--cumulative`` and ``--seeds`` runs in one folder share what they have in
+common.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -52,12 +61,14 @@ from rich.markup import escape
 from ismctl.config.recipe import (
     Recipe,
     apply_override,
+    check_sampling_steps,
     find_recipe,
     load_recipe,
     recipe_from_dict,
     save_recipe,
 )
-from ismctl.sampling.protocol import Grid, run_sampler
+from ismctl.objectives import sampling
+from ismctl.sampling.protocol import Grid, plan_points, run_sampler
 from ismctl.system.launch import Torchrun
 from ismctl.system.slurm import Cell, Launcher, SlurmOptions, print_states
 from ismctl.tools.ablate_report import aggregate, main_values, markdown, results_table, summarise
@@ -271,9 +282,79 @@ def is_paper_setting(recipe: Recipe) -> bool:
     return all(getattr(recipe, s) == getattr(paper, s) for s in sections)
 
 
+_METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of a comparison: a recipe and its knob grid (none: the recipe alone)."""
+
+    name: str
+    recipe: str
+    knob: str | None = None
+    values: tuple[str, ...] = ()
+
+
+def parse_method(text: str) -> MethodSpec:
+    """``NAME:RECIPE`` or ``NAME:RECIPE:KEY=V1,V2,...`` (values parsed as YAML; brackets keep a
+    list value whole, as in ``--sweep``)."""
+    name, _, rest = text.partition(":")
+    recipe, _, grid = rest.partition(":")
+    key, sep, raw = grid.partition("=")
+    values = tuple(_split_values(raw))
+    if not _METHOD_NAME.fullmatch(name) or not recipe or (grid and not (sep and key and values)):
+        raise UserError(f"--method {text!r}: expected NAME:RECIPE or NAME:RECIPE:KEY=V1,V2,... "
+                        "(NAME of letters, digits, '.', '+' and '-'), e.g. "
+                        "sm:sm_quickstart:guidance.cfg_scale=1,1.5,2")
+    return MethodSpec(name, recipe, key or None, values)
+
+
+def plan_methods(methods: list[str], overrides: list[str] | None,
+                 plugins: list[str] | None = None) -> list[tuple[str, str, Recipe]]:
+    """(variant name, label, recipe) of every knob value of every method, in order; each recipe
+    with ``overrides`` applied and its ``run.name`` set to the variant's name."""
+    specs = [parse_method(m) for m in methods]
+    if len({s.name for s in specs}) < len(specs):
+        raise UserError(f"--method: two methods share a name ({', '.join(s.name for s in specs)})")
+    out = []
+    for spec in specs:
+        try:
+            base = load_recipe(spec.recipe, overrides, plugins)
+        except UserError as exc:
+            raise UserError(f"--method {spec.name}: {exc}") from exc
+        if spec.knob is None:
+            out.append((spec.name, spec.name, _named(base, spec.name)))
+            continue
+        recipes = []
+        for value in spec.values:
+            name = f"{spec.name}_{spec.knob}={value}"
+            data = apply_override(base.model_dump(mode="json"), f"{spec.knob}={value}")
+            recipe = recipe_from_dict(data, f"--method {spec.name}: {spec.knob}={value}")
+            recipes.append((name, f"{spec.name}, {spec.knob}={value}", _named(recipe, name)))
+        dumps = [yaml.safe_dump(r.model_dump(mode="json")) for _, _, r in recipes]
+        if len(set(dumps)) < len(recipes):
+            raise UserError(f"--method {spec.name}: two values of {spec.knob} give the same "
+                            "recipe")
+        out += recipes
+    return out
+
+
+def check_methods_sample(variants: list[tuple[str, Recipe]], steps: list[int]) -> None:
+    """Every method samples every step count of the evaluation (its own protocol's rule)."""
+    for name, recipe in variants:
+        try:
+            check_sampling_steps(steps, sampling(recipe), recipe.objective.base_steps,
+                                 recipe.objective.mode)
+        except ValueError as exc:
+            raise UserError(f"--method {name}: the evaluation's eval.steps {steps} (the first "
+                            f"method's): {exc}") from exc
+
+
 @dataclass(frozen=True)
 class EvalSettings:
-    """Identical for every variant, so the table compares like with like."""
+    """Identical for every variant, so the table compares like with like (``own_grid``: an
+    intrinsic-guidance variant is evaluated over its own recipe's w grid, for methods that
+    differ in their recipes)."""
 
     steps: list[int]
     guidance: Grid
@@ -284,6 +365,7 @@ class EvalSettings:
     seed: int
     device: str
     inception_weights: str | None
+    own_grid: bool = False
 
     def key(self, checkpoint_step: int, guidance: Grid) -> dict[str, Any]:
         """The settings as stored next to a result (JSON round-tripped, so that a stored key
@@ -295,13 +377,14 @@ class EvalSettings:
 
 
 def eval_settings(recipe: Recipe, num_samples: int | None,
-                  inception_weights: str | None) -> EvalSettings:
+                  inception_weights: str | None, own_grid: bool = False) -> EvalSettings:
     e = recipe.eval
     return EvalSettings(steps=list(e.steps), guidance=e.guidance,
                         num_samples=e.num_samples if num_samples is None else num_samples,
                         metrics=list(e.metrics),
                         ref=e.ref, batch_size=e.batch_size, seed=e.seed,
-                        device=recipe.train.device, inception_weights=inception_weights)
+                        device=recipe.train.device, inception_weights=inception_weights,
+                        own_grid=own_grid)
 
 
 def _check_stored_recipe(recipe: Recipe, run_dir: Path) -> None:
@@ -431,10 +514,11 @@ def run_name(variant: str, seed: int, seeds: list[int] | None) -> str:
 
 
 def _point_guidance(recipe: Recipe, cfg: EvalSettings) -> Grid:
-    # Each variant is sampled by its authors' protocol (ismctl.sampling.protocol): sm and
-    # baked-guidance meanflow from the conditional output (sm plus the flow-CFG entry at 128
-    # steps), their guidance fixed by their training; ism and intrinsic meanflow over the w grid.
-    return cfg.guidance if run_sampler(recipe) == "intrinsic" else [0.0]
+    # Each variant is sampled by its objective's protocol (ismctl.sampling.protocol): a baked
+    # one from the conditional output (sm adds its flow-CFG entry at 128 steps), its guidance
+    # fixed by its training; an intrinsic one (ism, intrinsic meanflow) over the w grid.
+    grid = recipe.eval.guidance if cfg.own_grid else cfg.guidance
+    return grid if run_sampler(recipe) == "intrinsic" else [0.0]
 
 
 def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative: bool,
@@ -445,13 +529,18 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
                  sweep: str | None = None, nodes: Torchrun | None = None,
                  threads: int | None = None, report_name: str = "ablation",
                  baseline: str | None = None, slurm: SlurmOptions | None = None,
-                 submit: bool = True, report_mode: str = "all") -> dict[str, Any]:
+                 submit: bool = True, report_mode: str = "all",
+                 methods: list[str] | None = None, plugins: list[str] | None = None,
+                 dry_run: bool = False) -> dict[str, Any]:
     """Plan, train, evaluate and compare the ablation variants; returns the report dict
     (also written as ``<report_name>.json``, ``.md`` and ``.png`` in the folder, so several
     studies can share one folder and the runs they have in common).
 
     ``baseline`` (``--cumulative`` only): the first row's recipe file, ``components-off``, or
-    None for the default (:func:`baseline_recipe`); the report names it.
+    None for the default (:func:`baseline_recipe`); the report names it. ``methods``
+    (``--method``): compare these recipes and knob grids instead (:func:`plan_methods`);
+    ``plugins``: modules that register objectives (``--plugin``); ``dry_run``: print the
+    variants and their runs, train nothing and return the plan.
 
     ``nodes``: the multi-node part of the torchrun launch (nnodes, node rank, rendezvous); every
     node runs the same command, and only node 0 writes the report (empty dict elsewhere).
@@ -473,7 +562,7 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
         recipe_path=recipe_path, disable=disable, cumulative=cumulative, overrides=overrides,
         out=out, eval_num_samples=eval_num_samples, progress=False,
         inception_weights=inception_weights, seeds=seeds, sweep=sweep, threads=threads,
-        report_name=report_name, baseline=baseline)
+        report_name=report_name, baseline=baseline, methods=methods, plugins=plugins)
     if launch == "slurm":
         slurm = slurm or SlurmOptions(nproc_per_node=nproc_per_node)
     if not report_name or "/" in report_name:
@@ -488,28 +577,49 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
     main_node = torchrun is None or torchrun.is_main_node
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise UserError(f"--seeds {seeds}: give distinct seeds, e.g. 0,1,2")
-    # The file itself (a shipped recipe's name resolved), so that sm_<size>.yaml beside it is found.
-    path = str(find_recipe(recipe_path or DEFAULT_RECIPE))
-    report_args["recipe_path"] = path
-    base = load_recipe(path, overrides)
-    if sweep is not None:
-        if disable or cumulative:
-            raise UserError("--sweep is exclusive with --disable and --cumulative")
-        variants, mode = plan_sweep(base, sweep), "sweep"
-        names = [name for name, _ in variants]
-        reference = FULL if FULL in names else names[0]
+    labels: dict[str, str] = {}
+    if methods:
+        if recipe_path is not None or disable or cumulative or sweep is not None or baseline:
+            raise UserError("--method compares whole recipes: give no RECIPE, --disable, "
+                            "--cumulative, --sweep or --baseline with it")
+        planned = plan_methods(methods, overrides, plugins)
+        variants = [(name, recipe) for name, _, recipe in planned]
+        labels = {name: label for name, label, _ in planned}
+        path = str(find_recipe(parse_method(methods[0]).recipe))
+        base, mode, reference = variants[0][1], "compare", variants[0][0]
+        check_methods_sample(variants, base.eval.steps)
     else:
-        variants = plan_variants(base, disable, cumulative)
-        mode, reference = ("cumulative" if cumulative else "disable"), FULL
+        # The file itself (a shipped recipe's name resolved), so that sm_<size>.yaml beside it
+        # is found.
+        path = str(find_recipe(recipe_path or DEFAULT_RECIPE))
+        report_args["recipe_path"] = path
+        base = load_recipe(path, overrides, plugins)
+        if sweep is not None:
+            if disable or cumulative:
+                raise UserError("--sweep is exclusive with --disable and --cumulative")
+            variants, mode = plan_sweep(base, sweep), "sweep"
+            names = [name for name, _ in variants]
+            reference = FULL if FULL in names else names[0]
+        else:
+            variants = plan_variants(base, disable, cumulative)
+            mode, reference = ("cumulative" if cumulative else "disable"), FULL
     baseline_path = baseline_recipe(path, baseline, cumulative and sweep is None)
     if baseline_path is not None:
         variants[0] = baseline_variant(baseline_path, overrides)
-    folder = Path(out) if out is not None else Path(base.run.root) / f"ablate-{Path(path).stem}"
+    for name, _ in variants:
+        if name not in labels:
+            labels[name] = (_sweep_label(base, sweep, name) if sweep is not None
+                            else variant_label(name, cumulative))
+    stem = ("compare-" + "-".join(parse_method(m).name for m in methods) if methods
+            else f"ablate-{Path(path).stem}")
+    folder = Path(out) if out is not None else Path(base.run.root) / stem
     check_writable(folder, "--out", folder=True)
-    cfg = eval_settings(base, eval_num_samples, inception_weights)
-    paper = is_paper_setting(base) and sweep is None
+    cfg = eval_settings(base, eval_num_samples, inception_weights, own_grid=mode == "compare")
+    paper = is_paper_setting(base) and sweep is None and not methods
     train_seeds = seeds if seeds is not None else [base.train.seed]
     console = make_console()
+    if dry_run:
+        return print_ablation_plan(variants, labels, folder, cfg, train_seeds, seeds, console)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     total = len(variants) * len(train_seeds)
@@ -518,8 +628,7 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
     unfinished: list[str] = []
     report_args["out"] = str(folder)
     for v_index, (name, recipe) in enumerate(variants):
-        label = (_sweep_label(base, sweep, name) if sweep is not None
-                 else variant_label(name, cumulative))
+        label = labels[name]
         runs, results_list = [], []
         for s_index, seed in enumerate(train_seeds):
             rname = run_name(name, seed, seeds)
@@ -565,7 +674,7 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
         if not main_node or launch == "slurm" or not runs or len(runs) < len(train_seeds):
             continue
         rows.append({"name": name, "label": label,
-                     "disabled": [] if sweep is not None else _disabled_of(name),
+                     "disabled": [] if mode in ("sweep", "compare") else _disabled_of(name),
                      "recipe": runs[0]["recipe"], "runs": runs,
                      **aggregate(results_list, select)})
         if paper:
@@ -577,6 +686,7 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
         return {}
     report: dict[str, Any] = {
         "recipe": str(path), "mode": mode, "disabled": parse_components(disable),
+        "methods": list(methods or []),
         "sweep": sweep, "folder": str(folder), "paper": paper, "seeds": train_seeds,
         "train_steps": base.train.steps, "overrides": list(overrides or []),
         "eval": {"steps": cfg.steps, "guidance": cfg.guidance, "num_samples": cfg.num_samples,
@@ -597,6 +707,28 @@ def run_ablation(recipe_path: str | None, disable: list[str] | None, cumulative:
         console.print(f"[yellow]note:[/] {escape(n)}")
     console.print(f"[green]wrote[/] {escape(f'{folder}/{report_name}')}.{{json,md,png}}")
     return report
+
+
+def print_ablation_plan(variants: list[tuple[str, Recipe]], labels: dict[str, str], folder: Path,
+                        cfg: EvalSettings, train_seeds: list[int], seeds: list[int] | None,
+                        console: Console) -> dict[str, Any]:
+    """``--dry-run``: every variant, its runs and the points each is evaluated at; nothing is
+    written. Returns the plan."""
+    plan = []
+    console.print(f"ablation folder {folder}; evaluation: steps {cfg.steps}, "
+                  f"{cfg.num_samples} samples per point, metrics {', '.join(cfg.metrics)}",
+                  markup=False, highlight=False, soft_wrap=True)
+    for name, recipe in variants:
+        runs = [run_name(name, seed, seeds) for seed in train_seeds]
+        grid = _point_guidance(recipe, cfg)
+        points = [p.label() for p in plan_points(recipe, cfg.steps, grid)]
+        plan.append({"name": name, "label": labels[name], "mode": recipe.objective.mode,
+                     "runs": runs, "train_steps": recipe.train.steps, "points": points})
+        console.print(f"{name} ({labels[name]}): objective {recipe.objective.mode}, "
+                      f"{recipe.train.steps} steps, runs {', '.join(runs)}; evaluated at "
+                      f"{'; '.join(points)}", markup=False, highlight=False, soft_wrap=True)
+    console.print("dry run: nothing trained or written", markup=False, highlight=False)
+    return {"dry_run": True, "folder": str(folder), "variants": plan}
 
 
 def _run_done(recipe: Recipe, run_dir: Path, cfg: EvalSettings) -> bool:

@@ -36,6 +36,7 @@ from ismctl.data.manifest import Manifest, read_manifest
 from ismctl.evaluation.report import value_names
 from ismctl.networks.model import FREQ_DIM, num_levels
 from ismctl.networks.unwrap import unwrap_model
+from ismctl.objectives import get_objective, sampling
 from ismctl.runs.checkpoint import (
     WEIGHT_FILES,
     data_summary,
@@ -123,22 +124,18 @@ def model_card(name: str, config: dict[str, Any], recipe: Recipe,
     """The export's README.md."""
     s, m, data = config["sampling"], config["model"], config["data"]
     obj = recipe.objective
-    kind = {"ism": "An iSM (improved shortcut model, intrinsic guidance: w is a network input)",
-            "sm": "A shortcut model (sm baseline: CFG baked into the shortcuts)"}.get(
-                obj.mode, f"A {obj.mode} model")
+    kind = get_objective(obj.mode).description or f"A {obj.mode} model"
+    steps = (f"in 1 to {obj.base_steps} steps (powers of two)"
+             if sampling(recipe).steps == "dyadic" else "in any number of steps")
     space = (f"{data['encoder']} latents ({s['in_channels']}x{s['input_size']}x"
              f"{s['input_size']}, scale factor {data['scale_factor']:g})"
              if data["encoder"] != IDENTITY else
              f"pixels ({s['in_channels']}x{s['input_size']}x{s['input_size']})")
-    # Dyadic jump tables take N a power of two up to base_steps; continuous jumps (MeanFlow)
-    # any N.
-    steps_range = ("any number of steps N >= 1" if config["conventions"]["sampler"]["steps"]
-                   == "any N >= 1" else f"1 to {obj.base_steps} steps (powers of two)")
     lines = [
         f"# {name}", "",
         f"{kind}, backbone {m['preset']} ({num_params / 1e6:.1f} M parameters), "
         f"class-conditional over {data['num_classes']} classes, sampling {space} "
-        f"in {steps_range}. Exported by ismctl "
+        f"{steps}. Exported by ismctl "
         f"{config['ismctl_version']}.", "",
         "## Use", "",
         "```python",
@@ -220,7 +217,10 @@ def conventions(network: torch.nn.Module, recipe: Recipe, manifest: Manifest) ->
             "mode": run_sampler(recipe),
             "steps": (f"N a power of two from 1 to {net.base_steps}" if table
                       else "any N >= 1"),
-            "update": "x_0 ~ N(0, I); for i < N: x <- x + d F(x, i d, d, y, w) with d = 1 / N",
+            "jumps": sampling(recipe).jumps,
+            "update": "x_0 ~ N(0, I); for i < N: x <- x + (1 / N) F(x, i / N, d_i, y, w) with "
+                      "d_i = 1 / N (jumps 'step') or d_i = 1 - i / N (jumps 'to_end': the "
+                      "jump to the data end, of which each step goes 1 / N)",
             "intrinsic": "one pass, w given to the network (guidance.json or the table "
                          "below gives w per N)",
             "conditional": "one pass with w = 0 (guidance is baked into the weights)",

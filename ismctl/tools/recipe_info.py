@@ -16,47 +16,55 @@ from typing import Any
 from pydantic.fields import FieldInfo
 from rich.console import Console
 
+from ismctl.config.plugins import ObjectiveSpec, load_all, load_plugins
 from ismctl.config.recipe import (
+    ObjectiveBase,
+    ObjectiveCfg,
     Recipe,
     canonical_key,
     find_recipe,
     load_recipe,
     read_recipe_file,
     recipe_summary,
+    section_model,
     shipped_recipes,
 )
 
 DEFAULT = "default"
 
 
-def recipe_fields() -> list[tuple[str, str, FieldInfo]]:
-    """(section, name, field) of every settable recipe field, in declaration order; fields
+def recipe_fields(recipe: Recipe | None = None) -> list[tuple[str, str, FieldInfo]]:
+    """(section, name, field) of every settable field of ``recipe`` (the ``objective`` section
+    is its mode's settings model; without a recipe, ismctl's own), in declaration order; fields
     kept only to read older recipes (excluded from the resolved recipe) are left out."""
     out = []
-    for section, sfield in Recipe.model_fields.items():
-        for name, info in sfield.annotation.model_fields.items():
+    for section in Recipe.model_fields:
+        for name, info in section_model(section, recipe).model_fields.items():
             if not info.exclude:
                 out.append((section, name, info))
     return out
 
 
-def resolve_with_sources(path: str | Path | None,
-                         overrides: list[str] | None = None) -> tuple[Recipe, dict[str, str]]:
+def resolve_with_sources(path: str | Path | None, overrides: list[str] | None = None,
+                         plugins: list[str] | None = None) -> tuple[Recipe, dict[str, str]]:
     """The validated recipe and, per ``section.field``, where its value came from: ``default``,
-    ``file PATH``, ``extends PATH`` (a parent named by ``extends:``) or ``--set KEY=VALUE``."""
-    recipe = load_recipe(path, overrides)
+    ``file PATH``, ``extends PATH`` (a parent named by ``extends:``), ``--plugin`` or
+    ``--set KEY=VALUE``."""
+    recipe = load_recipe(path, overrides, plugins)
     found: dict[str, str] = {}
     top = None
     if path is not None:
         top = str(find_recipe(path))
         read_recipe_file(Path(top), found)
     sources = {k: ("file " if f == top else "extends ") + f for k, f in found.items()}
+    if plugins:
+        sources["objective.plugins"] = " ".join(f"--plugin {p}" for p in plugins)
     for assignment in overrides or []:
         key = assignment.partition("=")[0]
         parts = key.split(".")
         if len(parts) == 1:
             # A whole section replaced at once: every field of it.
-            for section, name, _ in recipe_fields():
+            for section, name, _ in recipe_fields(recipe):
                 if section == key:
                     sources[f"{section}.{name}"] = f"--set {assignment}"
         else:
@@ -72,7 +80,7 @@ def _value(value: Any) -> str:
 def print_resolved(recipe: Recipe, sources: dict[str, str], console: Console) -> None:
     data = recipe.model_dump(mode="json")
     rows = [(f"{s}.{n}", _value(data[s][n]), sources.get(f"{s}.{n}", DEFAULT))
-            for s, n, _ in recipe_fields()]
+            for s, n, _ in recipe_fields(recipe)]
     key_w = max(len(r[0]) for r in rows)
     val_w = min(40, max(len(r[1]) for r in rows))
     for key, value, source in rows:
@@ -104,13 +112,33 @@ def print_shipped(console: Console) -> None:
                       soft_wrap=True, markup=False)
 
 
-def print_keys(console: Console) -> None:
-    """One line per settable key: name, type, default and description."""
+def print_keys(console: Console, plugins: list[str] | None = None) -> None:
+    """One line per settable key: name, type, default and description; then each registered
+    objective with settings of its own (installed plugins, and the modules ``plugins`` names),
+    its keys marked with its mode."""
+    load_plugins(plugins or [])
     defaults = Recipe().model_dump(mode="json")
     for section, name, info in recipe_fields():
         console.print(f"{section}.{name} ({_type_name(info.annotation)}, default "
                       f"{_value(defaults[section][name])}): {info.description}",
                       highlight=False, soft_wrap=True, markup=False)
+    for spec in load_all():
+        if spec.settings is ObjectiveCfg:
+            continue
+        own = [(n, i) for n, i in spec.settings.model_fields.items()
+               if n not in ObjectiveBase.model_fields and not i.exclude]
+        console.print(f"objective.mode {spec.name!r}: {_plugin_line(spec)}", highlight=False,
+                      soft_wrap=True, markup=False)
+        for name, info in own:
+            default = json.dumps(info.get_default(call_default_factory=True), default=str)
+            console.print(f"objective.{name} ({_type_name(info.annotation)}, default {default}; "
+                          f"objective.mode {spec.name}): {info.description}", highlight=False,
+                          soft_wrap=True, markup=False)
+
+
+def _plugin_line(spec: ObjectiveSpec) -> str:
+    where = getattr(spec.fn, "path", None) or getattr(spec.fn, "__module__", "?")
+    return f"{spec.description or 'a plugin objective'} ({where}); its own keys:"
 
 
 @dataclass

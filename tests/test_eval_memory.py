@@ -32,7 +32,10 @@ from ismctl.evaluation.digits_classifier import digits_dataset
 from ismctl.runs.checkpoint import LoadedRun
 
 SIDE = 256
-MARGIN = 64 * 2**20
+# Between processes evaluating the same thing, the peak varies by up to ~120 MB on a busy
+# machine (measured: 926 to 1,048 MiB, a chunk of 1,000 images being 196 MB), in either
+# direction; holding the images would add 1,180 MB at 8,000 samples, 4.6 times this margin.
+MARGIN = 256 * 2**20
 
 
 class TemplateNet(nn.Module):
@@ -102,8 +105,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_samples(tmp_path: Path) ->
     large, many = peak_rss(8000, tmp_path / "large.json", cache)
     print(f"peak RSS: 2,000 samples {small / 2**20:.0f} MiB, 8,000 samples "
           f"{large / 2**20:.0f} MiB at {SIDE}x{SIDE}x3")
-    # Holding the images would add 6,000 x 196,608 bytes (1,180 MB), 17 times the margin. Only
-    # growth counts: the allocator's peak varies by tens of MB between processes either way.
+    # Holding the images would add 6,000 x 196,608 bytes (1,180 MB). Only growth counts.
     assert large - small < MARGIN
     for results in (few, many):
         assert results["points"][0]["metrics"]["acc"] == 1.0

@@ -31,12 +31,12 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-from rich.progress import Progress
 from torch import Tensor, nn
 
 from ismctl.networks.unwrap import unwrap_model
 from ismctl.objectives.guidance import cfg_combine
 from ismctl.utils.errors import UserError
+from ismctl.utils.progress import progress_bar
 
 Mode = Literal["intrinsic", "conditional", "cfg", "flow-cfg"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -184,14 +184,14 @@ def generate(model: nn.Module, num: int, shape: tuple[int, int, int], num_classe
     if labels.numel() and (labels.min() < 0 or labels.max() > num_classes):
         raise UserError(f"labels: must lie in 0..{num_classes} ({num_classes} is the null label)")
     out: list[Tensor] = []
-    bar = Progress(disable=not progress)
-    with bar:
-        task = bar.add_task(f"sampling {steps} step(s), w={guidance:g}", total=num)
+    # The project's bar: rich's own, disabled, still ends with a newline in older rich (13.4).
+    with progress_bar(f"sampling {steps} step(s), w={guidance:g}", num, enabled=progress,
+                      unit="img") as bar:
         for chunk in torch.arange(num).split(batch_size):
             noise = sample_noise(chunk, shape, seed).to(device)
             x = sample(model, noise, labels[chunk].to(device), steps, guidance, mode=mode,
                        base_steps=base_steps, autocast_dtype=autocast_dtype,
                        num_classes=num_classes, jumps=jumps)
             out.append(x.float().cpu())
-            bar.advance(task, len(chunk))
+            bar.advance(len(chunk))
     return torch.cat(out), labels

@@ -153,3 +153,37 @@ def test_remembered_points_are_the_stored_choices(tmp_path: Path) -> None:
                                                      Point(1, 1.5, "intrinsic")]
     with pytest.raises(UserError, match=r"no best w for 4, 8 step"):
         remembered_points(tmp_path, [1, 4, 8])
+
+
+def test_nfe_counts_both_passes_of_a_two_pass_entry() -> None:
+    """One network call per step, two for two-pass CFG (method §2): the study's NFE column."""
+    assert [Point(4, 0.0, s).nfe() for s in ("conditional", "intrinsic")] == [4, 4]
+    assert [Point(4, 1.0, s).nfe() for s in ("cfg", "flow-cfg")] == [8, 8]
+    assert Point(1, 0.5, "cfg").nfe() == 2
+
+
+def test_extrapolation_is_said_only_above_the_trained_w_max() -> None:
+    from ismctl.sampling.protocol import extrapolation_note
+
+    ism = load_recipe(RECIPES / "quickstart.yaml")   # w_max 1.5
+    inside = [Point(1, 0.0, "intrinsic"), Point(1, 1.5, "intrinsic")]
+    assert extrapolation_note(ism, inside) is None
+    # A two-pass w is a CFG scale, not a network input: never extrapolated.
+    assert extrapolation_note(ism, [Point(1, 3.0, "cfg"), Point(1, 3.0, "flow-cfg")]) is None
+    far = [Point(1, 2.5, "intrinsic"), Point(4, 2.0, "intrinsic"), Point(1, 2.0, "intrinsic"),
+           *inside, Point(1, 9.0, "cfg")]
+    assert extrapolation_note(ism, far) == ("guidance 2, 2.5 above the trained w_max 1.5: "
+                                            "extrapolated")
+    wide = load_recipe(RECIPES / "quickstart.yaml", ["guidance.w_max=3"])
+    assert extrapolation_note(wide, far) is None
+
+
+@pytest.mark.usefixtures("plugin_registry")
+def test_a_baked_objective_without_a_description_is_named_in_the_error() -> None:
+    toy = str(Path(__file__).resolve().parent / "plugins" / "toy_flow.py")
+    recipe = load_recipe("quickstart", ["objective.mode=toy-flow", "ema.target_enabled=false"],
+                         plugins=[toy])
+    with pytest.raises(UserError) as err:
+        plan_points(recipe, [1], [0.0, 1.0])
+    assert ("a run of objective.mode 'toy-flow' is sampled from its conditional output (w = 0; "
+            "its guidance, if any, is baked into its jumps)") in str(err.value)

@@ -116,9 +116,9 @@ def plan_points(recipe: Recipe, steps: list[int], guidance: Grid,
         if any(w != 0 for w in all_strengths(guidance)):
             baked = protocol.baked or "its guidance, if any,"
             raise UserError(
-                f"--guidance {describe_grid(guidance)}: an {recipe.objective.mode} run is "
-                f"sampled from its conditional output (w = 0; {baked} is baked into its "
-                "jumps); pass --double-guidance to apply CFG on top")
+                f"--guidance {describe_grid(guidance)}: a run of objective.mode "
+                f"'{recipe.objective.mode}' is sampled from its conditional output (w = 0; "
+                f"{baked} is baked into its jumps); pass --double-guidance to apply CFG on top")
         points = [Point(s, 0.0, "conditional") for s in steps]
         if protocol.flow_cfg is not None and recipe.objective.base_steps in steps:
             points.append(Point(recipe.objective.base_steps, protocol.flow_cfg, "flow-cfg"))

@@ -15,6 +15,8 @@ import pytest
 
 from ismctl.studies import few_step as fs
 
+REPO = Path(__file__).resolve().parents[1]
+
 # A stand-in for `python -m ismctl`, fast and without torch. `train` writes the checkpoints and
 # the metrics log a run would; `eval` scores each requested point with the formulas below (sm at
 # 128 steps adds its flow-CFG entry, as its protocol does); `sample` writes a 1x1 PNG. Every
@@ -366,3 +368,19 @@ def test_slim_checkpoints_keep_the_inference_weights_and_the_final_checkpoint(
 def test_plot_is_written(tmp_path: Path, finished: dict[str, Any]) -> None:
     fs.plot(finished, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_named_recipe_is_the_study_s_best_row_as_it_was_trained() -> None:
+    """``meanflow_sot_digits`` is MeanFlow + sOT at the omega the committed study chose at every
+    step count (read from docs/few_step_digits/results), field for field; its training seed is
+    the recipe's own."""
+    from ismctl.config.recipe import load_recipe
+
+    study = fs.Study(Path("unused"), 3000, [0, 1, 2], 1, [], results=REPO / fs.RESULTS,
+                     methods=["meanflow+sot"])
+    chosen = {c["value"] for c in fs.choose(study)["meanflow+sot"].values()}
+    assert len(chosen) == 1
+    trained = fs.method_recipe("meanflow+sot", chosen.pop()).model_dump()
+    named = load_recipe("meanflow_sot_digits").model_dump()
+    trained["train"]["seed"] = named["train"]["seed"]
+    assert named == trained

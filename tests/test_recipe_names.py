@@ -23,8 +23,8 @@ from ismctl.tools.recipe_info import resolve_with_sources
 from ismctl.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = {"ism_b", "ism_xl", "meanflow_b", "meanflow_digits", "meanflow_xl", "quickstart",
-           "sm_b", "sm_xl"}
+SHIPPED = {"ism_b", "ism_xl", "meanflow_b", "meanflow_digits", "meanflow_xl",
+           "meanflow_sot_digits", "meanflow_sot_xl", "quickstart", "sm_b", "sm_xl"}
 
 
 def test_the_shipped_recipes_live_in_the_package() -> None:

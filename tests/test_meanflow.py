@@ -465,7 +465,7 @@ def test_protocol_meanflow_runs() -> None:
     points = plan_points(baked, [1, 3, 128], [0.0])
     assert [(p.steps, p.guidance, p.sampler) for p in points] == [
         (1, 0.0, "conditional"), (3, 0.0, "conditional"), (128, 0.0, "conditional")]
-    with pytest.raises(UserError, match=r"meanflow run .* scale 2 \(omega / \(1 - kappa\)\)"):
+    with pytest.raises(UserError, match=r"mode 'meanflow' is .* scale 2 \(omega / \(1 - kappa\)\)"):
         plan_points(baked, [1], [0.0, 1.0])
     intrinsic = Recipe.model_validate({"objective": {"mode": "meanflow",
                                                      "meanflow_guidance": "intrinsic"}})

@@ -276,3 +276,52 @@ def test_within_class_pairing_keeps_the_noise_blind_to_the_label() -> None:
     # Chance is 0.1 (10 classes, 800 scored pairs: sd about 0.01).
     assert blind > 0.25
     assert per_class < 0.15 and independent < 0.15
+
+
+def test_the_coupler_reads_no_batch_beyond_the_pool_it_pairs() -> None:
+    """A pool is paired as soon as it is full, before the next batch is read: independent
+    pairing (pool 0) hands each batch on at once, and pools of one-sample batches are exactly
+    ``pool_size`` batches each, pool after pool."""
+    read = []
+
+    def stream(sizes: list[int]):
+        for i, batch in enumerate(_batches(sizes, seed=12)):
+            read.append(i)
+            yield batch
+
+    for pool, sizes, reads_after in ((0, [1, 1, 3], [1, 2, 3]), (8, [4] * 4, [2, 2, 4, 4]),
+                                     (4, [1] * 8, [4, 4, 4, 4, 8, 8, 8, 8])):
+        read.clear()
+        coupler = SOTCoupler(pool, torch.Generator().manual_seed(1), mode="blind")
+        seen = [len(read) for _ in coupler(stream(sizes))]
+        assert seen == reads_after, (pool, sizes)
+
+
+def test_the_coupler_pairs_with_its_mode_and_min_group() -> None:
+    """The coupler's pool is paired as ``pair_pool`` pairs it with the coupler's own mode and
+    ``min_group``: here a class of 2 rows is within-class paired at min_group 2 and joins
+    the blind leftovers at min_group 3, which changes the pairing."""
+    gen = torch.Generator().manual_seed(13)
+    x1 = 2 + torch.randn(12, 2, 2, generator=gen)
+    y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, 3, 4, 5, 6])
+    drawn = _drawn_noise([(x1, y)], 5)[0]
+    results = {}
+    for mode, min_group in (("hybrid", 2), ("hybrid", 3), ("within_class", 3), ("blind", 3)):
+        coupler = SOTCoupler(12, torch.Generator().manual_seed(5), mode=mode, min_group=min_group)
+        x0 = next(coupler([(x1, y)]))[0]
+        torch.testing.assert_close(x0, pair_pool(drawn, x1, y, mode=mode, min_group=min_group),
+                                   rtol=0, atol=0)
+        results[mode, min_group] = x0
+    assert not torch.equal(results["hybrid", 2], results["hybrid", 3])
+    assert not torch.equal(results["hybrid", 3], results["within_class", 3])
+    assert not torch.equal(results["hybrid", 3], results["blind", 3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_coupler_draws_float32_noise_in_the_data_dtype(dtype: torch.dtype) -> None:
+    """Noise is drawn in float32 whatever the data's dtype (the same numbers for float64 and
+    bf16 latents) and handed on in the data's dtype."""
+    batches = [(x1.to(dtype), y) for x1, y in _batches([4], seed=14)]
+    x0, x1, _, _ = next(SOTCoupler(0, torch.Generator().manual_seed(6))(batches))
+    assert x0.dtype == x1.dtype == dtype
+    assert torch.equal(x0, _drawn_noise(batches, 6)[0].to(dtype))

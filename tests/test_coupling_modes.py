@@ -201,3 +201,56 @@ def test_scale_study_point_and_report(tmp_path) -> None:
     main(["report", str(out), "--markdown", str(tmp_path / "tables.md")])
     text = (tmp_path / "tables.md").read_text()
     assert "| 1 | 0.00 ± 0.00 |" in text and "within_class" in text
+
+
+def _reference_stats(drawn: torch.Tensor, matched: torch.Tensor, x1: torch.Tensor,
+                     y: torch.Tensor) -> tuple[float, float]:
+    """``coupling_stats`` from its definitions, in float64 numpy, pair by pair."""
+    z, a, b = (t.reshape(len(t), -1).double().numpy() for t in (matched, x1, drawn))
+    independent = ((b - a) ** 2).sum()
+    cost = 1 - ((z - a) ** 2).sum() / independent if independent > 0 else 0.0
+    same = [(i, j) for i in range(len(y)) for j in range(len(y)) if i != j and y[i] == y[j]]
+    leakage = np.mean([z[i] @ z[j] for i, j in same]) / z.shape[1] if same else 0.0
+    return float(cost), float(leakage)
+
+
+def test_stats_edge_cases_against_their_definitions() -> None:
+    """Noise equal to the data (no transport cost to remove: 0, not 0/0), a cost below 1, a
+    pool whose classes are all singletons (no pair: leakage 0) and one with a single pair. In
+    float64: a cost this small is a difference of much larger norms."""
+    gen = torch.Generator().manual_seed(8)
+    x1 = torch.randn(6, 2, 3, generator=gen, dtype=torch.float64)
+    near = x1 + 0.01 * torch.randn(6, 2, 3, generator=gen, dtype=torch.float64)
+    matched = near[torch.tensor([1, 0, 2, 3, 5, 4])]
+    singletons, one_pair = torch.arange(6), torch.tensor([0, 1, 2, 2, 3, 4])
+    cases = [(x1, x1, x1, one_pair), (near, matched, x1, one_pair),
+             (near, matched, x1, singletons), (near, near, x1, singletons)]
+    for drawn, z, data, y in cases:
+        stats = coupling_stats(drawn, z, data, y)
+        cost, leakage = _reference_stats(drawn, z, data, y)
+        assert stats["cost_reduction"] == pytest.approx(cost, rel=1e-9, abs=1e-12)
+        assert stats["leakage"] == pytest.approx(leakage, rel=1e-9, abs=1e-12)
+    assert coupling_stats(x1, x1, x1, one_pair)["cost_reduction"] == 0.0
+    assert coupling_stats(near, matched, x1, singletons)["leakage"] == 0.0
+    assert _reference_stats(near, near, x1, singletons)[0] == 0.0
+    assert 0 < ((near - x1) ** 2).sum() < 1  # the second case's cost is below 1
+
+
+def test_stats_working_precision_follows_the_inputs() -> None:
+    """float64 inputs are reduced in float64 (exact to ~1e-15, where float32 would be off by
+    ~1e-7 on data far from zero); bf16 latents in float32, not in bf16 (off by ~1e-3)."""
+    gen = torch.Generator().manual_seed(9)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    x1 = 1000 + torch.randn(16, 8, generator=gen, dtype=torch.float64)
+    drawn = torch.randn(16, 8, generator=gen, dtype=torch.float64)
+    matched = pair_pool(drawn, x1, y, mode="blind")
+    stats = coupling_stats(drawn, matched, x1, y)
+    cost, leakage = _reference_stats(drawn, matched, x1, y)
+    assert abs(stats["cost_reduction"] - cost) < 1e-12
+    assert abs(stats["leakage"] - leakage) < 1e-12
+    x1, drawn = (1 + torch.randn(16, 64, generator=gen)).bfloat16(), torch.randn(16, 64).bfloat16()
+    matched = pair_pool(drawn, x1, y, mode="blind")
+    stats = coupling_stats(drawn, matched, x1, y)
+    cost, leakage = _reference_stats(drawn, matched, x1, y)
+    assert abs(stats["cost_reduction"] - cost) < 1e-5
+    assert abs(stats["leakage"] - leakage) < 1e-5

@@ -93,6 +93,15 @@ def test_sm_sampling_defaults_to_the_conditional_output(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="double-guidance"):
         choose_point(sm, tmp_path, 4, guidance=1.0)
     assert choose_point(sm, tmp_path, 4, 1.0, double_guidance=True)[0] == Point(4, 1.0, "cfg")
+    # The recipe's default w is for --double-guidance only, and so is it with a remembered best
+    # (a point of the run's own protocol, which --double-guidance leaves).
+    sm = load_recipe(RECIPES / "sm_b.yaml", ["eval.default_guidance={1: 1.5}"])
+    assert choose_point(sm, tmp_path, 4)[0] == Point(4, 0.0, "conditional")
+    remember_best(tmp_path, {4: {"guidance": 0.75, "sampler": "flow-cfg", "metric": "fid",
+                                 "value": 3.0, "candidates": 5, "checkpoint_step": 700}})
+    assert choose_point(sm, tmp_path, 4)[0] == Point(4, 0.75, "flow-cfg")
+    assert choose_point(sm, tmp_path, 4, double_guidance=True) == (
+        Point(4, 1.5, "cfg"), "recipe eval.default_guidance")
 
 
 def test_per_step_count_grids() -> None:
@@ -187,3 +196,33 @@ def test_a_baked_objective_without_a_description_is_named_in_the_error() -> None
         plan_points(recipe, [1], [0.0, 1.0])
     assert ("a run of objective.mode 'toy-flow' is sampled from its conditional output (w = 0; "
             "its guidance, if any, is baked into its jumps)") in str(err.value)
+
+
+def test_choose_point_says_where_each_w_came_from(tmp_path: Path) -> None:
+    """``ismctl sample`` prints the source of its w: the command line (any finite w >= 0),
+    the run's remembered best (also when asked for by name), or the recipe default; ``best``
+    without a remembered point, with --double-guidance, and a negative or non-finite w are
+    refused."""
+    recipe = load_recipe(RECIPES / "ism_b.yaml", ["eval.default_guidance={1: 2.0, 8: 1.0}"])
+    record = {"sampler": "intrinsic", "metric": "fid", "value": 3.0, "candidates": 5,
+              "checkpoint_step": 700}
+    assert choose_point(recipe, tmp_path, 4) == (Point(4, 1.0, "intrinsic"),
+                                                 "recipe eval.default_guidance")
+    with pytest.raises(UserError, match="no best w for 4 step"):
+        choose_point(recipe, tmp_path, 4, "best")
+    remember_best(tmp_path, {4: {**record, "guidance": 0.75}, 8: {**record, "guidance": 2.5}})
+    from_file = (Point(4, 0.75, "intrinsic"), "guidance.json (best fid at step 700)")
+    assert choose_point(recipe, tmp_path, 4) == from_file
+    assert choose_point(recipe, tmp_path, 4, "best") == from_file
+    assert choose_point(recipe, tmp_path, 8, "best")[0] == Point(8, 2.5, "intrinsic")
+    assert choose_point(recipe, tmp_path, 1) == (Point(1, 2.0, "intrinsic"),
+                                                 "recipe eval.default_guidance")
+    for w in (0.0, 0.5, 3.0):
+        assert choose_point(recipe, tmp_path, 4, w) == (Point(4, w, "intrinsic"), "command line")
+    for w in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="w must be >= 0"):
+            choose_point(recipe, tmp_path, 4, w)
+    with pytest.raises(UserError, match="a strength w >= 0 or 'best'"):
+        choose_point(recipe, tmp_path, 4, "strong")
+    with pytest.raises(UserError, match="--double-guidance"):
+        choose_point(recipe, tmp_path, 4, "best", double_guidance=True)

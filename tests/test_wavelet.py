@@ -414,3 +414,23 @@ def test_run_band_stats_are_stored_and_reused(digits, tmp_path, monkeypatch) -> 
     assert band_stats_for_run(LossCfg(band_norm="none"), data, tmp_path, True) is None
     with pytest.raises(UserError, match="band statistics measured for haar L = 3"):
         build_loss(LossCfg(levels=5), 32, first)
+
+
+@pytest.mark.parametrize("wavelet", ["haar", "db2"])
+@pytest.mark.parametrize("shape", [(2, 8, 32), (2, 32, 8), (1, 16, 16)])
+def test_white_stats_are_the_statistics_of_white_data(shape: tuple[int, int, int],
+                                                       wavelet: str) -> None:
+    """The stand-in for a data set equals what ``measure_band_stats`` finds on unit white noise
+    (to sampling error), as deep as the shorter side allows, with PyWavelets' band sizes."""
+    white = white_stats(shape, wavelet, 5)
+    measured = measure_band_stats(torch.randn(4000, *shape, generator=torch.Generator()
+                                              .manual_seed(2), dtype=torch.float64), wavelet, 5)
+    depth = min(pywt.dwt_max_level(side, pywt.Wavelet(wavelet).dec_len) for side in shape[1:])
+    # The transform is periodic: every level halves both sides, whatever the filter length.
+    sizes = [shape[0] * 3 * (shape[1] >> lv) * (shape[2] >> lv) for lv in range(1, depth + 1)]
+    assert (white.wavelet, white.levels, white.shape) == (wavelet, depth, shape)
+    assert (measured.levels, measured.coefficients) == (depth, white.coefficients)
+    assert white.coefficients == (*sizes, shape[0] * (shape[1] >> depth) * (shape[2] >> depth))
+    np.testing.assert_allclose(white.energy, measured.energy, rtol=0.1)
+    np.testing.assert_allclose(white.variance, measured.variance, rtol=0.1)
+    assert white.samples == 0 and white.key == "white"

@@ -249,6 +249,20 @@ def test_to_end_jumps_move_a_share_of_the_way_to_the_predicted_end(steps: int) -
         np.testing.assert_allclose(x.numpy(), (net.MU + net.SD * noise).numpy(), atol=1e-10)
 
 
+def test_generate_hands_the_jump_rule_to_every_batch() -> None:
+    """``generate`` (what ``ismctl sample`` and the evaluator call) samples with the jump rule
+    it is given: to_end jumps over batches equal ``sample``'s on the same per-sample noise."""
+    from ismctl.sampling.sampler import generate, sample_noise
+
+    x, labels = generate(_ToEnd(), 6, (2, 1, 1), 3, steps=3, guidance=0.0, mode="intrinsic",
+                         seed=4, batch_size=4, device="cpu", jumps="to_end")
+    noise = sample_noise(torch.arange(6), (2, 1, 1), 4)
+    want = sample(_ToEnd(), noise, labels, 3, jumps="to_end")
+    torch.testing.assert_close(x, want.float(), rtol=0, atol=0)
+    steps = sample(_ToEnd(), noise, labels, 3)
+    assert not torch.allclose(want, steps)
+
+
 def test_to_end_jumps_need_a_continuous_jump_embedding() -> None:
     from ismctl.networks.model import build_model
 

@@ -567,6 +567,24 @@ def test_meanflow_jump_targets_on_gaussian_data_follow_the_closed_form() -> None
     torch.testing.assert_close(target[~jump], v[~jump])
 
 
+def test_a_meanflow_batch_without_room_for_a_jump_regresses_the_velocity() -> None:
+    """A micro-batch of one sample has no room for a jump row (split_sizes): its one row is a
+    velocity row at d = 0 whose target is x1 - x0."""
+    online, targets = Field(3).double(), []
+    online.record = []
+
+    def loss(pred: Tensor, target: Tensor) -> Tensor:
+        targets.append(target)
+        return mse(pred, target)
+
+    x0, x1, y = gaussian_batch(1, 9)
+    obj = ObjectiveCfg(mode="meanflow", bootstrap_fraction=0.5, class_dropout=0.0)
+    meanflow_loss(online, Gaussian(), x0, x1, y, obj, GuidanceCfg(), loss, NUM_CLASSES,
+                  torch.Generator().manual_seed(8))
+    assert online.record[0]["d"].tolist() == [0.0]
+    torch.testing.assert_close(targets[0], x1 - x0)
+
+
 @pytest.mark.parametrize("sections", [ISM, SM, MF_BAKED, MF_INTRINSIC],
                          ids=["ism", "sm", "meanflow-baked", "meanflow-intrinsic"])
 def test_every_draw_comes_from_the_step_generator(sections: dict) -> None:

@@ -232,6 +232,26 @@ def test_registry() -> None:
         register_loss("mse")(lambda cfg, size, stats: mse_loss)
 
 
+def test_a_new_loss_registers_once_its_name_is_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss whose name the recipe schema does not know is refused; once the name is in
+    ``LOSS_NAMES`` the factory is registered and ``build_loss`` builds it."""
+    import ismctl.losses as losses
+
+    monkeypatch.setattr(losses, "_REGISTRY", dict(losses._REGISTRY))
+
+    def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (pred - target).abs().flatten(1).mean(1)
+
+    with pytest.raises(ValueError, match="add its name to ismctl.config.names.LOSS_NAMES"):
+        register_loss("l1")(lambda cfg, size, stats: l1)
+    assert available_losses() == ["mse", "wavelet"]
+    monkeypatch.setattr(losses, "LOSS_NAMES", (*losses.LOSS_NAMES, "l1"))
+    factory = register_loss("l1")(lambda cfg, size, stats: l1)
+    assert available_losses() == ["l1", "mse", "wavelet"]
+    assert build_loss(LossCfg.model_construct(name="l1"), input_size=8) is l1
+    assert factory(None, 8, None) is l1
+
+
 def test_registry_errors() -> None:
     # The recipe schema refuses most of these too; build_loss checks again for losses built
     # from a LossCfg that skipped validation (model_construct).

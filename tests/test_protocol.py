@@ -62,6 +62,9 @@ def test_default_guidance_takes_the_nearest_listed_step_count() -> None:
     assert default_guidance(recipe, 2) == 2.0  # log2 distance 1 to 1 step, 2 to 8 steps
     assert default_guidance(recipe, 4) == 1.0
     assert default_guidance(recipe, 128) == 1.0
+    # An empty table samples unguided.
+    assert default_guidance(load_recipe(RECIPES / "ism_b.yaml", ["eval.default_guidance={}"]),
+                            4) == 0.0
 
 
 def test_best_points_and_remembering(tmp_path: Path) -> None:

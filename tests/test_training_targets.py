@@ -330,6 +330,33 @@ def test_ism_null_label_rows_train_without_guidance() -> None:
         torch.testing.assert_close(half["w"], call["w"][rows])
 
 
+def test_ism_flow_times_on_the_grid_and_the_sigma_min_path() -> None:
+    """ism with ``t_grid`` and ``sigma_min`` (the official path's options, as sm uses them):
+    the velocity rows' t lie on the 1/M grid and every row is interpolated on the sigma_min
+    path, x_t = (1 - (1 - s) t) x0 + t x1, the velocity rows regressing x1 - (1 - s) x0."""
+    sigma = 0.05
+    x0, x1 = torch.randn(32, *SHAPE), torch.randn(32, *SHAPE) + 1
+    y = torch.randint(NUM_CLASSES, (32,))
+    online = Field(1)
+    online.record = []
+    targets: list[Tensor] = []
+
+    def loss(pred: Tensor, target: Tensor) -> Tensor:
+        targets.append(target)
+        return mse(pred, target)
+
+    obj = ObjectiveCfg(mode="ism", base_steps=8, t_grid=True, sigma_min=sigma)
+    ism_loss(online, Field(2), x0, x1, y, obj, GuidanceCfg(w_max=0.0), loss, NUM_CLASSES,
+             torch.Generator().manual_seed(5))
+    (call,), (target,) = online.record, targets
+    t = call["t"]
+    nv, _, _ = split_sizes(32, "ism", obj.bootstrap_fraction, obj.guidance_fraction)
+    torch.testing.assert_close(t[:nv] * 8, torch.round(t[:nv] * 8), rtol=0, atol=1e-6)
+    assert len(set(t[:nv].tolist())) > 1
+    torch.testing.assert_close(call["x"], (1 - (1 - sigma) * _col(t)) * x0 + _col(t) * x1)
+    torch.testing.assert_close(target[:nv], x1[:nv] - (1 - sigma) * x0[:nv])
+
+
 # sm --------------------------------------------------------------------------------------
 
 SM = {"objective": {"mode": "sm", "base_steps": 8, "bootstrap_fraction": 0.25,
@@ -568,8 +595,8 @@ def test_meanflow_jump_targets_on_gaussian_data_follow_the_closed_form() -> None
 
 
 def test_a_meanflow_batch_without_room_for_a_jump_regresses_the_velocity() -> None:
-    """A micro-batch of one sample has no room for a jump row (split_sizes): its one row is a
-    velocity row at d = 0 whose target is x1 - x0."""
+    """A micro-batch of one sample has room for one part only (split_sizes): at a bootstrap
+    fraction of 1/2 its row is a velocity row at d = 0 whose target is x1 - x0."""
     online, targets = Field(3).double(), []
     online.record = []
 
@@ -579,10 +606,19 @@ def test_a_meanflow_batch_without_room_for_a_jump_regresses_the_velocity() -> No
 
     x0, x1, y = gaussian_batch(1, 9)
     obj = ObjectiveCfg(mode="meanflow", bootstrap_fraction=0.5, class_dropout=0.0)
-    meanflow_loss(online, Gaussian(), x0, x1, y, obj, GuidanceCfg(), loss, NUM_CLASSES,
-                  torch.Generator().manual_seed(8))
+    parts = meanflow_loss(online, Gaussian(), x0, x1, y, obj, GuidanceCfg(), loss, NUM_CLASSES,
+                          torch.Generator().manual_seed(8))
     assert online.record[0]["d"].tolist() == [0.0]
     torch.testing.assert_close(targets[0], x1 - x0)
+    # The empty part logs 0, not the NaN mean of no rows; the loss is the velocity row's.
+    assert parts["consistency"].item() == 0.0
+    torch.testing.assert_close(parts["velocity"], mse(online.record[0]["out"], x1 - x0)[0])
+    # At a bootstrap fraction above 1/2 the one row is a jump row, and the velocity part is 0.
+    obj = ObjectiveCfg(mode="meanflow", bootstrap_fraction=0.75, class_dropout=0.0)
+    parts = meanflow_loss(online, Gaussian(), x0, x1, y, obj, GuidanceCfg(), loss, NUM_CLASSES,
+                          torch.Generator().manual_seed(8))
+    assert online.record[1]["d"].item() > 0 and parts["velocity"].item() == 0.0
+    assert parts["consistency"].item() > 0
 
 
 @pytest.mark.parametrize("sections", [ISM, SM, MF_BAKED, MF_INTRINSIC],

@@ -330,10 +330,11 @@ def test_ism_null_label_rows_train_without_guidance() -> None:
         torch.testing.assert_close(half["w"], call["w"][rows])
 
 
-def test_ism_flow_times_on_the_grid_and_the_sigma_min_path() -> None:
-    """ism with ``t_grid`` and ``sigma_min`` (the official path's options, as sm uses them):
-    the velocity rows' t lie on the 1/M grid and every row is interpolated on the sigma_min
-    path, x_t = (1 - (1 - s) t) x0 + t x1, the velocity rows regressing x1 - (1 - s) x0."""
+def test_ism_with_the_official_path_options() -> None:
+    """ism with ``t_grid``, ``sigma_min`` and ``target_clip`` (the official code's options, as
+    sm uses them): the velocity rows' t lie on the 1/M grid, every row is interpolated on the
+    sigma_min path, x_t = (1 - (1 - s) t) x0 + t x1, the velocity rows regressing
+    x1 - (1 - s) x0, and the consistency targets are the clipped bootstrap targets."""
     sigma = 0.05
     x0, x1 = torch.randn(32, *SHAPE), torch.randn(32, *SHAPE) + 1
     y = torch.randint(NUM_CLASSES, (32,))
@@ -345,16 +346,23 @@ def test_ism_flow_times_on_the_grid_and_the_sigma_min_path() -> None:
         targets.append(target)
         return mse(pred, target)
 
-    obj = ObjectiveCfg(mode="ism", base_steps=8, t_grid=True, sigma_min=sigma)
-    ism_loss(online, Field(2), x0, x1, y, obj, GuidanceCfg(w_max=0.0), loss, NUM_CLASSES,
+    obj = ObjectiveCfg(mode="ism", base_steps=8, t_grid=True, sigma_min=sigma, target_clip=1.0)
+    net = Field(2)
+    ism_loss(online, net, x0, x1, y, obj, GuidanceCfg(w_max=2.0, w_step=0.5), loss, NUM_CLASSES,
              torch.Generator().manual_seed(5))
     (call,), (target,) = online.record, targets
-    t = call["t"]
-    nv, _, _ = split_sizes(32, "ism", obj.bootstrap_fraction, obj.guidance_fraction)
+    x, t, d, lab, w = call["x"], call["t"], call["d"], call["y"], call["w"]
+    nv, ng, _ = split_sizes(32, "ism", obj.bootstrap_fraction, obj.guidance_fraction)
     torch.testing.assert_close(t[:nv] * 8, torch.round(t[:nv] * 8), rtol=0, atol=1e-6)
     assert len(set(t[:nv].tolist())) > 1
-    torch.testing.assert_close(call["x"], (1 - (1 - sigma) * _col(t)) * x0 + _col(t) * x1)
+    torch.testing.assert_close(x, (1 - (1 - sigma) * _col(t)) * x0 + _col(t) * x1)
     torch.testing.assert_close(target[:nv], x1[:nv] - (1 - sigma) * x0[:nv])
+    sc = slice(nv + ng, 32)
+    with torch.no_grad():
+        clipped = bootstrap_target(net, x[sc], t[sc], d[sc], lab[sc], w[sc], 8, NULL, clip=1.0)
+        free = bootstrap_target(net, x[sc], t[sc], d[sc], lab[sc], w[sc], 8, NULL)
+    torch.testing.assert_close(target[sc], clipped, rtol=1e-6, atol=1e-6)
+    assert (target[sc].abs() <= 1).all() and not torch.allclose(clipped, free)
 
 
 # sm --------------------------------------------------------------------------------------

@@ -307,7 +307,9 @@ def test_the_coupler_pairs_with_its_mode_and_min_group() -> None:
     drawn = _drawn_noise([(x1, y)], 5)[0]
     results = {}
     for mode, min_group in (("hybrid", 2), ("hybrid", 3), ("within_class", 3), ("blind", 3)):
-        coupler = SOTCoupler(12, torch.Generator().manual_seed(5), mode=mode, min_group=min_group)
+        # min_group 2 is the coupler's default, as it is pair_pool's.
+        extra = {} if min_group == 2 else {"min_group": min_group}
+        coupler = SOTCoupler(12, torch.Generator().manual_seed(5), mode=mode, **extra)
         x0 = next(coupler([(x1, y)]))[0]
         torch.testing.assert_close(x0, pair_pool(drawn, x1, y, mode=mode, min_group=min_group),
                                    rtol=0, atol=0)

@@ -62,6 +62,19 @@ def test_sample_guidance_is_reproducible_with_generator() -> None:
     a = sample_guidance(64, 2.0, 0.5, torch.Generator().manual_seed(3), "cpu")
     b = sample_guidance(64, 2.0, 0.5, torch.Generator().manual_seed(3), "cpu")
     torch.testing.assert_close(a, b)
+    # Without a generator, torch's global RNG draws them.
+    torch.manual_seed(3)
+    a = sample_guidance(64, 2.0, 0.5, None, "cpu")
+    torch.manual_seed(3)
+    torch.testing.assert_close(sample_guidance(64, 2.0, 0.5, None, "cpu"), a, rtol=0, atol=0)
+    assert set(a.tolist()) == {0.0, 0.5, 1.0, 1.5, 2.0}
+
+
+def test_guidance_grid_is_exact_in_float64() -> None:
+    """k * w_step in float64, as numpy computes it (float32 steps drift by an ulp or more)."""
+    grid = guidance_grid(2.0, 0.1)
+    assert grid.dtype == torch.float64
+    np.testing.assert_array_equal(grid.numpy(), np.arange(21) * 0.1)
 
 
 def test_interval_weight_zeroes_high_noise_end() -> None:

@@ -273,6 +273,27 @@ def test_jump_levels_mix_when_part_is_smaller_than_levels() -> None:
         jump_levels(4, 100)
 
 
+def test_jump_levels_of_a_one_step_model_and_the_global_rng() -> None:
+    """M = 1 is a power of two: every consistency row jumps the whole way (d = 1). Without a
+    generator the draws come from torch's global RNG."""
+    assert jump_levels(3, 1).tolist() == [1.0, 1.0, 1.0]
+    torch.manual_seed(4)
+    first = jump_levels(37, 16)
+    torch.manual_seed(4)
+    torch.testing.assert_close(jump_levels(37, 16), first, rtol=0, atol=0)
+    assert first.device.type == "cpu" and len(set(first.tolist())) == 5
+
+
+def test_interpolate_defaults_to_the_plain_linear_path() -> None:
+    from ismctl.objectives.shortcut import interpolate
+
+    x0, x1, t = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3), torch.rand(4)
+    x_t, v = interpolate(x0, x1, t)
+    tt = t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, (1 - tt) * x0 + tt * x1)
+    torch.testing.assert_close(v, x1 - x0)
+
+
 def test_grid_times_on_grid_with_jump_inside_unit_interval() -> None:
     gen = torch.Generator().manual_seed(7)
     d = torch.pow(2.0, -torch.arange(8.0)).repeat(500)
@@ -444,7 +465,7 @@ def test_sm_levels_edges() -> None:
     from ismctl.objectives.shortcut import official_levels, slot_levels
 
     assert official_levels(3, 2).tolist() == [1.0, 1.0, 1.0]
-    with pytest.raises(UserError, match="base_steps"):
+    with pytest.raises(UserError, match="sm needs base_steps >= 2"):
         official_levels(3, 1)
     assert slot_levels(8, 0.5, 8, (1, 2)).tolist() == official_levels(8, 8)[1::2].tolist()
     for bad in ((2, 2), (-1, 2)):

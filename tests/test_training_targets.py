@@ -365,6 +365,19 @@ def test_ism_with_the_official_path_options() -> None:
     assert (target[sc].abs() <= 1).all() and not torch.allclose(clipped, free)
 
 
+def test_an_ism_part_without_rows_logs_zero() -> None:
+    """guidance_fraction 0 leaves the guidance part empty: it logs 0 (not the NaN mean of no
+    rows) and adds nothing to the loss, which is the other two parts' weighted sum."""
+    x0, x1 = torch.randn(8, *SHAPE), torch.randn(8, *SHAPE) + 1
+    y = torch.randint(NUM_CLASSES, (8,))
+    obj = ObjectiveCfg(mode="ism", base_steps=8, guidance_fraction=0.0)
+    parts = ism_loss(Field(1), Field(2), x0, x1, y, obj, GuidanceCfg(w_max=1.0), mse,
+                     NUM_CLASSES, torch.Generator().manual_seed(3))
+    assert parts["guidance"].item() == 0.0
+    total = obj.velocity_weight * parts["velocity"] + obj.consistency_weight * parts["consistency"]
+    torch.testing.assert_close(parts["loss"].detach(), total, rtol=1e-6, atol=0)
+
+
 # sm --------------------------------------------------------------------------------------
 
 SM = {"objective": {"mode": "sm", "base_steps": 8, "bootstrap_fraction": 0.25,

@@ -454,3 +454,32 @@ def test_white_stats_are_the_statistics_of_white_data(shape: tuple[int, int, int
     np.testing.assert_allclose(white.energy, measured.energy, rtol=0.1)
     np.testing.assert_allclose(white.variance, measured.variance, rtol=0.1)
     assert white.samples == 0 and white.key == "white"
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 32), (2, 3, 32, 8)])
+def test_non_square_inputs_against_pywavelets(shape: tuple[int, ...]) -> None:
+    """On H != W (and C != H, W) the band energies and the loss follow PyWavelets, as deep as
+    the shorter side allows (3 levels of haar on 8 pixels)."""
+    diff = _random(shape, seed=21)
+    coeffs = pywt.wavedec2(diff.numpy(), "haar", mode="periodization", level=3)
+    details = [sum((b**2).sum(axis=(1, 2, 3)) for b in bands) for bands in reversed(coeffs[1:])]
+    want = [*details, (coeffs[0] ** 2).sum(axis=(1, 2, 3))]
+    for got, ref in zip(band_energies(diff, "haar", 3), want, strict=True):
+        np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12)
+    pred, target = diff + 1, torch.ones(shape, dtype=diff.dtype)
+    ref = _pywt_loss(diff.numpy(), "haar", 3, 0.5, [1.0, 2.0, 4.0])
+    loss = wavelet_loss(pred, target, "haar", 5, 0.5, [1.0, 2.0, 4.0, 8.0, 16.0])
+    np.testing.assert_allclose(loss.numpy(), ref, rtol=1e-12)
+
+
+def test_wavelet_loss_defaults_are_five_haar_levels_of_unit_weight() -> None:
+    """Unit weights on an orthonormal transform are the MSE (Parseval), whatever the depth; with
+    other detail weights the default depth shows: 5 levels, on 64 x 64 where 6 would fit."""
+    pred, target = _random((2, 2, 64, 64), seed=22), _random((2, 2, 64, 64), seed=23)
+    diff = (pred - target).numpy()
+    np.testing.assert_allclose(wavelet_loss(pred, target).numpy(),
+                               (diff**2).mean(axis=(1, 2, 3)), rtol=1e-12)
+    ref = _pywt_loss(diff, "haar", 5, 1.0, 2.0)
+    np.testing.assert_allclose(wavelet_loss(pred, target, detail_weights=2.0).numpy(), ref,
+                               rtol=1e-12)
+    assert not np.allclose(ref, _pywt_loss(diff, "haar", 6, 1.0, 2.0))

@@ -4,18 +4,31 @@ device. The step runs on the small network of tests/test_training_targets.py."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
-from test_training_targets import CPU, ISM, Harness, batches, make_recipe, mse
+from test_training_targets import (
+    CPU,
+    ISM,
+    NUM_CLASSES,
+    SM,
+    Field,
+    Harness,
+    RecordingAdamW,
+    batches,
+    make_recipe,
+    mse,
+)
 
 from ismctl.config.recipe import LossCfg
 from ismctl.losses import build_loss
 from ismctl.networks.model import build_model
+from ismctl.objectives import get_objective
 from ismctl.training.ema import TwinEMA
 from ismctl.training.state import TrainState
-from ismctl.training.step import TrainStep
+from ismctl.training.step import TrainStep, stream_seed
 
 
 def _norm(grads: list[torch.Tensor]) -> float:
@@ -129,3 +142,62 @@ def test_each_accumulation_slot_reads_its_own_stream(monkeypatch: pytest.MonkeyP
         assert m == {**m, "path": "somewhere", "batch_size": 16, "pool_size": 32, "seed": 9,
                      "world_size": 6, "num_workers": 2, "shuffle_buffer": 77, "flip": True,
                      "start_batch": 40, "mode": "hybrid", "min_group": 3}
+
+
+def test_accumulation_averages_the_slots_as_the_objective_defines_them() -> None:
+    """grad_accum 2 (slots 0 and 1 of 2), sm, whose bootstrap levels depend on the slot: each
+    micro-batch is the objective on its own stream's batch with the generator seeded by
+    (seed, step, slot) and the slot handed on. The optimiser gets the mean of the two slots'
+    gradients; the step logs the mean of their loss parts and of their pools' sOT statistics.
+    The reference calls the objective by hand on copies of the networks."""
+    # M = 16, 3 bootstrap rows per micro-batch: the global batch's 6 rows take the levels
+    # 1/8, 1/4, 1/2, 1, 1, 1 and slot 1 the odd ones, where 3 rows alone would all take d = 1.
+    recipe = make_recipe(train={"grad_accum": 2}, coupling={"pool_size": 8},
+                         objective={**SM["objective"], "base_steps": 16},
+                         guidance=SM["guidance"])
+    stats = [torch.tensor([0.25, 0.01]), torch.tensor([0.75, 0.03])]
+    data = [(*next(batches(12, seed))[:3], pool) for seed, pool in zip((1, 2), stats,
+                                                                       strict=True)]
+    torch.manual_seed(0)
+    model = Field(seed=1)
+    ema = TwinEMA(model, target_decay=0.5, inference_decay=0.9)
+    with torch.no_grad():
+        for p in ema.target.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    online, target = copy.deepcopy(model), copy.deepcopy(ema.target)
+    opt = RecordingAdamW(model.parameters(), lr=1e-3)
+    step = TrainStep(recipe, TrainState(model, ema, opt), mse, [iter([d]) for d in data], 2, CPU)
+    model.record = []
+    sums, pool, _, _ = step(5)
+
+    objective, gen, parts = get_objective("sm").fn, torch.Generator(), []
+    for slot, (x0, x1, y, _) in enumerate(data):
+        gen.manual_seed(stream_seed(recipe.train.seed, 5, slot))
+        parts.append(objective(online, target, x0, x1, y, recipe.objective, recipe.guidance, mse,
+                               NUM_CLASSES, gen, (slot, 2)))
+    ((parts[0]["loss"] + parts[1]["loss"]) / 2).backward()
+    (call,) = [c for c in model.record if c["x"].shape[0] == 12][-1:]
+    assert sorted(call["d"][:3].tolist()) == [0.25, 1.0, 1.0]
+    for got, p in zip(opt.seen[-1]["grads"], online.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-8)
+    assert set(sums) == set(parts[0])
+    for k, v in sums.items():
+        torch.testing.assert_close(v, ((parts[0][k] + parts[1][k]) / 2).detach().float())
+    assert pool == pytest.approx({"sot_cost_reduction": 0.5, "sot_leakage": 0.02})
+
+
+def test_bf16_precision_runs_the_networks_under_autocast() -> None:
+    """train.precision bf16: the online and target networks run under bf16 autocast on the
+    step's device (the CPU here); fp32 runs them without autocast."""
+    seen: dict[str, set[tuple[bool, torch.dtype | None]]] = {"fp32": set(), "bf16": set()}
+    for precision, calls in seen.items():
+        run = Harness(make_recipe(train={"precision": precision}, **ISM), mse)
+
+        def hook(module: torch.nn.Module, args: tuple, calls: set = calls) -> None:
+            on = torch.is_autocast_enabled("cpu")
+            calls.add((on, torch.get_autocast_dtype("cpu") if on else None))
+
+        run.state.model.register_forward_pre_hook(hook)
+        run.state.ema.target.register_forward_pre_hook(hook)
+        run.run(0)
+    assert seen == {"fp32": {(False, None)}, "bf16": {(True, torch.bfloat16)}}

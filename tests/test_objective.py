@@ -245,6 +245,16 @@ def test_split_sizes_known_values_and_errors() -> None:
         split_sizes(8, "flow", 0.25, 0.25)
     with pytest.raises(UserError):
         split_sizes(8, "ism", 0.6, 0.5)
+    # The leftover sample goes to the largest remainder (4.2, 1.7, 4.1: the guidance part),
+    # not to the first or the largest part.
+    assert split_sizes(10, "ism", 0.41, 0.17) == (4, 2, 4)
+    # The bootstrap part must be a share strictly between 0 and 1, the error naming it; the
+    # guidance share must leave room for the velocity part.
+    for boot in (0.0, 1.0, 1.5):
+        with pytest.raises(UserError, match=r"bootstrap_fraction: must be in \(0, 1\)"):
+            split_sizes(8, "ism", boot, 0.0)
+    with pytest.raises(UserError, match="bootstrap_fraction \\+ guidance_fraction must be < 1"):
+        split_sizes(8, "ism", 0.5, 0.5)
 
 
 def test_jump_levels_spread_evenly_and_shuffled() -> None:

@@ -454,6 +454,10 @@ def test_white_stats_are_the_statistics_of_white_data(shape: tuple[int, int, int
     np.testing.assert_allclose(white.energy, measured.energy, rtol=0.1)
     np.testing.assert_allclose(white.variance, measured.variance, rtol=0.1)
     assert white.samples == 0 and white.key == "white"
+    # Two samples are the fewest that have a variance.
+    assert measure_band_stats(torch.randn(2, *shape), wavelet, 5).samples == 2
+    with pytest.raises(UserError, match="at least 2 samples"):
+        measure_band_stats(torch.randn(1, *shape), wavelet, 5)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 32), (2, 3, 32, 8)])

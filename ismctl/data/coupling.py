@@ -89,9 +89,8 @@ MODES = ("blind", "within_class", "hybrid")
 
 
 def _groups(labels: Tensor, mode: str, min_group: int) -> list[Tensor]:
-    """Row-index groups that each get one assignment (method §3.3); together they cover the pool."""
-    if mode == "blind":
-        return [torch.arange(labels.shape[0])]
+    """Row-index groups that each get one assignment (method §3.3) for the label-aware modes
+    (``blind`` is one assignment over the pool); together they cover the pool."""
     _, inverse, counts = labels.unique(return_inverse=True, return_counts=True)
     order = torch.argsort(inverse, stable=True)
     groups = list(order.split(counts.tolist()))

@@ -327,3 +327,38 @@ def test_the_coupler_draws_float32_noise_in_the_data_dtype(dtype: torch.dtype) -
     x0, x1, _, _ = next(SOTCoupler(0, torch.Generator().manual_seed(6))(batches))
     assert x0.dtype == x1.dtype == dtype
     assert torch.equal(x0, _drawn_noise(batches, 6)[0].to(dtype))
+
+
+def test_the_reference_solver_is_exact_below_float32_resolution() -> None:
+    """Data 300 away from the origin with pair-cost gaps of ~1e-5: the float32 Gram term
+    (lapjv's fast path) cannot resolve them, the default solver on the float64 cost does, and
+    finds the brute-force optimum."""
+    gen = torch.Generator().manual_seed(0)
+    x1 = 300 + 0.001 * torch.randn(4, 8, generator=gen)
+    x0 = 300 + 0.001 * torch.randn(4, 8, generator=gen)
+    a, b = x0.double().numpy(), x1.double().numpy()
+    best = min(itertools.permutations(range(4)), key=lambda p: _pair_cost(a, b, p))
+    for perm in (ot_assignment(x0, x1), ot_assignment(x0, x1, "scipy")):
+        assert perm.tolist() == list(best)
+
+
+@pytest.mark.parametrize("solver", ["scipy", "lapjv"])
+def test_empty_and_single_row_pools(solver: str) -> None:
+    for n in (0, 1):
+        perm = ot_assignment(torch.randn(n, 3), torch.randn(n, 3), solver)
+        assert perm.dtype == torch.long and perm.tolist() == list(range(n))
+
+
+@pytest.mark.parametrize(("dtype", "offset", "spread"),
+                         [(torch.float64, 300.0, 1e-4), (torch.bfloat16, 2.0, 0.05)])
+def test_lapjv_resolves_near_ties_in_the_gram_precision_of_its_inputs(
+        dtype: torch.dtype, offset: float, spread: float) -> None:
+    """lapjv's Gram term is float64 for float64 inputs and float32 otherwise (bf16 latents
+    included): each resolves the near ties its inputs carry (gaps below float32 resolution for
+    the first case, below bf16's for the second) and finds the brute-force optimum."""
+    gen = torch.Generator().manual_seed(0)
+    x1 = (offset + spread * torch.randn(4, 8, generator=gen, dtype=torch.float64)).to(dtype)
+    x0 = (offset + spread * torch.randn(4, 8, generator=gen, dtype=torch.float64)).to(dtype)
+    a, b = x0.double().numpy(), x1.double().numpy()
+    best = min(itertools.permutations(range(4)), key=lambda p: _pair_cost(a, b, p))
+    assert ot_assignment(x0, x1, "lapjv").tolist() == list(best)

@@ -314,7 +314,13 @@ def test_the_coupler_pairs_with_its_mode_and_min_group() -> None:
         torch.testing.assert_close(x0, pair_pool(drawn, x1, y, mode=mode, min_group=min_group),
                                    rtol=0, atol=0)
         results[mode, min_group] = x0
+    torch.testing.assert_close(pair_pool(drawn, x1, y, mode="hybrid"), results["hybrid", 2],
+                               rtol=0, atol=0)
     assert not torch.equal(results["hybrid", 2], results["hybrid", 3])
+    # Every group's assignment goes to the solver asked for (an unknown one is refused there).
+    for mode in ("blind", "within_class", "hybrid"):
+        with pytest.raises(ValueError, match="assignment solver"):
+            pair_pool(drawn, x1, y, mode=mode, solver="hungarian")
     assert not torch.equal(results["hybrid", 3], results["within_class", 3])
     assert not torch.equal(results["hybrid", 3], results["blind", 3])
 

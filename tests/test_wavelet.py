@@ -487,3 +487,18 @@ def test_wavelet_loss_defaults_are_five_haar_levels_of_unit_weight() -> None:
     np.testing.assert_allclose(wavelet_loss(pred, target, detail_weights=2.0).numpy(), ref,
                                rtol=1e-12)
     assert not np.allclose(ref, _pywt_loss(diff, "haar", 6, 1.0, 2.0))
+
+
+def test_dwt2_levels_must_divide_both_sides() -> None:
+    """L levels need H and W divisible by 2^L, each side checked on its own; L = 0 is the
+    identity and a negative L is refused."""
+    x = _random((1, 2, 8, 12), seed=24)
+    approx, details = dwt2(x, "haar", 0)
+    assert torch.equal(approx, x) and details == []
+    assert dwt2(x, "haar", 2)[0].shape == (1, 2, 2, 3)
+    approx, details = dwt2(x)  # one haar level by default
+    torch.testing.assert_close(approx, dwt2(x, "haar", 1)[0], rtol=0, atol=0)
+    assert len(details) == 1
+    for shape, levels in (((1, 1, 12, 16), 3), ((1, 1, 16, 12), 3), ((1, 1, 8, 8), -1)):
+        with pytest.raises(ValueError, match=f"{levels} DWT levels need H and W divisible"):
+            dwt2(torch.zeros(shape), "haar", levels)

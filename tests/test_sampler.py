@@ -5,7 +5,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from ismctl.sampling.sampler import balanced_labels, generate, sample, sample_noise
+from ismctl.sampling.sampler import (
+    balanced_labels,
+    check_steps,
+    generate,
+    sample,
+    sample_noise,
+)
 from ismctl.utils.errors import UserError
 
 NUM_CLASSES = 3
@@ -123,6 +129,9 @@ def test_cfg_two_passes_per_step() -> None:
         torch.testing.assert_close(call["w"], torch.zeros(8))
     # v = v_c + w (v_c - v_null) = 3 + 0.5 (3 - 1) = 4 per unit time.
     torch.testing.assert_close(x, torch.full_like(x, 4.0))
+    # Both halves of every call ask for the step's jump, d = 1/N.
+    for call in net.calls:
+        torch.testing.assert_close(call["d"], torch.full((8,), 0.5))
 
 
 def test_cfg_needs_the_null_label() -> None:
@@ -141,6 +150,10 @@ def test_rejects_bad_step_counts(steps: int) -> None:
         sample(net, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), steps)
     with pytest.raises(UserError):
         generate(net, 2, (1, 2, 2), NUM_CLASSES, steps, 0.0, "intrinsic", 0, 2, "cpu")
+    if steps:  # the dyadic rule is the default: only continuous jump sizes lift it
+        with pytest.raises(UserError, match="power of two"):
+            check_steps(steps, 128)
+        check_steps(steps, 256, continuous=True)
 
 
 
@@ -363,3 +376,28 @@ def test_generate_hands_every_setting_to_the_sampler(capsys: pytest.CaptureFixtu
         with pytest.raises(UserError, match="num and batch_size"):
             generate(FieldNet(_constant_field), num, (1, 2, 2), NUM_CLASSES, 1, 0.0,
                      "intrinsic", 0, batch, "cpu")
+
+
+def test_without_autocast_dtype_the_network_runs_outside_autocast() -> None:
+    """autocast_dtype None (fp32 sampling): no autocast around the network, so its matrix
+    products stay in float32."""
+    net, seen = _MatmulField(), []
+    net.forward = lambda x, t, d, y, w: seen.append(torch.is_autocast_enabled("cpu")) or x
+    sample(net, torch.ones(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), 2)
+    assert seen == [False, False]
+
+
+def test_flow_cfg_takes_the_flow_jump_whatever_the_jump_rule() -> None:
+    """flow-cfg integrates the instantaneous (flow) velocity: jumps 'to_end' does not apply to
+    it, and it asks for the flow jump at every step as with the default rule."""
+    calls = {}
+    for jumps in ("step", "to_end"):
+        net = FieldNet(_constant_field)
+        net.continuous_jumps = True
+        sample(net, torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), 4, 0.5, mode="flow-cfg",
+               jumps=jumps)
+        calls[jumps] = [c["d"] for c in net.calls]
+    assert len(calls["to_end"]) == 4
+    for a, b in zip(calls["step"], calls["to_end"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert (a == 0).all()

@@ -85,6 +85,14 @@ def test_losses_are_reported_and_a_non_finite_loss_is_flagged() -> None:
         run.state.model.emb[0, 0] = float("nan")
         run.state.model.emb[1:, 0] = float("nan")
     assert bool(run.run(1)["bad"])
+    # With accumulation, a non-finite loss in any slot flags the step, not only in the last.
+    recipe = make_recipe(train={"grad_accum": 2}, **ISM)
+    nan_batch = next(batches(12, 1))
+    nan_batch[1][0] = float("nan")
+    model = Field(seed=1)
+    state = TrainState(model, TwinEMA(model, 0.5, 0.9), torch.optim.AdamW(model.parameters()))
+    step = TrainStep(recipe, state, mse, [iter([nan_batch]), batches(12, 2)], 2, CPU)
+    assert bool(step(0)[2])
 
 
 def test_the_real_step_reads_nothing_back_from_the_device(host_reads) -> None:

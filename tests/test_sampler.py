@@ -401,3 +401,12 @@ def test_flow_cfg_takes_the_flow_jump_whatever_the_jump_rule() -> None:
     for a, b in zip(calls["step"], calls["to_end"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert (a == 0).all()
+
+
+def test_two_pass_to_end_jumps_ask_both_halves_for_the_rest_of_the_way() -> None:
+    """cfg under the to_end rule: the label and null rows of step i both jump d = 1 - i/N."""
+    net = FieldNet(_constant_field)
+    net.continuous_jumps = True
+    sample(net, torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), 4, 0.5, mode="cfg", jumps="to_end")
+    for i, call in enumerate(net.calls):
+        torch.testing.assert_close(call["d"], torch.full((4,), 1 - i / 4))

@@ -294,6 +294,33 @@ def test_jump_levels_of_a_one_step_model_and_the_global_rng() -> None:
     assert first.device.type == "cpu" and len(set(first.tolist())) == 5
 
 
+def test_call_fused_runs_the_groups_in_one_call_and_splits_them_back() -> None:
+    """Groups of 1, 0 and 2 rows: one call over the 3 rows, each group gets its own rows back
+    (a one-row request is a call like any other); an all-empty request makes no call."""
+    from ismctl.objectives.shortcut import NetInputs, call_fused
+
+    calls = []
+
+    def net(x: Tensor, t: Tensor, d: Tensor, y: Tensor, w: Tensor) -> Tensor:
+        calls.append(x.shape[0])
+        return x * (1 + t + d + y + w).view(-1, 1, 1, 1)
+
+    def group(n: int, seed: int) -> NetInputs:
+        g = torch.Generator().manual_seed(seed)
+        return NetInputs(torch.randn(n, 2, 2, 2, generator=g), torch.rand(n, generator=g),
+                         torch.rand(n, generator=g), torch.randint(3, (n,), generator=g),
+                         torch.rand(n, generator=g))
+
+    groups = [group(1, 0), group(0, 1), group(2, 2)]
+    outs = call_fused(net, groups)
+    assert calls == [3] and [o.shape[0] for o in outs] == [1, 0, 2]
+    for out, g in zip(outs, groups, strict=True):
+        torch.testing.assert_close(out, g.x * (1 + g.t + g.d + g.y + g.w).view(-1, 1, 1, 1))
+    torch.testing.assert_close(call_fused(net, [group(1, 3)])[0], net(*vars(group(1, 3)).values()))
+    empty = call_fused(net, [group(0, 4), group(0, 5)])
+    assert calls == [3, 1, 1] and [tuple(e.shape) for e in empty] == [(0, 2, 2, 2)] * 2
+
+
 def test_interpolate_defaults_to_the_plain_linear_path() -> None:
     from ismctl.objectives.shortcut import interpolate
 

@@ -354,6 +354,7 @@ def test_ism_with_the_official_path_options() -> None:
     x, t, d, lab, w = call["x"], call["t"], call["d"], call["y"], call["w"]
     nv, ng, _ = split_sizes(32, "ism", obj.bootstrap_fraction, obj.guidance_fraction)
     torch.testing.assert_close(t[:nv] * 8, torch.round(t[:nv] * 8), rtol=0, atol=1e-6)
+    assert (t[:nv] >= 0).all() and (t[:nv] < 1).all()
     assert len(set(t[:nv].tolist())) > 1
     torch.testing.assert_close(x, (1 - (1 - sigma) * _col(t)) * x0 + _col(t) * x1)
     torch.testing.assert_close(target[:nv], x1[:nv] - (1 - sigma) * x0[:nv])

@@ -18,6 +18,7 @@ from test_training_targets import (
     Harness,
     RecordingAdamW,
     batches,
+    field_and_ema,
     make_recipe,
     mse,
 )
@@ -166,12 +167,7 @@ def test_accumulation_averages_the_slots_as_the_objective_defines_them() -> None
     stats = [torch.tensor([0.25, 0.01]), torch.tensor([0.75, 0.03])]
     data = [(*next(batches(12, seed))[:3], pool) for seed, pool in zip((1, 2), stats,
                                                                        strict=True)]
-    torch.manual_seed(0)
-    model = Field(seed=1)
-    ema = TwinEMA(model, target_decay=0.5, inference_decay=0.9)
-    with torch.no_grad():
-        for p in ema.target.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+    model, ema = field_and_ema()
     online, target = copy.deepcopy(model), copy.deepcopy(ema.target)
     opt = RecordingAdamW(model.parameters(), lr=1e-3)
     step = TrainStep(recipe, TrainState(model, ema, opt), mse, [iter([d]) for d in data], 2, CPU)

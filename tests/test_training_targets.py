@@ -116,18 +116,24 @@ def batches(n: int, seed: int) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]
         yield x0, x1, y, torch.zeros(2)
 
 
+def field_and_ema() -> tuple[Field, TwinEMA]:
+    """The online :class:`Field` and its twin EMA, whose target differs from the online weights
+    (targets come from the target EMA: a mix-up of the two must show)."""
+    torch.manual_seed(0)
+    model = Field(seed=1)
+    ema = TwinEMA(model, target_decay=0.5, inference_decay=0.9)
+    with torch.no_grad():
+        for p in ema.target.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model, ema
+
+
 class Harness:
     """A real TrainStep on :class:`Field`, with the records the tests read."""
 
     def __init__(self, recipe: Recipe, loss_fn: Callable[[Tensor, Tensor], Tensor],
                  batch: int = 48, data_seed: int = 0) -> None:
-        torch.manual_seed(0)
-        model = Field(seed=1)
-        ema = TwinEMA(model, target_decay=0.5, inference_decay=0.9)
-        with torch.no_grad():
-            # Targets come from the target EMA, not the online weights: make the two differ.
-            for p in ema.target.parameters():
-                p.add_(0.2 * torch.randn_like(p))
+        model, ema = field_and_ema()
         o = recipe.optim
         self.opt = RecordingAdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                   weight_decay=o.weight_decay)

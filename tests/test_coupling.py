@@ -317,12 +317,12 @@ def test_the_coupler_pairs_with_its_mode_and_min_group() -> None:
     torch.testing.assert_close(pair_pool(drawn, x1, y, mode="hybrid"), results["hybrid", 2],
                                rtol=0, atol=0)
     assert not torch.equal(results["hybrid", 2], results["hybrid", 3])
+    assert not torch.equal(results["hybrid", 3], results["within_class", 3])
+    assert not torch.equal(results["hybrid", 3], results["blind", 3])
     # Every group's assignment goes to the solver asked for (an unknown one is refused there).
     for mode in ("blind", "within_class", "hybrid"):
         with pytest.raises(ValueError, match="assignment solver"):
             pair_pool(drawn, x1, y, mode=mode, solver="hungarian")
-    assert not torch.equal(results["hybrid", 3], results["within_class", 3])
-    assert not torch.equal(results["hybrid", 3], results["blind", 3])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

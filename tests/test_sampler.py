@@ -379,12 +379,15 @@ def test_generate_hands_every_setting_to_the_sampler(capsys: pytest.CaptureFixtu
 
 
 def test_without_autocast_dtype_the_network_runs_outside_autocast() -> None:
-    """autocast_dtype None (fp32 sampling): no autocast around the network, so its matrix
-    products stay in float32."""
-    net, seen = _MatmulField(), []
-    net.forward = lambda x, t, d, y, w: seen.append(torch.is_autocast_enabled("cpu")) or x
-    sample(net, torch.ones(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), 2)
-    assert seen == [False, False]
+    """autocast_dtype None (fp32 sampling): no autocast around the network; bf16 puts it
+    there."""
+    for dtype, want in ((None, [False, False]), (torch.bfloat16, [True, True])):
+        net, seen = FieldNet(_constant_field), []
+        net.register_forward_pre_hook(
+            lambda *_, seen=seen: seen.append(torch.is_autocast_enabled("cpu")))
+        sample(net, torch.ones(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), 2,
+               autocast_dtype=dtype)
+        assert seen == want, dtype
 
 
 def test_flow_cfg_takes_the_flow_jump_whatever_the_jump_rule() -> None:

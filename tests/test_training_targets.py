@@ -622,7 +622,7 @@ def test_meanflow_jump_targets_on_gaussian_data_follow_the_closed_form() -> None
     torch.testing.assert_close(target[~jump], v[~jump])
 
 
-def test_a_meanflow_batch_without_room_for_a_jump_regresses_the_velocity() -> None:
+def test_a_one_sample_meanflow_batch_trains_one_part() -> None:
     """A micro-batch of one sample has room for one part only (split_sizes): at a bootstrap
     fraction of 1/2 its row is a velocity row at d = 0 whose target is x1 - x0."""
     online, targets = Field(3).double(), []
